@@ -1,0 +1,17 @@
+"""ptqlab: post-training quantization of large language models (the ZeroQuant-V2 study, as software)."""
+
+__version__ = "0.1.0"
+
+from .config import GPTQOptions, QuantConfig, ZQOptions  # noqa: E402
+from .quantizers import QuantSpec, QuantizationError, dequantize, fake_quantize, quantize  # noqa: E402
+
+
+def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu", progress: bool = False):
+    """Quantize ``model`` in place according to ``config``; returns the :class:`~ptqlab.pipeline.QuantReport`."""
+    from .pipeline import quantize_model
+
+    return quantize_model(model, config, calibration, device, progress)
+
+
+__all__ = ["GPTQOptions", "QuantConfig", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",
+           "fake_quantize", "quantize", "quantize_", "__version__"]

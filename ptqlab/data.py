@@ -1,0 +1,162 @@
+"""Evaluation and calibration text, from local copies or the Hugging Face hub.
+
+Local copies follow the layout of ``shared/data`` (see its README): pass the
+folder with ``--data-dir`` or the ``PTQLAB_DATA`` environment variable.
+Without one, the same splits are loaded through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EVAL_DATASETS = ("wikitext2", "ptb", "c4")
+
+# dataset -> (local file of the evaluation split, local file of the calibration split)
+_LOCAL_FILES = {
+    "wikitext2": ("wikitext2/wiki.test.raw", "wikitext2/wiki.train.raw"),
+    "ptb": ("ptb/ptb.test.txt", "ptb/ptb.train.txt"),
+    "c4": ("c4/c4-validation.00000-of-00008.json.gz", "c4/c4-train.00000-of-01024.json.gz"),
+}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Text:
+    """A split as the GPTQ protocol joins it, and where it came from."""
+
+    name: str
+    text: str | list[str]  # c4 keeps its documents separate: windows are drawn per document
+    source: str
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    value = explicit or os.environ.get("PTQLAB_DATA")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} (from --data-dir or PTQLAB_DATA) does not exist")
+    return path
+
+
+def _how_to_provide(name: str, filename: str) -> str:
+    return (
+        f"dataset '{name}' is not available: give a local copy with --data-dir DIR or PTQLAB_DATA=DIR "
+        f"(expected file DIR/{filename}, layout of shared/data/README.md), or install `datasets` "
+        f"with access to the Hugging Face hub"
+    )
+
+
+def _read_local(name: str, path: Path, split: str) -> Text:
+    if name == "wikitext2":
+        rows = path.read_text(encoding="utf-8").replace("\r", "").split("\n")
+        if rows and rows[-1] == "":
+            rows.pop()
+        return Text(name, "\n\n".join(rows), f"local:{path}")
+    if name == "ptb":
+        rows = path.read_text(encoding="utf-8").splitlines()
+        return Text(name, " ".join(r.strip() for r in rows), f"local:{path}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return Text(name, docs, f"local:{path}")
+
+
+def _read_hub(name: str, split: str) -> Text:
+    from datasets import load_dataset  # imported lazily: only needed without local copies
+
+    if name == "wikitext2":
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return Text(name, "\n\n".join(ds["text"]), f"hub:wikitext/wikitext-2-raw-v1[{split}]")
+    if name == "ptb":
+        ds = load_dataset("ptb_text_only", "penn_treebank", split=split)
+        return Text(name, " ".join(ds["sentence"]), f"hub:ptb_text_only[{split}]")
+    shard = "en/c4-validation.00000-of-00008.json.gz" if split == "validation" else "en/c4-train.00000-of-01024.json.gz"
+    ds = load_dataset("allenai/c4", data_files={split: shard}, split=split)
+    return Text(name, list(ds["text"]), f"hub:allenai/c4/{shard}")
+
+
+def load_text(name: str, split: str = "eval", data: str | Path | None = None) -> Text:
+    """Load the evaluation (``split='eval'``) or calibration (``'calib'``) text of a named dataset."""
+    if name not in _LOCAL_FILES:
+        raise DataError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} or give a text file path")
+    local_rel = _LOCAL_FILES[name][0 if split == "eval" else 1]
+    root = data_dir(data)
+    if root is not None:
+        path = root / local_rel
+        if path.exists():
+            return _read_local(name, path, split)
+    hub_split = {"eval": "validation" if name == "c4" else "test", "calib": "train"}[split]
+    try:
+        return _read_hub(name, hub_split)
+    except Exception as err:  # no datasets package, no network, no such dataset
+        raise DataError(_how_to_provide(name, local_rel) + f" (hub attempt failed: {type(err).__name__}: {err})") from err
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D tensor, without special tokens added."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return ids.reshape(-1)
+
+
+def eval_tokens(tokenizer, text: Text, seqlen: int, c4_segments: int = 256) -> torch.Tensor:
+    """The token stream that perplexity is computed on (GPTQ protocol)."""
+    if isinstance(text.text, str):
+        return tokenize(tokenizer, text.text)
+    # GPTQ's c4 eval: 256 random seqlen-token segments of validation documents, seed 0.
+    rng = random.Random(0)
+    segments = []
+    docs = text.text
+    for _ in range(c4_segments):
+        for _attempt in range(10_000):
+            ids = tokenize(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise DataError(f"{text.name}: no document longer than {seqlen} tokens")
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        segments.append(ids[start : start + seqlen])
+    return torch.cat(segments)
+
+
+def calibration_windows(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, data: str | Path | None = None
+) -> tuple[torch.Tensor, str]:
+    """``nsamples`` random windows of ``seqlen`` tokens from a training split or a text file.
+
+    Returns ``(windows [nsamples, seqlen], description of the source)``.
+    """
+    if nsamples < 1:
+        raise DataError(f"nsamples must be at least 1, got {nsamples}")
+    if seqlen < 2:
+        raise DataError(f"seqlen must be at least 2, got {seqlen}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        text = Text(path.name, path.read_text(encoding="utf-8"), f"file:{path}")
+    else:
+        text = load_text(source, "calib", data)
+    rng = random.Random(seed)
+    if isinstance(text.text, list):  # c4: one window from each random document, as GPTQ does
+        windows = []
+        while len(windows) < nsamples:
+            ids = tokenize(tokenizer, text.text[rng.randint(0, len(text.text) - 1)])
+            if ids.numel() > seqlen:
+                start = rng.randint(0, ids.numel() - seqlen - 1)
+                windows.append(ids[start : start + seqlen])
+        return torch.stack(windows), text.source
+    ids = tokenize(tokenizer, text.text)
+    if ids.numel() <= seqlen:
+        raise DataError(
+            f"calibration text {text.source} has {ids.numel()} tokens, too short for windows of {seqlen} tokens"
+        )
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts]), text.source

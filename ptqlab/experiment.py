@@ -1,0 +1,172 @@
+"""One quantization run end to end: load, calibrate, quantize, evaluate, record.
+
+A :class:`ModelSession` keeps what is shared by every run on one model (the
+full-precision weights, tokenized evaluation splits, calibration windows and
+the FP16 baseline), so sweeps pay for them once per model.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import QuantConfig, config_hash
+from .data import DataError, calibration_windows, eval_tokens, load_text
+from .evaluate import perplexity
+from .models import get_adapter, load_model
+from .pipeline import quantize_model
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything besides the quantization config that affects a result."""
+
+    model: str
+    config: QuantConfig = field(default_factory=QuantConfig)
+    eval: tuple[str, ...] = ("wikitext2", "ptb")
+    seqlen: int | None = None  # None: the model's maximum (2048 where it has none)
+    calib: str = "c4"
+    nsamples: int = 128
+    calib_seqlen: int | None = None  # None: same as seqlen
+    seed: int = 0
+    max_eval_windows: int | None = None  # evaluate a prefix only (quick checks)
+    dtype: str = "auto"
+
+    def result_config(self) -> dict:
+        """The record's ``config``: every option that affects the numbers."""
+        out = asdict(self)
+        out["eval"] = list(self.eval)
+        if not self.config.needs_calibration:
+            for key in ("calib", "nsamples", "calib_seqlen", "seed"):
+                out.pop(key)
+        return out
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{dtype}'; choose auto, float16, bfloat16 or float32") from None
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def versions(device: str) -> dict:
+    import transformers
+
+    return {"ptqlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": device_name(device)}
+
+
+class ModelSession:
+    """A loaded model and the data that runs on it share."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", data_dir: str | None = None,
+                 progress: bool = True) -> None:
+        self.name, self.device, self.data_dir, self.progress = model, device, data_dir, progress
+        self.dtype = resolve_dtype(dtype, device)
+        self.dtype_name = dtype
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_model(model, self.dtype)
+        self.load_time = time.perf_counter() - t0
+        self.adapter = get_adapter(self.model)
+        self._tokens: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
+        self._calib: dict[tuple, tuple[torch.Tensor, str]] = {}
+
+    def seqlen(self, requested: int | None) -> int:
+        limit = self.adapter.max_seqlen
+        if requested is None:
+            return limit or 2048
+        if requested < 2:
+            raise DataError(f"seqlen must be at least 2, got {requested}")
+        if limit is not None and requested > limit:
+            raise DataError(f"seqlen {requested} is beyond the maximum of {self.name} ({limit} positions)")
+        return requested
+
+    def eval_tokens(self, dataset: str, seqlen: int) -> tuple[torch.Tensor, str]:
+        key = (dataset, seqlen)
+        if key not in self._tokens:
+            text = load_text(dataset, "eval", self.data_dir)
+            self._tokens[key] = (eval_tokens(self.tokenizer, text, seqlen), text.source)
+        return self._tokens[key]
+
+    def calibration(self, source: str, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+        key = (source, nsamples, seqlen, seed)
+        if key not in self._calib:
+            self._calib[key] = calibration_windows(self.tokenizer, source, nsamples, seqlen, seed, self.data_dir)
+        return self._calib[key]
+
+    def fresh_model(self) -> torch.nn.Module:
+        return copy.deepcopy(self.model)
+
+
+def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]) -> None:
+    for dataset, source in eval_sources.items():
+        if source == calib_source or (source.startswith("local:") and calib_source == "file:" + source[6:]):
+            warnings.warn(
+                f"CALIBRATING ON THE EVALUATION SPLIT: calibration text {calib_source} is the {dataset} "
+                f"evaluation text; its perplexity is optimistic",
+                stacklevel=2,
+            )
+
+
+def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
+        progress: bool = True) -> dict:
+    """Run one experiment and return its JSON-ready record."""
+    start = time.perf_counter()
+    session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
+    seqlen = session.seqlen(spec.seqlen)
+    calib_seqlen = session.seqlen(spec.calib_seqlen or seqlen)
+    eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}
+    eval_sources = {name: src for name, (_, src) in eval_data.items()}
+
+    calib_windows, calib_source = None, None
+    if spec.config.needs_calibration:
+        calib_windows, calib_source = session.calibration(spec.calib, spec.nsamples, calib_seqlen, spec.seed)
+        _warn_if_calibrating_on_eval(calib_source, eval_sources)
+
+    model = session.fresh_model()
+    t0 = time.perf_counter()
+    report = quantize_model(model, spec.config, calib_windows, session.device, progress)
+    quant_time = time.perf_counter() - t0
+    report.calibration = calib_source
+
+    model.to(session.device)
+    t0 = time.perf_counter()
+    ppl = {}
+    for name, (tokens, _) in eval_data.items():
+        ppl[name] = perplexity(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
+    eval_time = time.perf_counter() - t0
+    del model
+
+    config = spec.result_config()
+    config["seqlen"] = seqlen
+    if spec.config.needs_calibration:
+        config["calib_seqlen"] = calib_seqlen
+    config["dtype"] = str(session.dtype).replace("torch.", "")
+    return {
+        "config": config,
+        "config_hash": config_hash(config),
+        "name": spec.config.name(),
+        "ppl": ppl,
+        "bits_per_weight": report.bits_per_weight,
+        "time_s": time.perf_counter() - start,
+        "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time, **report.timings},
+        "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
+        "layers": report.layers,
+        "versions": versions(session.device),
+    }

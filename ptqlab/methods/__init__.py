@@ -1,0 +1,14 @@
+"""Weight quantization algorithms: plain functions over tensors.
+
+Each takes a float weight ``[out, in]`` (and, where it needs calibration, the
+Hessian ``H = 2 X^T X / n`` of the layer's inputs or the inputs themselves)
+and returns the quantized weight in float.  They choose the numbers; the
+:mod:`ptqlab.quantizers` spec says what the numbers may look like.
+"""
+
+from .gptq import GPTQResult, gptq_quantize
+from .lorc import lorc_factors
+from .rtn import rtn_quantize
+from .zeroquant import zq_global_block, zq_local_quantize
+
+__all__ = ["GPTQResult", "gptq_quantize", "lorc_factors", "rtn_quantize", "zq_global_block", "zq_local_quantize"]

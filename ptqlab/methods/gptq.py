@@ -1,0 +1,150 @@
+"""GPTQ (Frantar et al., 2022): quantize one column at a time, feeding each
+column's rounding error back into the not-yet-quantized columns through the
+inverse Hessian of the layer's reconstruction loss ``||XW^T - XQ^T||^2``.
+
+With ``Hinv = H^-1`` and ``U = chol(Hinv)^T`` (upper), quantizing column ``j``
+and compensating the rest is::
+
+    q_j   = quant(w_j)
+    err   = (w_j - q_j) / U[j, j]
+    W[:, j+1:] -= err  U[j, j+1:]
+
+Columns are processed in blocks of ``blocksize``; inside a block the update is
+applied column by column, to the rest of the matrix once per block (lazy batch
+updates), which is what makes it fast.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # quantized weight, dequantized, in the input dtype
+    scale: torch.Tensor  # [out, n_groups] (n_groups = 1 for per-row / per-tensor)
+    zero: torch.Tensor  # [out, n_groups]
+    damp: float  # dampening actually added to the diagonal
+    loss: float  # sum of (w - q)^2 / (2 U_jj^2): the reference code's estimate of the output error
+
+
+def _group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero of ``w`` [out, cols] as one group per row (or one for the whole tensor)."""
+    if spec.group_size == PER_TENSOR:
+        s, z = scale_and_zero(w.reshape(1, -1), spec)
+        return s.expand(w.shape[0], 1), z.expand(w.shape[0], 1)
+    return scale_and_zero(w, spec)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising ``damp`` (with a warning) until it exists."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damp = percdamp * mean_diag
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(8):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, damp
+        new_damp = max(damp * 10, 1e-8 * max(mean_diag, 1.0))
+        warnings.warn(f"{name}: Hessian not positive definite with damp={damp:.3g}; retrying with {new_damp:.3g}")
+        damp = new_damp
+    raise QuantizationError(f"{name}: Hessian could not be made positive definite (last damp {damp:.3g})")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    name: str = "layer",
+) -> GPTQResult:
+    """GPTQ-quantize ``weight`` [out, in] given the input Hessian ``H`` [in, in].
+
+    Groups (``spec.group_size > 0``) always cover contiguous *original*
+    columns; with ``act_order`` their scales are fixed from the weight before
+    any update ("static groups"), so the result can be stored group-wise.
+    """
+    if not spec.enabled:
+        raise QuantizationError(f"{name}: GPTQ needs a weight spec of 2..8 bits")
+    check_finite(weight, f"{name} weight")
+    check_finite(H, f"{name} Hessian")
+    W = weight.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise QuantizationError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
+    g = spec.group_size
+    grouped = g > 0
+    if grouped and cols % g != 0:
+        raise QuantizationError(f"{name}: group size {g} does not divide the input dimension {cols}")
+
+    # Inputs that were always zero carry no information: their weights cannot matter.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    n_groups = cols // g if grouped else 1
+    scales = torch.zeros(rows, n_groups, device=W.device)
+    zeros = torch.zeros(rows, n_groups, device=W.device)
+    static = not grouped or act_order
+    if not grouped:
+        scales[:, :1], zeros[:, :1] = _group_params(W, spec)
+    elif act_order:
+        s, z = scale_and_zero(W.reshape(rows, n_groups, g), spec)
+        scales, zeros = s[..., 0], z[..., 0]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    col_group = (perm if perm is not None else torch.arange(cols, device=W.device)) // (g if grouped else cols)
+
+    Hinv, damp = inverse_hessian_cholesky(H, percdamp, name)
+    del H
+    # Blocks are a multiple of the group size, so a group never straddles a lazy update.
+    if grouped and not act_order:
+        blocksize = max(g, (blocksize // g) * g)
+
+    Q = torch.zeros_like(W)
+    loss = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped and not static and col % g == 0:
+                s, z = scale_and_zero(W1[:, i : i + g], spec)
+                scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
+            gi = int(col_group[col])
+            s, z = scales[:, gi], zeros[:, gi]
+            w = W1[:, i]
+            q = (quantize_codes(w, s, z, spec.maxq) - z) * s
+            d = Hinv1[i, i]
+            Q1[:, i] = q
+            err = (w - q) / d
+            loss += (w - q) ** 2 / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    if not grouped:
+        scales, zeros = scales[:, :1], zeros[:, :1]
+    return GPTQResult(Q.to(weight.dtype), scales, zeros, damp, float(loss.sum()))

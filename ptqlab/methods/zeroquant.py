@@ -1,0 +1,129 @@
+"""ZeroQuant-Local and ZeroQuant-Global (ZeroQuant-V2 section 4).
+
+Both start from RTN and learn the weights by gradient descent *through* the
+quantizer, with a straight-through estimator for the rounding
+(``Q(W') = W' + stopgrad(Q(W') - W')``) and Adam:
+
+* **ZQ-Local** minimises each linear module's own output error
+  ``||X W^T - X Q(W')^T||^2 / n``.  With ``D = W - Q(W')`` and ``H = 2 X^T X / n``
+  this is ``tr(D H D^T) / 2``, so the full-batch objective over all
+  calibration tokens is computed from the Hessian the pipeline already
+  accumulated, without keeping the activations.
+* **ZQ-Global** is ZeroQuant's layer-by-layer knowledge distillation: all
+  weights of one transformer block are learned together to minimise the MSE
+  between the full-precision block's output and the quantized block's output
+  on the same input, in mini-batches of calibration windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quantizers import QuantSpec, fake_quantize
+
+
+def ste_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize with an identity gradient (straight-through estimator)."""
+    return w + (fake_quantize(w.detach(), spec) - w).detach()
+
+
+def local_objective(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``||X W^T - X Q^T||^2 / n`` from the Hessian ``H = 2 X^T X / n``."""
+    D = weight - quantized
+    return (D @ H * D).sum() / 2
+
+
+def zq_local_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    steps: int = 200,
+    lr: float = 1e-3,
+) -> tuple[torch.Tensor, list[float]]:
+    """ZQ-Local: learn ``W'`` so that ``Q(W')`` reproduces the layer's outputs.
+
+    ``lr`` is relative to the RMS of the weight, so one default serves layers
+    of any scale.  Returns the quantized weight and the objective per step
+    (the first entry is the RTN start).
+    """
+    W = weight.detach().float()
+    H = H.detach().float()
+    scale = W.pow(2).mean().sqrt().clamp(min=1e-12)
+    latent = W.clone().requires_grad_(True)
+    opt = torch.optim.Adam([latent], lr=lr * float(scale))
+    history: list[float] = []
+    best, best_loss = fake_quantize(W, spec), float("inf")
+    for _ in range(steps + 1):
+        q = ste_quantize(latent, spec)
+        loss = local_objective(W, q, H)
+        value = loss.item()
+        history.append(value)
+        if value < best_loss:  # keep the best iterate: Adam on a rounded objective is not monotone
+            best_loss, best = value, q.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return best.to(weight.dtype), history
+
+
+class _STEWeight(nn.Module):
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return ste_quantize(w, self.spec)
+
+
+def zq_global_block(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    weight_spec: QuantSpec,
+    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """ZQ-Global (layer-wise distillation) of one block, in place.
+
+    ``run_block(block, x)`` runs the block on a batch of hidden states;
+    ``targets`` are the full-precision block's outputs for ``inputs``.  Every
+    weight in ``linears`` is learned through the quantizer and finally left
+    quantized.  Training runs in float32 whatever the model dtype; the block
+    is returned in its original dtype.  Returns the training loss per step.
+    """
+    dtype = next(block.parameters()).dtype
+    block.float()
+    params = []
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+        parametrize.register_parametrization(module, "weight", _STEWeight(weight_spec))
+        params.append(module.parametrizations.weight.original)
+    rms = torch.stack([p.detach().pow(2).mean() for p in params]).mean().sqrt().item()
+    opt = torch.optim.Adam(params, lr=lr * rms)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    n = inputs.shape[0]
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randperm(n, generator=gen)[: min(batch_size, n)].to(inputs.device)
+                out = run_block(block, inputs[idx].float())
+                loss = nn.functional.mse_loss(out.float(), targets[idx].float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(loss.item())
+    finally:
+        for module in linears.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight.requires_grad_(False)
+        block.to(dtype)
+    return history

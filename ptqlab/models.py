@@ -1,0 +1,183 @@
+"""Model adapters: where quantization applies in each supported architecture.
+
+An adapter knows, for one family of Hugging Face causal LMs, the list of
+decoder blocks, the final norm and the LM head.  The linear layers inside a
+block are found generically (``nn.Linear`` and GPT-2's ``Conv1D``), so a new
+family needs only the three paths below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quantizers import QuantSpec, fake_quantize
+
+# model_type -> (blocks, final modules applied after the blocks, lm head)
+_LAYOUTS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "opt": ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"), "lm_head"),
+    "bloom": ("transformer.h", ("transformer.ln_f",), "lm_head"),
+    "llama": ("model.layers", ("model.norm",), "lm_head"),
+    "mistral": ("model.layers", ("model.norm",), "lm_head"),
+    "qwen2": ("model.layers", ("model.norm",), "lm_head"),
+    "gpt2": ("transformer.h", ("transformer.ln_f",), "lm_head"),
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
+
+
+class UnsupportedModelError(TypeError):
+    pass
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj  # type: ignore[return-value]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # GPT-2's Conv1D is a linear layer with a transposed [in, out] weight.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QuantLinear)) or _is_conv1d(module)
+
+
+@dataclass
+class ModelAdapter:
+    model: nn.Module
+    model_type: str
+    blocks: nn.ModuleList
+    final_modules: list[nn.Module]
+    lm_head: nn.Module
+
+    @staticmethod
+    def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+        """The linear layers of a block, by their name inside it, in forward order."""
+        return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+    @property
+    def max_seqlen(self) -> int | None:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None  # ALiBi models (BLOOM) have no hard limit
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _LAYOUTS:
+        raise UnsupportedModelError(
+            f"ptqlab does not know where the decoder blocks of {type(model).__name__} "
+            f"(model_type={model_type!r}) are; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    blocks_path, final_paths, head_path = _LAYOUTS[model_type]
+    blocks = _get(model, blocks_path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__}: expected decoder blocks at '{blocks_path}'")
+    finals = [m for m in (_get(model, p) for p in final_paths) if m is not None]
+    head = _get(model, head_path)
+    if head is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: no LM head at '{head_path}'")
+    return ModelAdapter(model, model_type, blocks, finals, head)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a (fake-)quantized weight, quantized inputs and optional LoRC factors.
+
+    ``y = Q_a(x) @ (W_q + U V)^T + b`` where ``W_q`` is stored dequantized in the
+    model dtype, ``Q_a`` is dynamic per-token activation quantization and
+    ``U [out, r]``, ``V [r, in]`` are the (quantized) low-rank compensation.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "linear") -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.name = name
+        self.act_spec = QuantSpec()
+        self.weight_spec = QuantSpec()
+        self.lorc_u: nn.Parameter | None = None
+        self.lorc_v: nn.Parameter | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, name: str) -> "QuantLinear":
+        if isinstance(module, QuantLinear):
+            return module
+        if _is_conv1d(module):
+            return cls(module.weight.t(), module.bias, name)
+        return cls(module.weight, module.bias, name)
+
+    def set_lorc(self, u: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        if u is None or v is None:
+            self.lorc_u = self.lorc_v = None
+            return
+        self.lorc_u = nn.Parameter(u.to(self.weight.dtype), requires_grad=False)
+        self.lorc_v = nn.Parameter(v.to(self.weight.dtype), requires_grad=False)
+
+    def effective_weight(self) -> torch.Tensor:
+        if self.lorc_u is None:
+            return self.weight
+        return self.weight + self.lorc_u @ self.lorc_v
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.act_spec, f"{self.name} input")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lorc_u is not None:
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lorc_v), self.lorc_u)
+        return y
+
+    def extra_repr(self) -> str:
+        rank = 0 if self.lorc_u is None else self.lorc_u.shape[1]
+        return (
+            f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.describe()}, "
+            f"a={self.act_spec.describe()}, lorc_rank={rank}"
+        )
+
+
+def wrap_linears(block: nn.Module, prefix: str = "") -> dict[str, QuantLinear]:
+    """Replace every linear layer of ``block`` by a :class:`QuantLinear` (in place)."""
+    wrapped: dict[str, QuantLinear] = {}
+    for name, module in list(ModelAdapter.linear_layers(block).items()):
+        full = f"{prefix}{name}"
+        q = QuantLinear.from_module(module, full)
+        if q is not module:
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, q)
+        wrapped[name] = q
+    return wrapped
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
+    """Load a causal LM and its tokenizer from a local folder or a hub id (``testbed-*`` resolves to the shipped models)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .testbed import resolve_model_path
+
+    path = resolve_model_path(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model '{name_or_path}': {err}. Give a local folder with config.json and weights, "
+            f"a Hugging Face hub id (needs network), or one of the shipped testbed models (testbed-opt, testbed-bloom)."
+        ) from err
+    model.eval()
+    model.config.use_cache = False
+    get_adapter(model)  # fail early on unsupported architectures
+    return model, tokenizer

@@ -1,0 +1,346 @@
+"""The sequential calibration pipeline: walk the model block by block (the GPTQ way).
+
+1. Run the embeddings once and capture the inputs of block 0 for every
+   calibration window, together with the keyword arguments the architecture
+   passes to its blocks (attention mask, position ids, ALiBi, rotary tables).
+2. For each block in order: move it to the accelerator, wrap its linear layers,
+   accumulate the Hessian ``H = 2 X^T X / n`` of each distinct linear input
+   (q/k/v read the same input and share one), quantize the weights with the
+   chosen method, add LoRC, then recompute the block's outputs *with the
+   quantized block* and feed them to the next block.
+3. Only the current block lives on the accelerator; the others stay on the CPU.
+
+Activation quantization is switched on before the Hessians are collected,
+so the methods see the inputs they will see at inference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .methods import gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
+from .methods.zeroquant import local_objective
+from .models import ModelAdapter, QuantLinear, get_adapter, wrap_linears
+from .quantizers import FULL_PRECISION_BITS, QuantSpec, check_finite, storage_bits_per_weight
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did: per-layer errors, timings per phase and storage cost."""
+
+    layers: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    bits_per_weight: float = float(FULL_PRECISION_BITS)
+    calibration: str | None = None
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+class _Timer:
+    def __init__(self, report: QuantReport, phase: str, device: torch.device) -> None:
+        self.report, self.phase, self.device = report, phase, device
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.report.add_time(self.phase, time.perf_counter() - self.start)
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a block (embeddings, norms, head)."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = b.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for each window ``[n, seqlen, hidden]``, and the block kwargs."""
+    captured: list[torch.Tensor] = []
+    block_kwargs: dict = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden)
+        if not block_kwargs:
+            block_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    _move_outside_blocks(model, adapter.blocks, device)
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, adapter.blocks, torch.device("cpu"))
+    block_kwargs["use_cache"] = False
+    return torch.cat(captured), block_kwargs
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+    """Run a decoder block on ``hidden`` ``[n, seqlen, h]``, one window at a time.
+
+    One window at a time because some captured kwargs (BLOOM's ALiBi) are
+    shaped for the batch size they were captured with.
+    """
+    outs = []
+    for i in range(hidden.shape[0]):
+        out = block(hidden[i : i + 1], **block_kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs)
+
+
+class _HessianCollector:
+    """Accumulates ``X^T X`` of each distinct linear input of a block.
+
+    Linears called one after the other on the very same tensor (q, k, v;
+    gate, up) share one accumulator.
+    """
+
+    def __init__(self, linears: dict[str, QuantLinear]) -> None:
+        self.linears = linears
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
+        self._last: tuple[str, int, tuple] | None = None
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: QuantLinear, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if name not in self.owner:
+                last = self._last
+                same_input = last is not None and (last[1], last[2]) == key
+                self.owner[name] = self.owner[last[0]] if same_input else name
+            self._last = (name, *key)
+            if self.owner[name] != name:
+                return
+            xq = module.quantize_input(x).reshape(-1, x.shape[-1]).float()
+            check_finite(xq, f"{module.name} input")
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
+                self.tokens[name] = 0
+            self.sums[name].addmm_(xq.t(), xq)
+            self.tokens[name] += xq.shape[0]
+
+        return hook
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name in self.linears:
+            out.setdefault(self.owner.get(name, name), []).append(name)
+        return out
+
+    def hessian(self, owner: str) -> torch.Tensor:
+        return 2 * self.sums[owner] / self.tokens[owner]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = None
+
+
+def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``||XW^T - XQ^T||^2 / ||XW^T||^2`` from the Hessian."""
+    w, wq = w.float(), wq.float()
+    num = local_objective(w, wq, H)
+    den = (w @ H * w).sum() / 2
+    return float(num / den.clamp(min=1e-30))
+
+
+def _quantize_group(
+    names: list[str],
+    linears: dict[str, QuantLinear],
+    config: QuantConfig,
+    H: torch.Tensor | None,
+    report: QuantReport,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Quantize the weights of linears that share one input; returns their original weights."""
+    originals = {n: linears[n].weight.data.clone() for n in names}
+    if config.method in ("fp16", "zq-global") or not config.weight.enabled:
+        return originals
+    W = torch.cat([originals[n] for n in names]).float()
+    label = "+".join(linears[n].name for n in names)
+    with _Timer(report, "solve", device):
+        if config.method == "rtn":
+            Q = rtn_quantize(W, config.weight, label)
+        elif config.method == "gptq":
+            o = config.gptq
+            Q = gptq_quantize(W, H, config.weight, o.blocksize, o.percdamp, o.act_order, label).weight
+        else:  # zq-local
+            Q, _ = zq_local_quantize(W, H, config.weight, config.zq.local_steps, config.zq.local_lr)
+    for name, q in zip(names, Q.split([originals[n].shape[0] for n in names])):
+        linears[name].weight.data.copy_(q)
+    return originals
+
+
+def _finish_layer(
+    name: str,
+    layer: QuantLinear,
+    original: torch.Tensor,
+    config: QuantConfig,
+    H: torch.Tensor | None,
+    report: QuantReport,
+    device: torch.device,
+) -> None:
+    """LoRC on top of the method's result, then the per-layer error log entry."""
+    layer.weight_spec = config.weight
+    if config.lorc_rank:
+        with _Timer(report, "lorc", device):
+            err = original.float() - layer.weight.float()
+            rank = min(config.lorc_rank, *err.shape)
+            u, v = lorc_factors(
+                err, rank, config.lorc_spec, H if config.lorc_aware else None, config.gptq.percdamp, layer.name
+            )
+            layer.set_lorc(u, v)
+    entry = {"layer": layer.name, "out": layer.out_features, "in": layer.in_features}
+    if H is not None:
+        entry["rel_output_error"] = _relative_output_error(original, layer.effective_weight(), H)
+    entry["rel_weight_error"] = float(
+        (original.float() - layer.effective_weight().float()).norm() / original.float().norm().clamp(min=1e-30)
+    )
+    report.layers.append(entry)
+
+
+def _bits_per_weight(layers: Iterable[QuantLinear], config: QuantConfig) -> float:
+    total_bits = total_weights = 0.0
+    for layer in layers:
+        n = layer.out_features * layer.in_features
+        total_weights += n
+        total_bits += storage_bits_per_weight(layer.weight_spec, layer.in_features, layer.out_features) * n
+        if layer.lorc_u is not None:
+            r = layer.lorc_u.shape[1]
+            spec = config.lorc_spec
+            total_bits += storage_bits_per_weight(spec, r, layer.out_features) * r * layer.out_features
+            total_bits += storage_bits_per_weight(spec, layer.in_features, r) * r * layer.in_features
+    return total_bits / max(total_weights, 1.0)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place, block by block; returns the report.
+
+    ``calibration`` holds token windows ``[n, seqlen]``; it is required by
+    the calibrated methods (GPTQ, ZQ-Local, ZQ-Global, activation-aware LoRC)
+    and optional otherwise (with it, RTN also logs per-layer output errors).
+    The model may live on the CPU: only one block at a time is moved to ``device``.
+    """
+    device = torch.device(device)
+    adapter = get_adapter(model)
+    report = QuantReport()
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"method '{config.method}' needs calibration windows (--calib)")
+    quantized: list[QuantLinear] = []
+
+    hidden = block_kwargs = None
+    if calibration is not None:
+        with _Timer(report, "capture", device):
+            hidden, block_kwargs = capture_block_inputs(model, adapter, calibration, device)
+
+    for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
+        block.to(device)
+        linears = wrap_linears(block, prefix=f"blocks.{index}.")
+        for layer in linears.values():
+            layer.act_spec = config.act
+        collector = None
+        targets = None
+        if hidden is not None:
+            if config.method == "zq-global":
+                with _Timer(report, "targets", device):
+                    for layer in linears.values():
+                        layer.act_spec = QuantSpec()
+                    targets = run_block(block, hidden, block_kwargs)
+                    for layer in linears.values():
+                        layer.act_spec = config.act
+            with _Timer(report, "hessian", device):
+                collector = _HessianCollector(linears)
+                run_block(block, hidden, block_kwargs)
+                collector.close()
+        groups = collector.groups() if collector else {n: [n] for n in linears}
+        originals: dict[str, torch.Tensor] = {}
+        hessians: dict[str, torch.Tensor | None] = {}
+        for owner, names in groups.items():
+            H = collector.hessian(owner) if collector else None
+            originals.update(_quantize_group(names, linears, config, H, report, device))
+            hessians.update({n: H for n in names})
+        if config.method == "zq-global":
+            o = config.zq
+            with _Timer(report, "solve", device):
+                # The latent weights start at W, so the first step's forward is exactly RTN.
+                history = zq_global_block(
+                    block,
+                    linears,
+                    config.weight,
+                    lambda b, x: run_block(b, x, block_kwargs),
+                    hidden,
+                    targets,
+                    o.global_steps,
+                    o.global_lr,
+                    o.global_batch_size,
+                )
+            report.layers.append({"layer": f"blocks.{index}", "zq_global_mse": [history[0], history[-1]] if history else []})
+        for name, layer in linears.items():
+            _finish_layer(name, layer, originals[name], config, hessians[name], report, device)
+        quantized.extend(linears.values())
+        if hidden is not None:
+            with _Timer(report, "propagate", device):
+                hidden = run_block(block, hidden, block_kwargs)
+        block.to("cpu")
+        del collector, targets, hessians
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if config.quantize_head and config.weight.enabled:
+        quantized.append(_quantize_head(model, adapter, config))
+    report.bits_per_weight = _bits_per_weight(quantized, config)
+    return report
+
+
+def _quantize_head(model: nn.Module, adapter: ModelAdapter, config: QuantConfig) -> QuantLinear:
+    """RTN on the LM head (it has no block to calibrate in); a fresh weight, so tied embeddings stay exact."""
+    head = QuantLinear.from_module(adapter.lm_head, "lm_head")
+    head.weight.data.copy_(rtn_quantize(head.weight.data, config.weight, "lm_head"))
+    head.weight_spec = config.weight
+    head.act_spec = config.act
+    for name, module in model.named_modules():
+        if module is adapter.lm_head:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
+            break
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+    return head

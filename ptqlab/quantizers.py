@@ -1,0 +1,179 @@
+"""Integer quantization schemes: what quantized numbers look like.
+
+A :class:`QuantSpec` says how many bits, symmetric or asymmetric, and at
+which granularity scales are shared.  Granularity always runs along the
+*last* dimension of the tensor, which is the input dimension of a weight
+``[out, in]`` and the hidden dimension of an activation ``[..., tokens, hidden]``:
+
+* ``group_size == 0``: one scale per row (per output channel of a weight,
+  per token of an activation);
+* ``group_size > 0``: fine-grained quantization (FGQ), one scale per
+  contiguous group of ``group_size`` elements of a row;
+* ``group_size == -1``: one scale for the whole tensor.
+
+Grids follow the GPTQ reference code so that perplexities are comparable
+with published ones: codes are unsigned integers in ``[0, 2**bits - 1]``;
+the symmetric grid puts the zero point at the centre ``2**(bits-1)`` with
+``scale = 2 * max|x| / (2**bits - 1)``; the asymmetric grid takes scale and
+zero point from ``min(x, 0)`` and ``max(x, 0)`` (zero is always exactly
+representable, so padding and dead inputs stay zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FULL_PRECISION_BITS = 16
+PER_ROW = 0
+PER_TENSOR = -1
+
+
+class QuantizationError(ValueError):
+    """Bad quantization input: reported with the layer and the offending value."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a tensor is quantized. ``bits == 16`` means "left in full precision"."""
+
+    bits: int = FULL_PRECISION_BITS
+    symmetric: bool = True
+    group_size: int = PER_ROW
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not (2 <= self.bits <= 8 or self.bits == FULL_PRECISION_BITS):
+            raise QuantizationError(f"bits must be an integer in 2..8 (or 16 for no quantization), got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < PER_TENSOR:
+            raise QuantizationError(
+                f"group_size must be 0 (per row/token), -1 (per tensor) or a positive group size, got {self.group_size!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FULL_PRECISION_BITS
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "fp16"
+        gran = {PER_ROW: "row", PER_TENSOR: "tensor"}.get(self.group_size, f"g{self.group_size}")
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{gran}"
+
+
+@dataclass
+class QuantizedTensor:
+    """Real quantization: integer codes plus the scales and zero points that decode them.
+
+    ``codes`` has the shape of the original tensor; ``scale`` and ``zero`` have
+    the shape ``[*rows, n_groups, 1]`` (broadcast over each group).
+    """
+
+    codes: torch.Tensor  # uint8
+    scale: torch.Tensor  # float32
+    zero: torch.Tensor  # float32, integer valued
+    spec: QuantSpec
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
+    """Raise a clear error if ``x`` holds NaN or Inf (quantizing them silently gives garbage)."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad_index = tuple(int(i) for i in (~finite).nonzero()[0])
+        bad_value = x[bad_index].item()
+        raise QuantizationError(
+            f"{name}: cannot quantize a non-finite value ({bad_value}) at index {bad_index}"
+        )
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
+    """View ``x`` as ``[rows..., n_groups, group]`` according to the granularity."""
+    if x.dim() == 0:
+        raise QuantizationError(f"{name}: cannot quantize a 0-dimensional tensor")
+    if spec.group_size == PER_TENSOR:
+        return x.reshape(1, 1, -1)
+    dim = x.shape[-1]
+    if spec.group_size == PER_ROW:
+        return x.reshape(*x.shape[:-1], 1, dim)
+    if dim % spec.group_size != 0:
+        raise QuantizationError(
+            f"{name}: group size {spec.group_size} does not divide the input dimension {dim}"
+        )
+    return x.reshape(*x.shape[:-1], dim // spec.group_size, spec.group_size)
+
+
+def scale_and_zero(xg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each group (last dim) of ``xg``; float32, keepdim."""
+    xg = xg.float()
+    xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0)
+    if spec.symmetric:
+        absmax = torch.maximum(-xmin, xmax)
+        scale = 2 * absmax / spec.maxq
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+    else:
+        scale = (xmax - xmin) / spec.maxq
+        zero = None
+    # An all-zero group has no range: any scale decodes it exactly, so use 1.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``x`` onto the integer grid given by ``scale`` and ``zero``."""
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> QuantizedTensor:
+    """Real quantization of ``x``: codes, scales and zero points that round-trip exactly."""
+    if not spec.enabled:
+        raise QuantizationError(f"{name}: a 16-bit spec means 'not quantized'; there are no codes to compute")
+    check_finite(x, name)
+    xg = _grouped(x, spec, name)
+    scale, zero = scale_and_zero(xg, spec)
+    codes = quantize_codes(xg, scale, zero, spec.maxq).to(torch.uint8).reshape(x.shape)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=x.dtype)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Decode integer codes back to real numbers in the original dtype."""
+    cg = _grouped(q.codes, q.spec, "codes").float()
+    return ((cg - q.zero) * q.scale).reshape(q.codes.shape).to(q.dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
+    """Quantize then dequantize ``x``, returning a tensor of its dtype and shape.
+
+    A 16-bit spec returns ``x`` unchanged.
+    """
+    if not spec.enabled:
+        return x
+    check_finite(x, name)
+    xg = _grouped(x, spec, name)
+    scale, zero = scale_and_zero(xg, spec)
+    q = quantize_codes(xg, scale, zero, spec.maxq)
+    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+
+
+def storage_bits_per_weight(spec: QuantSpec, in_features: int, out_features: int = 1) -> float:
+    """Average storage bits per weight, scales (fp16) and zero points (``bits`` each, asym only) included."""
+    if not spec.enabled:
+        return float(FULL_PRECISION_BITS)
+    if spec.group_size == PER_TENSOR:
+        n_scales = 1
+    elif spec.group_size == PER_ROW:
+        n_scales = out_features
+    else:
+        n_scales = out_features * (in_features // spec.group_size)
+    per_scale = FULL_PRECISION_BITS + (0 if spec.symmetric else spec.bits)
+    return spec.bits + n_scales * per_scale / (in_features * out_features)

@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""Build the English training corpus for ptqlab's testbed language models.
+
+The text comes from Debian documentation packages only (fetched with
+``apt-get download`` and unpacked with ``dpkg -x``):
+
+* python3.11-doc       reStructuredText sources of the Python documentation
+* python-django-doc    Django documentation (Sphinx HTML)
+* linux-doc-6.1        reStructuredText sources of the Linux kernel documentation
+* debian-handbook      The Debian Administrator's Handbook, English HTML
+* debian-reference-en  Debian Reference, English HTML
+* postgresql-doc-15    PostgreSQL 15 manual (DocBook HTML)
+* perl-doc             Perl's POD manual pages
+* git-doc              Git's AsciiDoc manual pages and guides
+
+WikiText and Penn Treebank text are the evaluation sets of ptqlab and are never
+used here (the script refuses any source path that mentions them).
+
+Markup is stripped, code blocks, tables, navigation and directives are
+dropped, whitespace is normalised, paragraphs are de-duplicated across the
+whole corpus, documents (one source file = one document) are shuffled with a
+fixed seed and split into train / held-out by document.
+
+Output (in --out):
+  corpus_train.txt, corpus_heldout.txt   one paragraph per line, documents
+                                          separated by one empty line
+  corpus_manifest.json                   packages + versions + .deb sha256,
+                                          per-source statistics, output sha256
+  debs/                                  the downloaded .deb files (cache)
+
+Usage:
+  python scripts/testbed/build_corpus.py --out scripts/testbed/build
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import unicodedata
+from html.parser import HTMLParser
+from pathlib import Path
+
+# ----------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------
+
+SOURCES = [
+    {
+        "package": "python3.11-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python3.11/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/whatsnew/changelog", r"/_sources/license", r"/_sources/bugs"],
+    },
+    {
+        "package": "python-django-doc",
+        "kind": "html",
+        "globs": ["usr/share/doc/python-django-doc/html/**/*.html"],
+        "exclude": [r"/_modules/", r"/genindex", r"/py-modindex", r"/search\.html", r"/releases/"],
+    },
+    {
+        "package": "linux-doc-6.1",
+        "kind": "rst",
+        "globs": ["usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/translations/", r"/_sources/ABI/"],
+    },
+    {
+        "package": "debian-handbook",
+        "kind": "html",
+        "globs": ["usr/share/doc/debian-handbook/html/en-US/*.html"],
+        "exclude": [r"/index\.html$", r"/ix01\.html$"],
+    },
+    {
+        "package": "debian-reference-en",
+        "kind": "html",
+        "globs": ["usr/share/debian-reference/*.en.html"],
+        "exclude": [r"/index\.en\.html$"],
+    },
+    {
+        "package": "postgresql-doc-15",
+        "kind": "html",
+        "globs": ["usr/share/doc/postgresql-doc-15/html/*.html"],
+        "exclude": [r"/bookindex\.html$", r"/release-\d", r"/index\.html$"],
+    },
+    {
+        "package": "perl-doc",
+        "kind": "pod",
+        "globs": ["usr/share/perl/*/pod/*.pod"],
+        "exclude": [r"/perl\d+delta\.pod$", r"/perltoc\.pod$", r"/perlhist\.pod$"],
+    },
+    {
+        "package": "git-doc",
+        "kind": "asciidoc",
+        "globs": ["usr/share/doc/git-doc/*.txt", "usr/share/doc/git-doc/**/*.txt"],
+        "exclude": [r"/RelNotes/"],
+    },
+]
+
+FORBIDDEN = re.compile(r"wikitext|wiki\.(train|valid|test)|penn|ptb|treebank", re.I)
+
+# ----------------------------------------------------------------------------
+# Inline clean-up shared by all formats
+# ----------------------------------------------------------------------------
+
+_WS = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\u00b6", " ").replace("\u200b", "").replace("\ufeff", "")
+    return _WS.sub(" ", text).strip()
+
+
+def keep_paragraph(p: str) -> bool:
+    """Drop headings, leftovers of code and other non-prose lines."""
+    words = p.split(" ")
+    if len(words) < 5 or len(p) < 25:
+        return False
+    non_space = len(p) - p.count(" ")
+    letters = sum(ch.isalpha() for ch in p)
+    if letters < 0.6 * non_space:
+        return False
+    # lines that are mostly code-ish symbols
+    if sum(p.count(c) for c in "{}();=<>$[]\\") > 0.08 * len(p):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------
+
+SKIP_TAGS = {"script", "style", "pre", "table", "head", "nav", "svg", "math", "object", "form",
+             "button", "select", "textarea", "noscript", "iframe", "img"}
+SKIP_CLASSES = {"highlight", "nav", "navheader", "navfooter", "sphinxsidebar", "sphinxsidebarwrapper",
+                "related", "footer", "header", "toc", "docnav", "headerlink", "banner", "breadcrumbs",
+                "toctree-wrapper", "index", "indexdiv", "programlisting", "screen", "synopsis",
+                "cmdsynopsis", "funcsynopsis", "literallayout", "mediaobject", "figure", "informaltable",
+                "table", "refsynopsisdiv", "navigation", "footnotes", "footnote", "legalnotice",
+                "producttitle", "titlepage-docnav", "docnav top", "toc-backref", "bookindex",
+                "highlight-default", "doctest", "admonition-title"}
+SKIP_IDS = {"sidebar", "hd", "ft", "global-nav", "searchbox", "banner", "footer", "header",
+            "toc", "navigation", "billboard"}
+BLOCK_TAGS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "br", "blockquote",
+              "section", "article", "tr", "ul", "ol", "dl", "title", "hr", "td", "th", "caption",
+              "figcaption", "main", "aside", "header", "footer", "body", "html"}
+VOID_TAGS = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "param",
+             "source", "track", "wbr"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip_tag: str | None = None
+        self.skip_depth = 0
+
+    def _should_skip(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        if tag in SKIP_TAGS:
+            return True
+        a = dict(attrs)
+        classes = set((a.get("class") or "").split())
+        if classes & SKIP_CLASSES or any(c.startswith("highlight-") for c in classes):
+            return True
+        if (a.get("id") or "") in SKIP_IDS:
+            return True
+        if a.get("role") in {"navigation", "search"}:
+            return True
+        return False
+
+    def handle_starttag(self, tag, attrs):
+        if self.skip_tag is not None:
+            if tag == self.skip_tag:
+                self.skip_depth += 1
+            return
+        if tag not in VOID_TAGS and self._should_skip(tag, attrs):
+            self.skip_tag, self.skip_depth = tag, 1
+            self.parts.append("\n\n")
+            return
+        if tag in BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_startendtag(self, tag, attrs):
+        if self.skip_tag is None and tag in BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_endtag(self, tag):
+        if self.skip_tag is not None:
+            if tag == self.skip_tag:
+                self.skip_depth -= 1
+                if self.skip_depth == 0:
+                    self.skip_tag = None
+            return
+        if tag in BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if self.skip_tag is None:
+            self.parts.append(data)
+
+
+def html_to_paragraphs(raw: str) -> list[str]:
+    parser = _TextExtractor()
+    parser.feed(raw)
+    parser.close()
+    text = "".join(parser.parts)
+    return [normalise(p) for p in re.split(r"\n\s*\n", text)]
+
+
+# ----------------------------------------------------------------------------
+# reStructuredText
+# ----------------------------------------------------------------------------
+
+# directives whose indented body is prose we keep (the directive line itself is dropped)
+RST_KEEP = {
+    "note", "warning", "seealso", "versionadded", "versionchanged", "deprecated", "deprecated-removed",
+    "function", "method", "class", "attribute", "data", "exception", "decorator", "decoratormethod",
+    "classmethod", "staticmethod", "abstractmethod", "coroutinefunction", "coroutinemethod", "module",
+    "describe", "option", "cmdoption", "envvar", "admonition", "tip", "important", "hint", "attention",
+    "caution", "danger", "error", "impl-detail", "opcode", "pdbcommand", "topic", "sidebar", "glossary",
+    "c:function", "c:type", "c:macro", "c:member", "c:var", "c:struct", "c:enum", "c:enumerator",
+    "c:union", "cpp:function", "cpp:class", "cpp:type", "py:function", "py:class", "py:method",
+    "py:attribute", "py:data", "py:exception", "py:module", "audit-event", "availability", "only",
+    "rst:directive", "rst:role", "2to3fixer", "epigraph", "container", "compound", "object",
+    "awaitablefunction", "awaitablemethod", "index-entry", "highlights", "pull-quote", "rubric",
+    "centered", "line-block", "parsed-literal-no",
+}
+_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([A-Za-z0-9_:+-]+)::(.*)$")
+_RST_COMMENT = re.compile(r"^(\s*)\.\.(\s|$)")
+_RST_ADORN = re.compile(r"^([=\-~^\"'`#*+.:_<>])\1{2,}\s*$")
+_RST_SIMPLE_TABLE = re.compile(r"^\s*=+(\s+=+)+\s*$")
+_RST_GRID = re.compile(r"^\s*[+|]")
+_RST_BULLET = re.compile(r"^(\s*)(?:[-*+\u2022]|#\.|\d+[.)]|\(\d+\)|[a-zA-Z][.)])\s+")
+_RST_FIELD = re.compile(r"^(\s*):([^:`]+):(\s+|$)")
+_RST_OPTION_LINE = re.compile(r"^\s*:[\w-]+:")
+
+
+def rst_inline(text: str) -> str:
+    # roles :role:`text <target>` / :role:`~a.b` / :role:`!x`
+    def role(m: re.Match) -> str:
+        inner = m.group(1)
+        mm = re.match(r"^(.*?)\s*<[^<>]*>$", inner, re.S)
+        if mm and mm.group(1):
+            return mm.group(1)
+        inner = inner.lstrip("!")
+        if inner.startswith("~"):
+            inner = inner[1:].split(".")[-1]
+        return inner
+
+    text = re.sub(r":[A-Za-z0-9_:+-]+:`([^`]*)`", role, text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`([^`<]*?)\s*<[^`>]*>`__?", r"\1", text)
+    text = re.sub(r"`([^`]*)`__?", r"\1", text)
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"\1", text)
+    text = re.sub(r"\|([^|\s][^|]*)\|(_{0,2})", r"\1", text)
+    text = re.sub(r"\[#?[\w-]*\]_", "", text)
+    text = re.sub(r"\\(.)", r"\1", text)
+    return text
+
+
+def rst_to_paragraphs(raw: str) -> list[str]:
+    lines = raw.expandtabs(8).splitlines()
+    paras: list[str] = []
+    cur: list[str] = []
+    cur_indent = 0
+    drop_indent: int | None = None     # drop lines indented deeper than this (literal / dropped directive)
+    literal_pending: int | None = None  # paragraph ended with '::' at this indent
+    in_table = False
+    in_doctest = False
+    option_zone = False
+
+    def flush():
+        nonlocal cur
+        if cur:
+            paras.append(rst_inline(" ".join(x.strip() for x in cur)))
+        cur = []
+
+    n = len(lines)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            flush()
+            in_doctest = False
+            if literal_pending is not None:
+                drop_indent, literal_pending = literal_pending, None
+            continue
+        ind = len(line) - len(line.lstrip())
+        stripped = line.strip()
+
+        if drop_indent is not None:
+            if ind > drop_indent:
+                continue
+            drop_indent = None
+        if literal_pending is not None:
+            # text directly following a '::' line without a blank line: treat as literal if indented
+            if ind > literal_pending:
+                drop_indent, literal_pending = literal_pending, None
+                continue
+            literal_pending = None
+        if in_doctest:
+            continue
+        if option_zone:
+            if _RST_OPTION_LINE.match(line):
+                continue
+            option_zone = False
+
+        if _RST_SIMPLE_TABLE.match(line):
+            flush()
+            in_table = not in_table if not (i + 1 < n and lines[i + 1].strip() and in_table) else in_table
+            continue
+        if in_table:
+            continue
+        if _RST_GRID.match(line):
+            flush()
+            continue
+
+        m = _RST_DIRECTIVE.match(line)
+        if m:
+            flush()
+            name = m.group(2).lower()
+            if name in RST_KEEP:
+                option_zone = True
+                arg = m.group(3).strip()
+                if name in {"versionadded", "versionchanged", "deprecated"}:
+                    rest = arg.split(" ", 1)
+                    if len(rest) == 2:
+                        cur, cur_indent = [rest[1]], ind
+            else:
+                drop_indent = ind
+            continue
+        if _RST_COMMENT.match(line):
+            flush()
+            drop_indent = ind
+            continue
+
+        if _RST_ADORN.match(stripped):
+            # section adornment: previous line (if any) is a title, becomes its own paragraph
+            flush()
+            continue
+        if i + 1 < n and _RST_ADORN.match(lines[i + 1].strip()) and len(lines[i + 1].strip()) >= len(stripped) - 2:
+            flush()
+            paras.append(rst_inline(stripped))
+            continue
+
+        if stripped.startswith(">>>"):
+            flush()
+            in_doctest = True
+            continue
+
+        bm = _RST_BULLET.match(line)
+        if bm:
+            flush()
+            cur, cur_indent = [line[bm.end():]], ind
+        else:
+            fm = _RST_FIELD.match(line)
+            if fm:
+                flush()
+                cur, cur_indent = [line[fm.end():]], ind
+            else:
+                if not cur:
+                    cur_indent = ind
+                cur.append(line)
+
+        if stripped.endswith("::"):
+            last = cur[-1].rstrip()
+            last = last[:-2].rstrip() + ":" if not last.endswith(" ::") else last[:-3].rstrip()
+            cur[-1] = last
+            if last.strip() in ("", ":"):
+                cur.pop()
+            literal_pending = cur_indent
+            flush()
+    flush()
+    return [normalise(p) for p in paras]
+
+
+# ----------------------------------------------------------------------------
+# POD
+# ----------------------------------------------------------------------------
+
+_POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&", "apos": "'"}
+
+
+def pod_inline(text: str) -> str:
+    def code(letter: str, inner: str) -> str:
+        if letter in "XZ":
+            return ""
+        if letter == "E":
+            if inner in _POD_ESCAPES:
+                return _POD_ESCAPES[inner]
+            if inner.isdigit():
+                return chr(int(inner))
+            return html.unescape(f"&{inner};")
+        if letter == "L":
+            if "|" in inner:
+                return inner.split("|", 1)[0]
+            inner = re.sub(r'^(.*?)/"?(.*?)"?$', lambda m: m.group(2) + (" in " + m.group(1) if m.group(1) else ""), inner)
+            return inner
+        return inner
+
+    # escapes first, with placeholders for the angle brackets so that the codes around them still parse
+    text = re.sub(r"E<([^<>]*)>", lambda m: {"lt": "\ue000", "gt": "\ue001"}.get(m.group(1)) or code("E", m.group(1)), text)
+    for _ in range(8):
+        new = text
+        for k in (4, 3, 2):
+            new = re.sub(r"([A-Z])" + "<" * k + r"\s+(.*?)\s+" + ">" * k,
+                         lambda m: code(m.group(1), m.group(2)), new, flags=re.S)
+        new = re.sub(r"([A-Z])<([^<>]*)>", lambda m: code(m.group(1), m.group(2)), new)
+        if new == text:
+            break
+        text = new
+    return text.replace("\ue000", "<").replace("\ue001", ">")
+
+
+def pod_to_paragraphs(raw: str) -> list[str]:
+    blocks = re.split(r"\n\s*\n", raw.expandtabs(8))
+    paras: list[str] = []
+    in_begin = False
+    in_pod = True
+    for block in blocks:
+        if not block.strip():
+            continue
+        if block.startswith("="):
+            cmd, _, rest = block[1:].partition(" ")
+            cmd = cmd.split("\n")[0].strip()
+            rest = rest.strip()
+            if cmd == "cut":
+                in_pod = False
+            elif cmd == "pod" or cmd.startswith("head") or cmd == "item":
+                in_pod = True
+            if cmd == "begin":
+                in_begin = True
+            elif cmd == "end":
+                in_begin = False
+            elif cmd.startswith("head") or cmd == "item":
+                if cmd == "item":
+                    rest = re.sub(r"^(\*|\d+\.?)\s*", "", rest)
+                if rest:
+                    paras.append(pod_inline(rest))
+            continue
+        if in_begin or not in_pod:
+            continue
+        if block[0] in " \t":
+            continue  # verbatim paragraph = code
+        paras.append(pod_inline(block))
+    return [normalise(p) for p in paras]
+
+
+# ----------------------------------------------------------------------------
+# AsciiDoc (git-doc)
+# ----------------------------------------------------------------------------
+
+_ADOC_DELIM = re.compile(r"^(-{4,}|\.{4,}|/{4,}|\+{4,}|`{3,}.*)\s*$")
+_ADOC_UNDERLINE = re.compile(r"^([=\-~^+])\1{2,}\s*$")
+
+
+def adoc_inline(text: str) -> str:
+    text = re.sub(r"linkgit:([\w.-]+)\[(\d)\]", r"\1(\2)", text)
+    text = re.sub(r"link:[^\[\s]*\[([^\]]*)\]", r"\1", text)
+    text = re.sub(r"https?://\S+\[([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<<[^,>]*,\s*([^>]*)>>", r"\1", text)
+    text = re.sub(r"<<([^>]*)>>", r"\1", text)
+    text = text.replace("{litdd}", "--").replace("{caret}", "^").replace("{tilde}", "~")
+    text = re.sub(r"\{[\w-]+\}", "", text)
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    text = re.sub(r"(?<!\w)'([^'\n]+)'(?!\w)", r"\1", text)
+    text = re.sub(r"(?<!\w)_([^_\n]+)_(?!\w)", r"\1", text)
+    text = re.sub(r"\*([^*\n]+)\*", r"\1", text)
+    text = re.sub(r"\s\+$", "", text)
+    return text
+
+
+def adoc_to_paragraphs(raw: str) -> list[str]:
+    lines = raw.expandtabs(8).splitlines()
+    paras: list[str] = []
+    cur: list[str] = []
+    delim: str | None = None
+    skip_next_para = False
+
+    def flush():
+        nonlocal cur, skip_next_para
+        if cur:
+            if skip_next_para:
+                skip_next_para = False
+            else:
+                paras.append(adoc_inline(" ".join(x.strip() for x in cur)))
+        cur = []
+
+    for i, line in enumerate(lines):
+        s = line.rstrip()
+        if delim is not None:
+            if s.startswith(delim[:4]) and set(s.strip()) == set(delim.strip()):
+                delim = None
+            continue
+        if _ADOC_DELIM.match(s):
+            flush()
+            delim = s.strip()[:4] if not s.startswith("```") else "```"
+            if delim == "```":
+                delim = "```"
+            continue
+        if not s.strip():
+            flush()
+            continue
+        if _ADOC_UNDERLINE.match(s.strip()):
+            flush()
+            continue
+        if i + 1 < len(lines) and _ADOC_UNDERLINE.match(lines[i + 1].strip()) and abs(len(lines[i + 1].strip()) - len(s.strip())) <= 2:
+            flush()
+            paras.append(adoc_inline(s.strip()))
+            continue
+        if re.match(r"^:[\w-]+:", s) or re.match(r"^include::", s) or re.match(r"^ifn?def::|^endif::", s):
+            continue
+        if re.match(r"^\[.*\]$", s.strip()):
+            flush()
+            if s.strip() in ("[verse]", "[literal]", "[listing]", "[source]") or s.strip().startswith("[source"):
+                skip_next_para = True
+            continue
+        if s[0] in " \t" and not cur:
+            # indented literal paragraph
+            skip_next_para = True
+            cur.append(s)
+            continue
+        if s.strip() == "+":
+            flush()
+            continue
+        m = re.match(r"^\s*(\*+|-|\d+\.|[a-z]\.)\s+", s)
+        if m:
+            flush()
+            cur.append(s[m.end():])
+            continue
+        m = re.match(r"^(.*?)(::|;;)\s*$", s)
+        if m:
+            flush()
+            paras.append(adoc_inline(m.group(1)))
+            continue
+        cur.append(s)
+    flush()
+    return [normalise(p) for p in paras]
+
+
+CONVERTERS = {"html": html_to_paragraphs, "rst": rst_to_paragraphs, "pod": pod_to_paragraphs,
+              "asciidoc": adoc_to_paragraphs}
+
+# ----------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> str:
+    res = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    return res.stdout
+
+
+def fetch_deb(package: str, version: str | None, debs_dir: Path) -> Path:
+    existing = sorted(debs_dir.glob(f"{package}_*.deb"))
+    if version is not None:
+        existing = [p for p in existing if run(["dpkg-deb", "-f", str(p), "Version"]).strip() == version]
+    if existing:
+        return existing[-1]
+    spec = f"{package}={version}" if version else package
+    # apt drops privileges to _apt for downloads; give it a writable directory
+    tmp = Path(tempfile.mkdtemp(prefix="aptdl-"))
+    os.chmod(tmp, 0o777)
+    try:
+        subprocess.run(["apt-get", "download", spec], cwd=tmp, check=True)
+        got = sorted(tmp.glob(f"{package}_*.deb"))
+        if not got:
+            raise RuntimeError(f"apt-get download {spec} produced no .deb")
+        dest = debs_dir / got[-1].name
+        shutil.move(str(got[-1]), dest)
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("scripts/testbed/build"))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--heldout-fraction", type=float, default=0.02)
+    ap.add_argument("--min-doc-chars", type=int, default=300)
+    ap.add_argument("--pin", type=Path, default=None,
+                    help="a previous corpus_manifest.json: fetch exactly the package versions it names")
+    ap.add_argument("--no-update", action="store_true", help="skip 'apt-get update'")
+    args = ap.parse_args(argv)
+
+    out: Path = args.out
+    debs_dir = out / "debs"
+    debs_dir.mkdir(parents=True, exist_ok=True)
+
+    pins: dict[str, str] = {}
+    if args.pin:
+        pins = {p["package"]: p["version"] for p in json.loads(args.pin.read_text())["packages"]}
+
+    need_download = any(not list(debs_dir.glob(f"{s['package']}_*.deb")) for s in SOURCES)
+    if need_download and not args.no_update:
+        print("apt-get update ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+
+    documents: list[dict] = []   # {"source","path","paras"}
+    manifest_packages = []
+    seen: set[bytes] = set()
+    with tempfile.TemporaryDirectory(prefix="testbed-corpus-") as tmpd:
+        tmp = Path(tmpd)
+        for src in SOURCES:
+            pkg = src["package"]
+            deb = fetch_deb(pkg, pins.get(pkg), debs_dir)
+            version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+            root = tmp / pkg
+            root.mkdir()
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            files: set[Path] = set()
+            for g in src["globs"]:
+                files.update(Path(p) for p in glob.glob(str(root / g), recursive=True))
+            excl = [re.compile(e) for e in src["exclude"]]
+            files = sorted(f for f in files if f.is_file() and not any(e.search(str(f)) for e in excl))
+            convert = CONVERTERS[src["kind"]]
+            n_docs = n_paras = n_bytes = n_dup = 0
+            for f in files:
+                rel = str(f.relative_to(root))
+                if FORBIDDEN.search(rel):
+                    raise RuntimeError(f"refusing evaluation-set-like source {rel}")
+                raw = f.read_text(encoding="utf-8", errors="replace")
+                paras = []
+                for p in convert(raw):
+                    if not keep_paragraph(p):
+                        continue
+                    key = hashlib.blake2b(p.lower().encode(), digest_size=16).digest()
+                    if key in seen:
+                        n_dup += 1
+                        continue
+                    seen.add(key)
+                    paras.append(p)
+                text_len = sum(len(p) + 1 for p in paras)
+                if text_len < args.min_doc_chars:
+                    continue
+                documents.append({"source": pkg, "path": rel, "paras": paras})
+                n_docs += 1
+                n_paras += len(paras)
+                n_bytes += sum(len(p.encode()) + 1 for p in paras)
+            info = {"package": pkg, "version": version, "deb": deb.name, "deb_sha256": sha256_file(deb),
+                    "format": src["kind"], "globs": src["globs"], "exclude": src["exclude"],
+                    "files_matched": len(files), "documents": n_docs, "paragraphs": n_paras,
+                    "duplicate_paragraphs_dropped": n_dup, "text_bytes": n_bytes}
+            manifest_packages.append(info)
+            print(f"{pkg:22s} {version:28s} files={len(files):5d} docs={n_docs:5d} "
+                  f"paras={n_paras:7d} bytes={n_bytes:10d} dups={n_dup}", flush=True)
+
+    rng = random.Random(args.seed)
+    rng.shuffle(documents)
+    n_held = max(1, round(len(documents) * args.heldout_fraction))
+    held, train = documents[:n_held], documents[n_held:]
+
+    outputs = {}
+    for name, docs in (("corpus_train.txt", train), ("corpus_heldout.txt", held)):
+        path = out / name
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n\n".join("\n".join(d["paras"]) for d in docs))
+            f.write("\n")
+        outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "documents": len(docs),
+                         "paragraphs": sum(len(d["paras"]) for d in docs),
+                         "by_source": {s["package"]: sum(1 for d in docs if d["source"] == s["package"])
+                                       for s in SOURCES}}
+        print(f"wrote {path}: {outputs[name]['bytes']} bytes, {len(docs)} documents", flush=True)
+    (out / "heldout_documents.txt").write_text("".join(f"{d['source']}\t{d['path']}\n" for d in held))
+
+    manifest = {
+        "description": "ptqlab testbed LM corpus: English prose from Debian documentation packages "
+                       "(no WikiText / Penn Treebank text)",
+        "recipe": "python scripts/testbed/build_corpus.py --out scripts/testbed/build",
+        "seed": args.seed, "heldout_fraction": args.heldout_fraction, "min_doc_chars": args.min_doc_chars,
+        "format": "one paragraph per line; documents separated by one empty line",
+        "packages": manifest_packages, "outputs": outputs,
+    }
+    (out / "corpus_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {out / 'corpus_manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
