@@ -83,7 +83,8 @@ def _default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def print_table(records: list[dict], file=sys.stdout) -> None:
+def print_table(records: list[dict], file=None) -> None:
+    file = file or sys.stdout
     datasets = sorted({d for r in records for d in r["ppl"]})
     header = ["run", "bits/w", *datasets, "time s"]
     rows = [[r["name"], f"{r['bits_per_weight']:.2f}", *[f"{r['ppl'].get(d, float('nan')):.3f}" for d in datasets],

@@ -80,6 +80,10 @@ class ModelSession:
         self.name, self.device, self.data_dir, self.progress = model, device, data_dir, progress
         self.dtype = resolve_dtype(dtype, device)
         self.dtype_name = dtype
+        if not progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(model, self.dtype)
         self.load_time = time.perf_counter() - t0

@@ -57,16 +57,17 @@ def zq_local_quantize(
     opt = torch.optim.Adam([latent], lr=lr * float(scale))
     history: list[float] = []
     best, best_loss = fake_quantize(W, spec), float("inf")
-    for _ in range(steps + 1):
-        q = ste_quantize(latent, spec)
-        loss = local_objective(W, q, H)
-        value = loss.item()
-        history.append(value)
-        if value < best_loss:  # keep the best iterate: Adam on a rounded objective is not monotone
-            best_loss, best = value, q.detach().clone()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # callers (the pipeline) run under no_grad
+        for _ in range(steps + 1):
+            q = ste_quantize(latent, spec)
+            loss = local_objective(W, q, H)
+            value = loss.item()
+            history.append(value)
+            if value < best_loss:  # keep the best iterate: Adam on a rounded objective is not monotone
+                best_loss, best = value, q.detach().clone()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return best.to(weight.dtype), history
 
 

@@ -1,0 +1,57 @@
+"""The command line end to end on tiny offline models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ptqlab.cli import main
+
+
+@pytest.mark.parametrize("arch", ["opt", "bloom"])
+def test_run_w4a8_rtn_g128_writes_a_record(arch, tiny_models, data_dir, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    args = ["run", "--model", str(tiny_models[arch]), "--method", "rtn", "--wbits", "4", "--wgroup", "128",
+            "--abits", "8", "--eval", "wikitext2,ptb", "--seqlen", "128", "--max-eval-windows", "3",
+            "--device", "cpu", "--data-dir", str(data_dir), "--output", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 0  # appends
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    r = records[0]
+    assert r["config"]["config"]["weight"] == {"bits": 4, "symmetric": True, "group_size": 128}
+    assert r["config"]["config"]["act"] == {"bits": 8, "symmetric": True, "group_size": 0}
+    assert r["config"]["seqlen"] == 128 and r["config"]["model"] == str(tiny_models[arch])
+    assert set(r["ppl"]) == {"wikitext2", "ptb"} and all(v > 1 for v in r["ppl"].values())
+    assert r["bits_per_weight"] == pytest.approx(4 + 16 / 128)
+    assert r["time_s"] > 0
+    assert set(r["versions"]) >= {"ptqlab", "torch", "transformers", "device"}
+    assert r["data_sources"]["wikitext2"].startswith("local:")
+    assert r["ppl"] == records[1]["ppl"], "deterministic"
+    assert "wikitext2" in capsys.readouterr().out
+
+
+def test_make_tiny_then_run(tmp_path, data_dir):
+    assert main(["make-tiny", "--arch", "llama", "--out", str(tmp_path / "m"), "--hidden", "64"]) == 0
+    assert main(["run", "--model", str(tmp_path / "m"), "--method", "gptq", "--wbits", "3", "--wgroup", "32",
+                 "--calib", str(data_dir / "ptb" / "ptb.valid.txt"), "--nsamples", "2", "--seqlen", "32",
+                 "--eval", "ptb", "--max-eval-windows", "2", "--data-dir", str(data_dir), "--no-progress",
+                 "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--wbits", "4", "--wgroup", "100"], "group size 100 does not divide"),
+        (["--wbits", "9"], "bits must be an integer in 2..8"),
+        (["--method", "gptq"], "give --wbits between 2 and 8"),
+        (["--method", "gptq", "--wbits", "4", "--nsamples", "0", "--calib", "ptb"], "nsamples must be at least 1"),
+        (["--seqlen", "100000"], "beyond the maximum"),
+    ],
+)
+def test_bad_input_is_a_clear_error(extra, message, tiny_models, data_dir, capsys):
+    code = main(["run", "--model", str(tiny_models["opt"]), "--eval", "ptb", "--max-eval-windows", "1",
+                 "--seqlen", "64", "--data-dir", str(data_dir), "--no-progress", "--device", "cpu", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
