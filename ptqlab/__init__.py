@@ -6,11 +6,12 @@ from .config import GPTQOptions, QuantConfig, ZQOptions  # noqa: E402
 from .quantizers import QuantSpec, QuantizationError, dequantize, fake_quantize, quantize  # noqa: E402
 
 
-def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu", progress: bool = False):
+def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu", progress: bool = False,
+              batch_size: int = 8):
     """Quantize ``model`` in place according to ``config``; returns the :class:`~ptqlab.pipeline.QuantReport`."""
     from .pipeline import quantize_model
 
-    return quantize_model(model, config, calibration, device, progress)
+    return quantize_model(model, config, calibration, device, progress, batch_size)
 
 
 __all__ = ["GPTQOptions", "QuantConfig", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",

@@ -73,46 +73,58 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
             module._buffers[name] = b.to(device)
 
 
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block for every window, and the keyword arguments blocks take.
+
+    Some of those arguments (attention masks, BLOOM's ALiBi) are shaped for the
+    batch size they were made with, so they are kept per batch size.
+    """
+
+    hidden: torch.Tensor  # [n, seqlen, hidden]
+    kwargs: dict[int, dict]
+    batch_size: int
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for each window ``[n, seqlen, hidden]``, and the block kwargs."""
+    model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device, batch_size: int = 8
+) -> BlockInputs:
+    """Run the model up to block 0 for each batch of windows and keep what enters the block."""
     captured: list[torch.Tensor] = []
-    block_kwargs: dict = {}
+    kwargs_by_batch: dict[int, dict] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append(hidden)
-        if not block_kwargs:
-            block_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        kwargs["use_cache"] = False
+        kwargs_by_batch.setdefault(hidden.shape[0], kwargs)
         raise _StopForward
 
+    batch_size = max(1, min(batch_size, windows.shape[0]))
     _move_outside_blocks(model, adapter.blocks, device)
     handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for window in windows:
+        for chunk in [windows[:1], *windows.split(batch_size)]:
             try:
-                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+                model(input_ids=chunk.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
         _move_outside_blocks(model, adapter.blocks, torch.device("cpu"))
-    block_kwargs["use_cache"] = False
-    return torch.cat(captured), block_kwargs
+    return BlockInputs(torch.cat(captured[1:]), kwargs_by_batch, batch_size)
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
-    """Run a decoder block on ``hidden`` ``[n, seqlen, h]``, one window at a time.
-
-    One window at a time because some captured kwargs (BLOOM's ALiBi) are
-    shaped for the batch size they were captured with.
-    """
+def run_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    """Run a decoder block on ``hidden`` ``[n, seqlen, h]`` in batches of the captured size."""
     outs = []
-    for i in range(hidden.shape[0]):
-        out = block(hidden[i : i + 1], **block_kwargs)
-        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    for chunk in hidden.split(inputs.batch_size):
+        pieces = [chunk] if chunk.shape[0] in inputs.kwargs else chunk.split(1)
+        for piece in pieces:
+            out = block(piece, **inputs.kwargs[piece.shape[0]])
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return torch.cat(outs)
 
 
@@ -251,6 +263,7 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    batch_size: int = 8,
 ) -> QuantReport:
     """Quantize ``model`` in place, block by block; returns the report.
 
@@ -258,6 +271,7 @@ def quantize_model(
     the calibrated methods (GPTQ, ZQ-Local, ZQ-Global, activation-aware LoRC)
     and optional otherwise (with it, RTN also logs per-layer output errors).
     The model may live on the CPU: only one block at a time is moved to ``device``.
+    ``batch_size`` windows go through a block at once while calibrating.
     """
     device = torch.device(device)
     adapter = get_adapter(model)
@@ -266,10 +280,11 @@ def quantize_model(
         raise ValueError(f"method '{config.method}' needs calibration windows (--calib)")
     quantized: list[QuantLinear] = []
 
-    hidden = block_kwargs = None
+    hidden = inputs = None
     if calibration is not None:
         with _Timer(report, "capture", device):
-            hidden, block_kwargs = capture_block_inputs(model, adapter, calibration, device)
+            inputs = capture_block_inputs(model, adapter, calibration, device, batch_size)
+            hidden = inputs.hidden
 
     for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
         block.to(device)
@@ -283,12 +298,12 @@ def quantize_model(
                 with _Timer(report, "targets", device):
                     for layer in linears.values():
                         layer.act_spec = QuantSpec()
-                    targets = run_block(block, hidden, block_kwargs)
+                    targets = run_block(block, hidden, inputs)
                     for layer in linears.values():
                         layer.act_spec = config.act
             with _Timer(report, "hessian", device):
                 collector = _HessianCollector(linears)
-                run_block(block, hidden, block_kwargs)
+                run_block(block, hidden, inputs)
                 collector.close()
         groups = collector.groups() if collector else {n: [n] for n in linears}
         originals: dict[str, torch.Tensor] = {}
@@ -305,7 +320,7 @@ def quantize_model(
                     block,
                     linears,
                     config.weight,
-                    lambda b, x: run_block(b, x, block_kwargs),
+                    lambda b, x: run_block(b, x, inputs),
                     hidden,
                     targets,
                     o.global_steps,
@@ -318,7 +333,7 @@ def quantize_model(
         quantized.extend(linears.values())
         if hidden is not None:
             with _Timer(report, "propagate", device):
-                hidden = run_block(block, hidden, block_kwargs)
+                hidden = run_block(block, hidden, inputs)
         block.to("cpu")
         del collector, targets, hessians
         if device.type == "cuda":

