@@ -154,12 +154,20 @@ class _HessianCollector:
             self._last = (name, *key)
             if self.owner[name] != name:
                 return
-            xq = module.quantize_input(x).reshape(-1, x.shape[-1]).float()
+            xq = module.quantize_input(x).reshape(-1, x.shape[-1])
             check_finite(xq, f"{module.name} input")
+            # fp16/bf16 values are exact in TF32 (10-bit mantissa), so tensor cores lose nothing here
+            exact_in_tf32 = xq.is_cuda and xq.dtype in (torch.float16, torch.bfloat16)
+            xq = xq.float()
             if name not in self.sums:
                 self.sums[name] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
                 self.tokens[name] = 0
-            self.sums[name].addmm_(xq.t(), xq)
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = exact_in_tf32
+            try:
+                self.sums[name].addmm_(xq.t(), xq)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
             self.tokens[name] += xq.shape[0]
 
         return hook

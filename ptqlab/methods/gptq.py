@@ -53,11 +53,43 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, name: str = "laye
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
-                return U, damp
+                return U.contiguous(), damp
         new_damp = max(damp * 10, 1e-8 * max(mean_diag, 1.0))
         warnings.warn(f"{name}: Hessian not positive definite with damp={damp:.3g}; retrying with {new_damp:.3g}")
         damp = new_damp
     raise QuantizationError(f"{name}: Hessian could not be made positive definite (last damp {damp:.3g})")
+
+
+def _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group, spec, static, loss) -> torch.Tensor:
+    """Columns ``i1:i2`` one at a time (the reference path); returns the scaled errors."""
+    g = spec.group_size
+    W1 = W[:, i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = i1 + i
+        if not static and col % g == 0:
+            s, z = scale_and_zero(W1[:, i : i + g], spec)
+            scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
+        gi = col_group[col]
+        s, z = scales[:, gi], zeros[:, gi]
+        w = W1[:, i]
+        q = (quantize_codes(w, s, z, spec.maxq) - z) * s
+        d = Hinv1[i, i]
+        Q[:, col] = q
+        err = (w - q) / d
+        loss += (w - q) ** 2 / d**2 / 2
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
+
+
+def _triton_block():
+    try:
+        from ..kernels.gptq_triton import gptq_block
+    except ImportError:  # no triton (CPU-only installs)
+        return None
+    return gptq_block
 
 
 @torch.no_grad()
@@ -69,12 +101,15 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     name: str = "layer",
+    use_triton: bool | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize ``weight`` [out, in] given the input Hessian ``H`` [in, in].
 
     Groups (``spec.group_size > 0``) always cover contiguous *original*
     columns; with ``act_order`` their scales are fixed from the weight before
     any update ("static groups"), so the result can be stored group-wise.
+    ``use_triton`` (default: when on CUDA and Triton is installed) runs each
+    block of columns as one fused kernel; the torch loop below is the reference.
     """
     if not spec.enabled:
         raise QuantizationError(f"{name}: GPTQ needs a weight spec of 2..8 bits")
@@ -103,7 +138,7 @@ def gptq_quantize(
         scales[:, :1], zeros[:, :1] = _group_params(W, spec)
     elif act_order:
         s, z = scale_and_zero(W.reshape(rows, n_groups, g), spec)
-        scales, zeros = s[..., 0], z[..., 0]
+        scales, zeros = s[..., 0].contiguous(), z[..., 0].contiguous()
 
     perm = None
     if act_order:
@@ -115,32 +150,22 @@ def gptq_quantize(
     del H
     # Blocks are a multiple of the group size, so a group never straddles a lazy update.
     if grouped and not act_order:
-        blocksize = max(g, (blocksize // g) * g)
+        blocksize = blocksize
 
+    kernel = _triton_block() if use_triton or (use_triton is None and W.is_cuda) else None
+    if use_triton and kernel is None:
+        raise QuantizationError(f"{name}: the Triton GPTQ kernel needs the triton package")
     Q = torch.zeros_like(W)
     loss = torch.zeros(rows, device=W.device)
+    col_group_list = col_group.tolist()  # one transfer, not one device sync per column
+    col_group_i32 = col_group.to(torch.int32)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if grouped and not static and col % g == 0:
-                s, z = scale_and_zero(W1[:, i : i + g], spec)
-                scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
-            gi = int(col_group[col])
-            s, z = scales[:, gi], zeros[:, gi]
-            w = W1[:, i]
-            q = (quantize_codes(w, s, z, spec.maxq) - z) * s
-            d = Hinv1[i, i]
-            Q1[:, i] = q
-            err = (w - q) / d
-            loss += (w - q) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
+        if kernel is not None:
+            Err1 = kernel(W, Q, Hinv, i1, i2, scales, zeros, None if not static else col_group_i32,
+                          g, spec.symmetric, spec.maxq, loss)
+        else:
+            Err1 = _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group_list, spec, static, loss)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:

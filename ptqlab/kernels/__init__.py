@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Everything here has a plain-torch reference path elsewhere in ptqlab."""
