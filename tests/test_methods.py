@@ -1,0 +1,595 @@
+"""Tests of the weight quantization algorithms (RTN, GPTQ, LoRC, ZQ-Local, ZQ-Global).
+
+GPTQ is checked against a slow textbook implementation written here in float64
+(explicit inverse Hessian, one column at a time, OBQ downdate of the inverse),
+which shares nothing with the library's Cholesky / lazy-batch formulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
+from ptqlab.methods.zeroquant import local_objective, ste_quantize
+from ptqlab.models import QuantLinear
+from ptqlab.quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, fake_quantize, scale_and_zero
+
+TIE_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------
+# helpers: data, reference quantizer, textbook GPTQ
+# --------------------------------------------------------------------------------------
+
+
+def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    """X = Z A with a random mixing matrix and uneven column scales (so diag(H) varies)."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=gen) / d**0.5
+    A = A * torch.exp(0.7 * torch.randn(d, generator=gen))
+    return torch.randn(n, d, generator=gen) @ A
+
+
+def hessian(X: torch.Tensor) -> torch.Tensor:
+    return 2 * X.T @ X / X.shape[0]
+
+
+def layer(out: int, inn: int, seed: int, n_mult: int = 4):
+    gen = torch.Generator().manual_seed(seed + 1000)
+    W = torch.randn(out, inn, generator=gen)
+    X = correlated_inputs(n_mult * inn, inn, seed)
+    return W, X, hessian(X)
+
+
+def output_error(X: torch.Tensor, W: torch.Tensor, Q: torch.Tensor) -> float:
+    X, D = X.double(), (W.double() - Q.double())
+    return float(((X @ D.T) ** 2).sum())
+
+
+def ref_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 scale/zero of each row of w (one group per row)."""
+    maxq = 2**bits - 1
+    lo = w.amin(-1).clamp(max=0)
+    hi = w.amax(-1).clamp(min=0)
+    if symmetric:
+        s = 2 * torch.maximum(-lo, hi) / maxq
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.full_like(s, 2.0 ** (bits - 1))
+    else:
+        s = (hi - lo) / maxq
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.round(-lo / s)
+    return s, z
+
+
+def textbook_gptq(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    follow: torch.Tensor | None = None,
+):
+    """Slow float64 GPTQ/OBQ: explicit inverse, one column at a time.
+
+    ``follow``: where ``w_j / scale`` is within float noise of a rounding tie,
+    take the rounding direction of ``follow`` (the library's result) if it is
+    one of the two candidates, so that one tie resolved differently in float32
+    does not cascade through the rest of the row.  Returns (Q, scales, zeros,
+    number of ties followed).
+    """
+    maxq = 2**bits - 1
+    W = weight.double().clone()
+    H = H.double().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    idx = dead.nonzero().flatten()
+    H[idx, idx] = 1.0
+    W[:, dead] = 0.0
+    g = group_size
+    n_groups = cols // g if g > 0 else 1
+    S = torch.zeros(rows, n_groups, dtype=torch.float64)
+    Z = torch.zeros_like(S)
+    if g == PER_ROW:
+        S[:, 0], Z[:, 0] = ref_params(W, bits, symmetric)
+    elif g == PER_TENSOR:
+        s, z = ref_params(W.reshape(1, -1), bits, symmetric)
+        S[:, 0], Z[:, 0] = s, z
+    elif act_order:  # static groups: from the original contiguous columns
+        for k in range(n_groups):
+            S[:, k], Z[:, k] = ref_params(W[:, k * g : (k + 1) * g], bits, symmetric)
+    order = torch.argsort(torch.diag(H), descending=True).tolist() if act_order else list(range(cols))
+    damp = percdamp * torch.diag(H).mean()
+    Hinv = torch.linalg.inv(H + damp * torch.eye(cols, dtype=torch.float64))
+    Q = torch.zeros_like(W)
+    followed = 0
+    for pos, j in enumerate(order):
+        if g > 0 and not act_order and j % g == 0:
+            S[:, j // g], Z[:, j // g] = ref_params(W[:, j : j + g], bits, symmetric)
+        k = j // g if g > 0 else 0
+        s, z = S[:, k], Z[:, k]
+        t = W[:, j] / s
+        code = torch.clamp(torch.round(t) + z, 0, maxq)
+        if follow is not None:
+            lib = torch.round(follow[:, j].double() / s + z)
+            lo, hi = torch.clamp(torch.floor(t) + z, 0, maxq), torch.clamp(torch.ceil(t) + z, 0, maxq)
+            tie = ((t - torch.floor(t)) - 0.5).abs() < TIE_TOL
+            take = tie & (lib != code) & ((lib == lo) | (lib == hi))
+            followed += int(take.sum())
+            code = torch.where(take, lib, code)
+        q = (code - z) * s
+        Q[:, j] = q
+        h = Hinv[j, j]
+        err = (W[:, j] - q) / h
+        rest = order[pos + 1 :]
+        W[:, rest] -= torch.outer(err, Hinv[j, rest])
+        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / h  # OBQ: eliminate column j
+    return Q, S, Z, followed
+
+
+def per_column(p: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
+    return p.repeat_interleave(group_size, 1) if group_size > 0 else p.expand(-1, cols)
+
+
+def grid_ok(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, tol: float = 1e-3) -> bool:
+    """Every Q / scale + zero is an integer in [0, maxq] (scale, zero broadcast per column)."""
+    c = Q.double() / scale.double() + zero.double()
+    return bool(((c - c.round()).abs() < tol).all()) and bool(((c.round() >= 0) & (c.round() <= maxq)).all())
+
+
+def on_own_grid(Q: torch.Tensor, spec: QuantSpec, tol: float = 1e-4) -> bool:
+    """Q lies on *some* grid of the spec with per-row/group scales.
+
+    Asymmetric: re-quantizing reproduces Q.  Symmetric: the grid is
+    {k * s, k in [-2**(b-1), 2**(b-1) - 1]} where the largest |Q| of the group is
+    2**(b-1) * s or (2**(b-1) - 1) * s (the grid's ends), so one of those two
+    scales must make every element an integer multiple.
+    """
+    if not spec.symmetric:
+        return torch.allclose(fake_quantize(Q, spec), Q, rtol=1e-6, atol=1e-7)
+    g = Q.shape[-1] if spec.group_size == PER_ROW else spec.group_size
+    half = 2 ** (spec.bits - 1)
+    groups = Q.double().reshape(-1, g)
+    m = groups.abs().amax(1, keepdim=True)
+    ok = m[:, 0] == 0
+    for n_steps, lo, hi in ((half, -half, half - 1), (half - 1, -half, half - 1)):
+        s = torch.where(m > 0, m / n_steps, torch.ones_like(m))
+        k = groups / s
+        good = ((k - k.round()).abs() < tol).all(1) & (k.round() >= lo).all(1) & (k.round() <= hi).all(1)
+        ok |= good
+    return bool(ok.all())
+
+
+# --------------------------------------------------------------------------------------
+# RTN
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, 16), QuantSpec(3, False, PER_ROW), QuantSpec(8, True, PER_TENSOR)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rtn_equals_fake_quantize(spec, dtype):
+    W = torch.randn(12, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    Q = rtn_quantize(W, spec, "fc")
+    assert Q.dtype == dtype and Q.shape == W.shape
+    assert torch.equal(Q, fake_quantize(W.float(), spec).to(dtype))
+    assert not torch.equal(Q, W)
+    with pytest.raises(QuantizationError, match="my.layer: group size 5"):
+        rtn_quantize(W, QuantSpec(4, True, 5), "my.layer")
+
+
+# --------------------------------------------------------------------------------------
+# GPTQ vs the textbook
+# --------------------------------------------------------------------------------------
+
+GPTQ_CASES = [
+    # (out, in, group, blocksize, act_order)
+    (16, 32, PER_ROW, 128, False),
+    (16, 32, PER_ROW, 7, False),  # blocks that are not a multiple of anything
+    (16, 32, PER_TENSOR, 16, False),
+    (16, 32, 16, 16, False),
+    (24, 64, 16, 16, False),
+    (24, 64, 16, 32, False),
+    (24, 64, 16, 128, False),
+    (24, 64, 16, 24, False),  # rounded down to a multiple of the group
+    (24, 64, 16, 8, False),  # raised to one group
+    (24, 64, PER_ROW, 32, True),
+    (24, 64, 16, 16, True),
+    (24, 64, 16, 128, True),
+]
+
+
+@pytest.mark.parametrize("out,inn,g,bs,act_order", GPTQ_CASES)
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gptq_matches_textbook(out, inn, g, bs, act_order, bits, symmetric):
+    W, X, H = layer(out, inn, seed=out + inn + bits)
+    spec = QuantSpec(bits, symmetric, g)
+    res = gptq_quantize(W, H, spec, blocksize=bs, percdamp=0.01, act_order=act_order, name="fc")
+    assert isinstance(res, GPTQResult)
+    Q = res.weight
+    assert Q.shape == W.shape and Q.dtype == W.dtype and bool(torch.isfinite(Q).all())
+
+    ref, S, Z, followed = textbook_gptq(W, H, bits, symmetric, g, 0.01, act_order, follow=Q)
+    step = per_column(S, inn, g)
+    steps_off = (Q.double() - ref).abs() / step
+    same = steps_off < 1e-4
+    # Only float32-vs-float64 rounding ties may resolve differently (they are followed above).
+    assert followed <= 0.02 * Q.numel()
+    assert same.float().mean() >= 0.99, f"only {same.float().mean():.4f} of entries equal the textbook"
+    assert float(steps_off.max()) <= 1 + 1e-3
+
+    # Scales / zeros reported are those of the textbook, and Q is on that grid.
+    n_groups = inn // g if g > 0 else 1
+    assert res.scale.shape == (out, n_groups) and res.zero.shape == (out, n_groups)
+    torch.testing.assert_close(res.scale.double(), S, rtol=1e-4, atol=0)
+    assert torch.equal(res.zero.double(), Z)
+    assert grid_ok(Q, per_column(res.scale, inn, g), per_column(res.zero, inn, g), spec.maxq)
+    assert res.damp == pytest.approx(0.01 * float(torch.diag(H).mean()), rel=1e-5)
+
+    # The loss estimate is the reference code's sum (w - q)^2 / (2 [H^-1]_jj) and is positive.
+    assert res.loss > 0
+
+
+def test_gptq_textbook_without_tie_following():
+    # Asymmetric grids have no built-in rounding ties: the plain textbook agrees entry for entry.
+    for g, act_order in ((PER_ROW, False), (16, False), (16, True)):
+        W, X, H = layer(24, 64, seed=5)
+        res = gptq_quantize(W, H, QuantSpec(4, False, g), blocksize=32, act_order=act_order)
+        ref, S, _, _ = textbook_gptq(W, H, 4, False, g, act_order=act_order)
+        steps_off = (res.weight.double() - ref).abs() / per_column(S, 64, g)
+        assert float((steps_off < 1e-4).float().mean()) >= 0.99
+        assert float(steps_off.max()) <= 1 + 1e-3
+
+
+def test_gptq_blocksize_does_not_change_result():
+    W, X, H = layer(16, 64, seed=9)
+    for spec in (QuantSpec(3, False, PER_ROW), QuantSpec(4, False, 16)):
+        base = gptq_quantize(W, H, spec, blocksize=128).weight
+        for bs in (1, 16, 48, 64):
+            other = gptq_quantize(W, H, spec, blocksize=bs).weight
+            assert float((other - base).abs().max()) <= 1e-4 * float(base.abs().max())
+
+
+# --------------------------------------------------------------------------------------
+# GPTQ behaviour
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("g", [PER_ROW, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_rtn(bits, g, symmetric):
+    W, X, H = layer(32, 64, seed=bits * 10 + g)
+    spec = QuantSpec(bits, symmetric, g)
+    rtn = output_error(X, W, rtn_quantize(W, spec))
+    gptq = output_error(X, W, gptq_quantize(W, H, spec).weight)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_act_order_static_groups(bits, symmetric):
+    g = 16
+    W, X, H = layer(32, 64, seed=3 + bits)
+    assert not torch.equal(torch.argsort(torch.diag(H), descending=True), torch.arange(64))
+    spec = QuantSpec(bits, symmetric, g)
+    res = gptq_quantize(W, H, spec, act_order=True)
+    Q = res.weight
+    # every column lies on the grid of its ORIGINAL contiguous group (col // g)
+    for col in range(64):
+        gi = col // g
+        c = Q[:, col].double() / res.scale[:, gi].double() + res.zero[:, gi].double()
+        assert bool(((c - c.round()).abs() < 1e-3).all()), f"column {col} is off its group's grid"
+        assert bool(((c.round() >= 0) & (c.round() <= spec.maxq)).all())
+    # static groups: the scales are those of the original weight's groups
+    s, z = scale_and_zero(W.reshape(32, 64 // g, g), spec)
+    torch.testing.assert_close(res.scale, s[..., 0], rtol=1e-6, atol=0)
+    assert torch.equal(res.zero, z[..., 0])
+    rtn = output_error(X, W, rtn_quantize(W, spec))
+    assert output_error(X, W, Q) < 0.8 * rtn
+
+
+@pytest.mark.parametrize(
+    "g,act_order", [(PER_ROW, False), (16, False), (16, True), (PER_ROW, True), (PER_TENSOR, False)]
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_dead_inputs(g, act_order, symmetric):
+    W, X, _ = layer(16, 32, seed=4)
+    dead = [0, 5, 17, 31]
+    X[:, dead] = 0
+    H = hessian(X)
+    assert bool((torch.diag(H)[dead] == 0).all())
+    res = gptq_quantize(W, H, QuantSpec(3, symmetric, g), act_order=act_order)
+    assert bool(torch.isfinite(res.weight).all())
+    assert bool((res.weight[:, dead] == 0).all())
+    assert bool(torch.isfinite(res.scale).all()) and bool(torch.isfinite(res.zero).all())
+    assert res.loss == res.loss  # not NaN
+    alive = [c for c in range(32) if c not in dead]
+    # the live part still matches the textbook (dead columns contribute nothing)
+    if not act_order:
+        ref, S, _, _ = textbook_gptq(W, H, 3, symmetric, g, follow=res.weight)
+        steps = (res.weight.double() - ref).abs() / per_column(S, 32, g)
+        assert float((steps[:, alive] < 1e-4).float().mean()) >= 0.99
+    # the caller's tensors are untouched
+    assert bool((torch.diag(H)[dead] == 0).all()) and not bool((W[:, dead] == 0).all())
+
+
+def test_gptq_not_positive_definite_hessian_warns_and_recovers():
+    d = 16
+    _, X, H = layer(8, d, seed=6)
+    W = torch.randn(8, d, generator=torch.Generator().manual_seed(1))
+    # Inputs 0 and 1 are the same feature: H is singular, and its first 2x2 block
+    # [[1, 1], [1, 1]] makes the second Cholesky pivot exactly zero.
+    H = H.clone()
+    H[:2, :] = 0
+    H[:, :2] = 0
+    H[:2, :2] = 1.0
+    with pytest.warns(UserWarning, match=r"fc\.bad: Hessian not positive definite"):
+        res = gptq_quantize(W, H, QuantSpec(4, True, PER_ROW), percdamp=0.0, name="fc.bad")
+    assert bool(torch.isfinite(res.weight).all())
+    assert res.damp > 0
+    assert grid_ok(res.weight, res.scale.expand(-1, d), res.zero.expand(-1, d), 15)
+
+
+def test_gptq_rank_deficient_hessian_is_finite():
+    # Fewer samples than inputs, no dampening: H = 2 X^T X / n has rank 6 < 32.
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(6, 32, generator=gen)
+    W = torch.randn(8, 32, generator=gen)
+    H = hessian(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = gptq_quantize(W, H, QuantSpec(4, False, 16), percdamp=0.0)
+    assert bool(torch.isfinite(res.weight).all())
+    assert grid_ok(res.weight, per_column(res.scale, 32, 16), per_column(res.zero, 32, 16), 15)
+
+
+def test_gptq_indefinite_hessian_raises():
+    H = torch.eye(8)
+    H[0, 1] = H[1, 0] = 3.0  # eigenvalue -2: no small dampening fixes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(QuantizationError, match="fc: Hessian could not be made positive definite"):
+            gptq_quantize(torch.randn(4, 8), H, QuantSpec(4), percdamp=0.0, name="fc")
+
+
+def test_gptq_input_errors():
+    W, X, H = layer(8, 32, seed=7)
+    with pytest.raises(QuantizationError, match="fc: GPTQ needs"):
+        gptq_quantize(W, H, QuantSpec(16), name="fc")
+    with pytest.raises(QuantizationError, match=r"fc: Hessian shape \(16, 16\) does not match 32"):
+        gptq_quantize(W, H[:16, :16], QuantSpec(4), name="fc")
+    with pytest.raises(QuantizationError, match="fc: group size 12 does not divide the input dimension 32"):
+        gptq_quantize(W, H, QuantSpec(4, True, 12), name="fc")
+    Wn = W.clone()
+    Wn[1, 2] = float("nan")
+    with pytest.raises(QuantizationError, match=r"fc weight: .*\(nan\)"):
+        gptq_quantize(Wn, H, QuantSpec(4), name="fc")
+    Hn = H.clone()
+    Hn[3, 3] = float("inf")
+    with pytest.raises(QuantizationError, match=r"fc Hessian: .*\(inf\)"):
+        gptq_quantize(W, Hn, QuantSpec(4), name="fc")
+
+
+def test_gptq_does_not_modify_inputs_and_keeps_dtype():
+    W, X, H = layer(8, 32, seed=8)
+    W0, H0 = W.clone(), H.clone()
+    res = gptq_quantize(W.to(torch.float16), H, QuantSpec(4, True, 16))
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    assert res.weight.dtype == torch.float16
+    res32 = gptq_quantize(W.to(torch.float16).float(), H, QuantSpec(4, True, 16))
+    assert torch.equal(res.weight, res32.weight.to(torch.float16))
+
+
+# --------------------------------------------------------------------------------------
+# LoRC
+# --------------------------------------------------------------------------------------
+
+
+def discarded_bound(E: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(E.double())
+    return float(s[rank:].pow(2).sum().sqrt())
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (16, 16)])
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_lorc_full_precision_factors_reach_eckart_young(shape, rank):
+    gen = torch.Generator().manual_seed(rank)
+    E = torch.randn(*shape, generator=gen) * 0.01
+    u, v = lorc_factors(E, rank, QuantSpec(bits=16))
+    assert u.shape == (shape[0], rank) and v.shape == (rank, shape[1])
+    resid = float((E.double() - u.double() @ v.double()).norm())
+    bound = discarded_bound(E, rank)
+    assert resid == pytest.approx(bound, rel=1e-5)
+    # the two factors share sqrt(sigma): their column/row norms are equal
+    torch.testing.assert_close(u.norm(dim=0), v.norm(dim=1), rtol=1e-4, atol=0)
+
+
+def test_lorc_full_rank_recovers_error():
+    E = torch.randn(10, 12, generator=torch.Generator().manual_seed(0))
+    u, v = lorc_factors(E, 10, QuantSpec(bits=16))
+    torch.testing.assert_close(u @ v, E, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_lorc_eight_bit_factors_near_bound(rank):
+    # A realistic error: W - RTN(W) of a random layer.
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    E = W - rtn_quantize(W, QuantSpec(3, True, PER_ROW))
+    bound = discarded_bound(E, rank)
+    u, v = lorc_factors(E, rank, QuantSpec(8, True, PER_ROW))
+    resid = float((E.double() - u.double() @ v.double()).norm())
+    assert bound <= resid <= 1.02 * bound
+    assert resid < float(E.norm())
+    # the factors are on their own 8-bit grids
+    assert on_own_grid(u, QuantSpec(8, True, PER_ROW)) and on_own_grid(v, QuantSpec(8, True, PER_ROW))
+    # coarser factors are worse but still help
+    u2, v2 = lorc_factors(E, rank, QuantSpec(3, True, PER_ROW))
+    resid2 = float((E.double() - u2.double() @ v2.double()).norm())
+    assert resid < resid2
+
+
+def test_lorc_rank_errors():
+    E = torch.randn(6, 10)
+    with pytest.raises(QuantizationError, match=r"fc2: LoRC rank 7 exceeds min\(out, in\) = 6"):
+        lorc_factors(E, 7, name="fc2")
+    with pytest.raises(QuantizationError, match="fc2: LoRC rank must be at least 1, got 0"):
+        lorc_factors(E, 0, name="fc2")
+    u, v = lorc_factors(E, 6)
+    assert u.shape == (6, 6) and v.shape == (6, 10)
+
+
+@pytest.mark.parametrize("rank", [2, 6])
+def test_lorc_activation_aware_beats_plain(rank):
+    W, X, H = layer(32, 48, seed=11)
+    E = W - rtn_quantize(W, QuantSpec(3, True, PER_ROW))
+
+    def out_err(u, v):
+        D = E.double() - u.double() @ v.double()
+        return float(torch.trace(D @ H.double() @ D.T))
+
+    plain = out_err(*lorc_factors(E, rank, QuantSpec(16)))
+    aware = out_err(*lorc_factors(E, rank, QuantSpec(16), hessian=H))
+    assert aware < 0.95 * plain
+    aware8 = out_err(*lorc_factors(E, rank, QuantSpec(8), hessian=H))
+    assert aware8 < plain
+    # With no dampening the aware factors are optimal: the error is the discarded
+    # energy of the SVD of E L, with H = L L^T.
+    L = torch.linalg.cholesky(H.double())
+    opt = float(torch.linalg.svdvals(E.double() @ L)[rank:].pow(2).sum())
+    exact = out_err(*lorc_factors(E, rank, QuantSpec(16), hessian=H, percdamp=0.0))
+    assert exact == pytest.approx(opt, rel=1e-4)
+    assert exact <= aware * (1 + 1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# ZeroQuant-Local
+# --------------------------------------------------------------------------------------
+
+
+def test_ste_quantize_forward_and_gradient():
+    w = torch.randn(4, 8, requires_grad=True)
+    spec = QuantSpec(3, True, PER_ROW)
+    q = ste_quantize(w, spec)
+    torch.testing.assert_close(q.detach(), fake_quantize(w.detach(), spec), rtol=0, atol=1e-6)
+    g = torch.randn(4, 8)
+    q.backward(g)
+    assert torch.equal(w.grad, g)
+
+
+def test_local_objective_is_output_error():
+    W, X, H = layer(8, 16, seed=12)
+    Q = rtn_quantize(W, QuantSpec(3))
+    expected = output_error(X, W, Q) / X.shape[0]
+    assert float(local_objective(W, Q, H)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, True, PER_ROW), QuantSpec(3, False, 16), QuantSpec(4, True, 16)])
+def test_zq_local_improves_on_rtn_and_stays_on_grid(spec):
+    W, X, H = layer(16, 32, seed=13)
+    Q, history = zq_local_quantize(W, H, spec, steps=80, lr=1e-3)
+    assert len(history) == 81
+    rtn = rtn_quantize(W, spec)
+    rtn_obj = output_error(X, W, rtn) / X.shape[0]
+    assert history[0] == pytest.approx(rtn_obj, rel=1e-4)  # starts at RTN
+    assert min(history) < history[0]
+    assert history[-1] < history[0]
+    # the returned weight is the best iterate, and better than RTN
+    obj = output_error(X, W, Q) / X.shape[0]
+    assert obj == pytest.approx(min(history), rel=1e-4)
+    assert obj < 0.95 * rtn_obj
+    assert Q.shape == W.shape and Q.dtype == W.dtype
+    assert on_own_grid(Q, spec)
+    assert not torch.equal(Q, rtn)
+
+
+def test_zq_local_keeps_dtype_and_zero_steps_is_rtn():
+    W, X, H = layer(8, 16, seed=14)
+    spec = QuantSpec(4, False, PER_ROW)
+    Q, history = zq_local_quantize(W, H, spec, steps=0)
+    assert len(history) == 1
+    torch.testing.assert_close(Q, rtn_quantize(W, spec), rtol=0, atol=1e-6)
+    Qh, _ = zq_local_quantize(W.half(), H, spec, steps=3)
+    assert Qh.dtype == torch.float16
+
+
+# --------------------------------------------------------------------------------------
+# ZeroQuant-Global
+# --------------------------------------------------------------------------------------
+
+
+def make_block(hidden: int = 16, ffn: int = 32, seed: int = 0) -> nn.Sequential:
+    gen = torch.Generator().manual_seed(seed)
+    w1, b1 = torch.randn(ffn, hidden, generator=gen) / hidden**0.5, 0.1 * torch.randn(ffn, generator=gen)
+    w2, b2 = torch.randn(hidden, ffn, generator=gen) / ffn**0.5, 0.1 * torch.randn(hidden, generator=gen)
+    return nn.Sequential(QuantLinear(w1, b1, "fc1"), nn.ReLU(), QuantLinear(w2, b2, "fc2"))
+
+
+def run_block(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return b(x)
+
+
+def block_mse(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(block(inputs), targets))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, True, PER_ROW), QuantSpec(3, False, 8)])
+def test_zq_global_beats_rtn(spec):
+    fp = make_block()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(16, 8, 16, generator=gen) @ (torch.randn(16, 16, generator=gen) / 4)
+    with torch.no_grad():
+        targets = fp(inputs)
+
+    rtn = copy.deepcopy(fp)
+    for m in (rtn[0], rtn[2]):
+        m.weight.data.copy_(rtn_quantize(m.weight.data, spec))
+    rtn_mse = block_mse(rtn, inputs, targets)
+
+    block = copy.deepcopy(fp)
+    linears = {"0": block[0], "2": block[2]}
+    history = zq_global_block(block, linears, spec, run_block, inputs, targets, steps=100, lr=1e-3, batch_size=4)
+    assert len(history) == 100 and all(h == h for h in history)
+    mse = block_mse(block, inputs, targets)
+    assert mse < 0.8 * rtn_mse, (mse, rtn_mse)
+
+    for name, m in linears.items():
+        assert isinstance(m, QuantLinear)
+        assert not parametrize.is_parametrized(m)
+        assert isinstance(m.weight, nn.Parameter) and not m.weight.requires_grad
+        assert m.weight.dtype == torch.float32
+        assert on_own_grid(m.weight.data, spec), f"{name} is off the grid"
+        assert not torch.equal(m.weight.data, rtn[int(name)].weight.data)
+    # the full-precision block it was copied from is untouched
+    assert torch.equal(fp[0].weight, make_block()[0].weight)
+
+
+def test_zq_global_restores_dtype():
+    fp = make_block(8, 16)
+    inputs = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        targets = fp(inputs)
+    block = copy.deepcopy(fp).to(torch.bfloat16)
+    spec = QuantSpec(4, False, PER_ROW)
+    history = zq_global_block(block, {"0": block[0], "2": block[2]}, spec, run_block, inputs, targets, steps=3)
+    assert len(history) == 3
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())
+    assert not parametrize.is_parametrized(block[0])
