@@ -150,7 +150,7 @@ def gptq_quantize(
     del H
     # Blocks are a multiple of the group size, so a group never straddles a lazy update.
     if grouped and not act_order:
-        blocksize = blocksize
+        blocksize = max(g, (blocksize // g) * g)
 
     kernel = _triton_block() if use_triton or (use_triton is None and W.is_cuda) else None
     if use_triton and kernel is None:
