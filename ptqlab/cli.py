@@ -31,7 +31,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     g.add_argument("--zq-steps", type=int, default=None, help="ZQ-Local/Global optimisation steps")
     g.add_argument("--zq-lr", type=float, default=None, help="ZQ learning rate, relative to the weight RMS")
-    g.add_argument("--zq-batch", type=int, default=4, help="ZQ-Global batch size (windows)")
+    g.add_argument("--zq-batch", type=int, default=8, help="ZQ-Global batch size (windows)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ class ZQOptions:
     local_lr: float = 1e-3  # relative to each weight's RMS
     global_steps: int = 100
     global_lr: float = 1e-3
-    global_batch_size: int = 4
+    global_batch_size: int = 8
 
 
 @dataclass(frozen=True)

@@ -567,8 +567,11 @@ def test_zq_global_beats_rtn(spec):
     block = copy.deepcopy(fp)
     linears = {"0": block[0], "2": block[2]}
     history = zq_global_block(block, linears, spec, run_block, inputs, targets, steps=100, lr=1e-3, batch_size=4)
-    assert len(history) == 100 and all(h == h for h in history)
+    # [RTN-start MSE, 100 training losses, final full-batch MSE]
+    assert len(history) == 102 and all(h == h for h in history)
+    assert history[0] == pytest.approx(rtn_mse, rel=1e-5)
     mse = block_mse(block, inputs, targets)
+    assert history[-1] == pytest.approx(mse, rel=1e-4)
     assert mse < 0.8 * rtn_mse, (mse, rtn_mse)
 
     for name, m in linears.items():
@@ -590,6 +593,6 @@ def test_zq_global_restores_dtype():
     block = copy.deepcopy(fp).to(torch.bfloat16)
     spec = QuantSpec(4, False, PER_ROW)
     history = zq_global_block(block, {"0": block[0], "2": block[2]}, spec, run_block, inputs, targets, steps=3)
-    assert len(history) == 3
+    assert len(history) == 3 + 2  # start MSE, 3 steps, final MSE
     assert all(p.dtype == torch.bfloat16 for p in block.parameters())
     assert not parametrize.is_parametrized(block[0])

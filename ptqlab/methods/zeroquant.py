@@ -55,20 +55,22 @@ def zq_local_quantize(
     scale = W.pow(2).mean().sqrt().clamp(min=1e-12)
     latent = W.clone().requires_grad_(True)
     opt = torch.optim.Adam([latent], lr=lr * float(scale))
-    history: list[float] = []
-    best, best_loss = fake_quantize(W, spec), float("inf")
+    losses = []
+    best = fake_quantize(W, spec)
+    best_loss = torch.tensor(float("inf"), device=W.device)
     with torch.enable_grad():  # callers (the pipeline) run under no_grad
         for _ in range(steps + 1):
             q = ste_quantize(latent, spec)
             loss = local_objective(W, q, H)
-            value = loss.item()
-            history.append(value)
-            if value < best_loss:  # keep the best iterate: Adam on a rounded objective is not monotone
-                best_loss, best = value, q.detach().clone()
+            losses.append(loss.detach())
+            # keep the best iterate (Adam on a rounded objective is not monotone), without a device sync
+            better = loss.detach() < best_loss
+            best = torch.where(better, q.detach(), best)
+            best_loss = torch.where(better, loss.detach(), best_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return best.to(weight.dtype), history
+    return best.to(weight.dtype), torch.stack(losses).tolist()
 
 
 class _STEWeight(nn.Module):
@@ -89,7 +91,7 @@ def zq_global_block(
     targets: torch.Tensor,
     steps: int = 100,
     lr: float = 1e-3,
-    batch_size: int = 4,
+    batch_size: int = 8,
     seed: int = 0,
 ) -> list[float]:
     """ZQ-Global (layer-wise distillation) of one block, in place.
@@ -98,7 +100,9 @@ def zq_global_block(
     ``targets`` are the full-precision block's outputs for ``inputs``.  Every
     weight in ``linears`` is learned through the quantizer and finally left
     quantized.  Training runs in float32 whatever the model dtype; the block
-    is returned in its original dtype.  Returns the training loss per step.
+    is returned in its original dtype.  If the learned weights end with a
+    higher full-batch MSE than the RTN start, the RTN start is kept.
+    Returns ``[start MSE, training loss per step..., final MSE]``.
     """
     dtype = next(block.parameters()).dtype
     block.float()
@@ -110,9 +114,20 @@ def zq_global_block(
     rms = torch.stack([p.detach().pow(2).mean() for p in params]).mean().sqrt().item()
     opt = torch.optim.Adam(params, lr=lr * rms)
     gen = torch.Generator().manual_seed(seed)
-    history: list[float] = []
     n = inputs.shape[0]
+
+    def full_mse() -> torch.Tensor:
+        return torch.stack([nn.functional.mse_loss(run_block(block, x.float()).float(), t.float())
+                            for x, t in zip(inputs.split(batch_size), targets.split(batch_size))]).mean()
+
+    losses = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
+        # TF32 for the distillation's matmuls: gradients need no more than its 10-bit mantissa
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.no_grad():
+            start_mse = full_mse()  # the RTN start: latent weights = W, so the forward is RTN
+            start = [p.detach().clone() for p in params]
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randperm(n, generator=gen)[: min(batch_size, n)].to(inputs.device)
@@ -121,10 +136,18 @@ def zq_global_block(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                history.append(loss.item())
+                losses.append(loss.detach())
+        with torch.no_grad():
+            end_mse = full_mse()
+            if end_mse > start_mse:  # distillation overshot: keep the RTN start
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
+                end_mse = start_mse
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         for module in linears.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             module.weight.requires_grad_(False)
         block.to(dtype)
+    history = [float(start_mse), *torch.stack(losses).tolist(), float(end_mse)] if losses else [float(start_mse)]
     return history
