@@ -50,6 +50,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="evaluate one block at a time on the device (default: only if the model does not fit)")
 
 
 def config_from_args(a: argparse.Namespace) -> QuantConfig:
@@ -111,7 +113,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         seqlen=a.seqlen, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed,
         max_eval_windows=a.max_eval_windows, dtype=a.dtype,
     )
-    session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress)
+    session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload)
     record = run(spec, session, progress=not a.no_progress)
     _append_jsonl(a.output, record)
     print_table([record])
@@ -125,7 +127,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .testbed import CALIBRATION_TEXT
 
     device = _default_device(a.device)
-    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress)
+    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload)
     w4 = QuantSpec(4, True, 128)
     a8 = QuantSpec(8, True, 0)
     configs = [

@@ -49,3 +49,58 @@ def perplexity(
             raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
         total_nll += nll.item()
     return math.exp(total_nll / n_windows)
+
+
+@torch.no_grad()
+def perplexity_offloaded(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    device: str | torch.device = "cpu",
+    max_windows: int | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+    batch_size: int = 8,
+) -> float:
+    """The same perplexity, for a model that does not fit on the device: one block at a time.
+
+    The hidden states of every window go through block 0, then block 1, ...
+    (as the GPTQ reference evaluates large models); only one block, and at the
+    end the final norm and LM head, are on the device at once.
+    """
+    from .models import get_adapter
+    from .pipeline import capture_block_inputs, run_block
+
+    device = torch.device(device)
+    adapter = get_adapter(model)
+    n_windows = tokens.numel() // seqlen
+    if n_windows == 0:
+        raise EvaluationError(f"{desc}: {tokens.numel()} tokens do not fill one window of {seqlen}")
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
+    hidden = inputs.hidden
+    for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
+        block.to(device)
+        hidden = run_block(block, hidden, inputs)
+        block.to("cpu")
+    tail = [*adapter.final_modules, adapter.lm_head]
+    for m in tail:
+        m.to(device)
+    total_nll = 0.0
+    try:
+        for h, window in zip(hidden, windows):
+            h = h.unsqueeze(0)
+            for m in adapter.final_modules:
+                h = m(h)
+            logits = adapter.lm_head(h).float()
+            ids = window.to(device)
+            nll = nn.functional.cross_entropy(logits[0, :-1], ids[1:], reduction="mean")
+            if not torch.isfinite(nll):
+                raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
+            total_nll += nll.item()
+    finally:
+        for m in tail:
+            m.to("cpu")
+    return math.exp(total_nll / n_windows)

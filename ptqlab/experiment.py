@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .config import QuantConfig, config_hash
 from .data import DataError, calibration_windows, eval_tokens, load_text
-from .evaluate import perplexity
+from .evaluate import perplexity, perplexity_offloaded
 from .models import get_adapter, load_model
 from .pipeline import quantize_model
 
@@ -72,12 +72,23 @@ def versions(device: str) -> dict:
             "python": platform.python_version(), "device": device_name(device)}
 
 
+def fits_on_device(model: torch.nn.Module, device: str, headroom: float = 0.7) -> bool:
+    """Whether the whole model fits in ``headroom`` of the device's free memory (always true on the CPU)."""
+    if not device.startswith("cuda"):
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size < headroom * free
+
+
 class ModelSession:
     """A loaded model and the data that runs on it share."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", data_dir: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, offload: bool | None = None) -> None:
+        """``offload``: evaluate block by block (None: only when the model does not fit on the device)."""
         self.name, self.device, self.data_dir, self.progress = model, device, data_dir, progress
+        self.offload = offload
         self.dtype = resolve_dtype(dtype, device)
         self.dtype_name = dtype
         if not progress:
@@ -149,11 +160,14 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     quant_time = time.perf_counter() - t0
     report.calibration = calib_source
 
-    model.to(session.device)
+    offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
+    evaluate = perplexity_offloaded if offload else perplexity
+    if not offload:
+        model.to(session.device)
     t0 = time.perf_counter()
     ppl = {}
     for name, (tokens, _) in eval_data.items():
-        ppl[name] = perplexity(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
+        ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
     eval_time = time.perf_counter() - t0
     del model
 

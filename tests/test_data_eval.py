@@ -107,3 +107,16 @@ def test_calibrating_on_the_eval_split_warns(tiny_models, data_dir):
         warnings.simplefilter("always")
         run(spec, data_dir=str(data_dir), progress=False)
     assert any("CALIBRATING ON THE EVALUATION SPLIT" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("arch", ["opt", "bloom", "llama", "gpt2"])
+def test_offloaded_perplexity_equals_in_memory(arch, tiny_models, data_dir):
+    from ptqlab import QuantConfig, QuantSpec, quantize_
+    from ptqlab.evaluate import perplexity_offloaded
+
+    model, tok = load_model(tiny_models[arch], torch.float32)
+    quantize_(model, QuantConfig("rtn", QuantSpec(4, True, 32), act=QuantSpec(8)))
+    tokens = eval_tokens(tok, load_text("ptb", "eval", data_dir), 48)[: 48 * 5]
+    want = perplexity(model, tokens, 48, progress=False)
+    got = perplexity_offloaded(model, tokens, 48, "cpu", progress=False, batch_size=2)
+    assert got == pytest.approx(want, rel=1e-4)
