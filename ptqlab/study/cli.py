@@ -3,7 +3,217 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+
+def _models(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    return list(dict.fromkeys(out)) or None
+
+
+def _worker_options(a: argparse.Namespace, db: str):
+    from .runner import WorkerOptions
+
+    return WorkerOptions(db=db, data_dir=a.data_dir, stale_after=a.stale_after, progress=a.progress)
+
+
+def _run_queue(a: argparse.Namespace, db: str) -> int:
+    from .runner import run_workers
+
+    if a.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {a.workers}")
+    return run_workers(_worker_options(a, db), a.workers, a.device)
+
+
+def _summary(store, keys: list[str]) -> tuple[dict, list[dict]]:
+    counts = store.counts(keys)
+    wanted = set(keys)
+    failed = [r for r in store.rows() if r["status"] == "failed" and r["run_hash"] in wanted]
+    return counts, failed
+
+
+def _print_summary(counts: dict, failed: list[dict], db: str) -> int:
+    print(f"study: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, "
+          f"{counts['running']} running (in {db})")
+    for r in failed:
+        first = (r["error"] or "").splitlines()[0] if r["error"] else "?"
+        print(f"  failed: {r['name']}: {first}")
+    if failed:
+        print("  (failed runs are not retried on resume; use --retry-failed)")
+    print(f"report: ptqlab report {db}")
+    return 1 if failed else 0
+
+
+def cmd_study(a: argparse.Namespace) -> int:
+    from .recipe import DEFAULT_MODELS, describe_plan, load_recipe, parse_assignments, parse_grid
+    from .store import Store
+
+    overrides = parse_assignments(" ".join(a.set), "--set", as_axes=False) if a.set else None
+    models = _models(a.model)
+    if a.recipe and a.grid:
+        raise ValueError("give a recipe file or --grid, not both")
+    if a.recipe:
+        plan = load_recipe(a.recipe, models, overrides)
+        db = a.db or f"{Path(a.recipe).stem}.db"
+    elif a.grid:
+        plan = parse_grid(a.grid, models or [DEFAULT_MODELS[0]], overrides)
+        db = a.db or "study.db"
+    else:
+        if not a.db:
+            raise ValueError("give a recipe, --grid, or --db STUDY.db to work on the runs already queued there")
+        if not Path(a.db).exists():
+            raise FileNotFoundError(f"study database {a.db} does not exist")
+        with Store(a.db) as store:
+            store.reclaim_dead()
+            counts = store.counts()
+        print(f"study {a.db}: working on the queue ({counts['pending']} pending, {counts['running']} running)")
+        rc = _run_queue(a, a.db)
+        with Store(a.db) as store:
+            return _print_summary(*_summary(store, [r["run_hash"] for r in store.rows()]), a.db) or rc
+
+    print(f"study '{plan.name}': {describe_plan(plan)}")
+    for line in plan.note_lines():
+        print(f"  note: {line}")
+    if a.dry_run:
+        for run in plan.runs:
+            print(f"  {run.key}  {run.name()}")
+        return 0
+    keys = [r.key for r in plan.runs]
+    with Store(db) as store:
+        changed = store.add_runs(plan.runs, force=a.force, retry_failed=a.retry_failed)
+        reclaimed = store.reclaim_dead()
+        counts = store.counts(keys)
+    print(f"store {db}: {changed['added']} new, {changed['reset']} reset"
+          + (f", {reclaimed} dead claims reclaimed" if reclaimed else "")
+          + f"; {counts['done']} already done, {counts['failed']} failed, "
+            f"{counts['pending'] + counts['running']} to run")
+    rc = _run_queue(a, db)
+    with Store(db) as store:
+        return _print_summary(*_summary(store, keys), db) or rc
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import load_results, parse_thresholds, report
+
+    if not Path(a.db).exists():
+        raise FileNotFoundError(f"study database {a.db} does not exist")
+    thresholds = parse_thresholds(a.thresholds)
+    text = report(a.db, a.format, a.per_dataset, thresholds, a.top)
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(text, encoding="utf-8")
+        print(f"report written to {a.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if a.plots:
+        from .plots import make_plots
+
+        paths = make_plots(load_results(a.db), a.plots)
+        print(f"{len(paths)} plot files written to {a.plots}" if paths else "no plots: no finished runs to plot",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    from .recipe import _check_value, parse_assignments  # noqa: PLC2701
+    from .report import build_sections, load_results, parse_thresholds, render_markdown
+    from .sensitivity import plan_sensitivity
+    from .store import Store
+
+    def bits_list(text: str, key: str) -> list[int]:
+        return parse_assignments(f"{key}={text}", f"--{key}", as_axes=True)[key]
+
+    precisions = [dict(wbits=w, wgroup=a.wgroup, wsym=a.wsym, abits=b, agroup=a.agroup, asym=a.asym)
+                  for w in bits_list(a.wbits, "wbits") for b in bits_list(a.abits, "abits") if (w, b) != (16, 16)]
+    if not precisions:
+        raise ValueError("sensitivity needs --wbits or --abits below 16")
+    eval_settings = {
+        "seqlen": _check_value("seqlen", a.seqlen, "--seqlen"),
+        "eval": _check_value("eval", a.eval, "--eval"),
+        "max_eval_windows": _check_value("max_eval_windows", a.max_eval_windows, "--max-eval-windows"),
+        "dtype": _check_value("dtype", a.dtype, "--dtype"),
+    }
+    runs = plan_sensitivity(a.model, a.granularity, precisions, eval_settings)
+    print(f"sensitivity of {a.model} per {a.granularity}: {len(runs) - 1} runs + the FP16 baseline")
+    with Store(a.db) as store:
+        changed = store.add_runs(runs, force=a.force, retry_failed=a.retry_failed)
+        store.reclaim_dead()
+        counts = store.counts([r.key for r in runs])
+    print(f"store {a.db}: {changed['added']} new; {counts['done']} already done, "
+          f"{counts['pending'] + counts['running']} to run")
+    rc = _run_queue(a, a.db)
+    keys = {r.key for r in runs}
+    results = [r for r in load_results(a.db) if r.row["run_hash"] in keys]
+    thresholds = parse_thresholds(a.thresholds)
+    sections = [s for s in build_sections(results, thresholds) if s.kind in ("model", "sensitivity")]
+    print(render_markdown(sections, f"Sensitivity of {a.model} ({a.granularity})"))
+    with Store(a.db) as store:
+        return _print_summary(*_summary(store, list(keys)), a.db) or rc
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--db", default=None, help="the study database (SQLite); created if missing")
+    g.add_argument("--force", action="store_true", help="recompute runs already done (default: resume, skip them)")
+    g.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; worker i uses cuda:i)")
+    g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
+    g.add_argument("--workers", type=int, default=1, help="local worker processes (one per GPU)")
+    g.add_argument("--stale-after", type=float, default=300.0,
+                   help="seconds without a heartbeat after which another worker takes a run over (default 300)")
+    g.add_argument("--progress", action="store_true", help="progress bars inside each run")
 
 
 def add_study_commands(sub: argparse._SubParsersAction) -> None:
     """Register the study commands on the ``ptqlab`` parser."""
+    from .report import FORMATS
+    from .sensitivity import GRANULARITIES
+
+    p = sub.add_parser(
+        "study", help="run a sweep (YAML recipe or --grid) into a study database; resumable, parallel",
+        description="Expand a recipe into runs, queue them in the study database and work through the queue. "
+                    "Re-running resumes; several processes or hosts can work on one database. Without a recipe "
+                    "or --grid, work on the runs already queued in --db.")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/ and ptqlab/study/README.md)")
+    p.add_argument("--grid", default=None, help='shorthand for one cross, e.g. "method=rtn,gptq wbits=3,4,8 wgroup=0,128"')
+    p.add_argument("--model", action="append", default=None,
+                   help="model(s) to sweep, replacing the recipe's (repeat or comma-separate; --grid default testbed-opt)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a run option for every run, overriding the recipe (e.g. --set seqlen=512)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and notes, run nothing")
+    _add_worker_args(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("report", help="tables, recommendations and plots from a study database")
+    p.add_argument("db", help="the study database")
+    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("--per-dataset", action="store_true", help="also per-dataset tables (CSV: per-dataset columns)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG and SVG plots to DIR")
+    p.add_argument("--thresholds", default="0.1,0.5", help="class bounds on delta PPL (default 0.1,0.5)")
+    p.add_argument("--top", type=int, default=5, help="recommendations per class (0: all)")
+    p.add_argument("--output", default=None, help="write the report to this file instead of stdout")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sensitivity", help="quantize one module type / block / layer at a time (RTN) and "
+                                           "measure the PPL change")
+    p.add_argument("--model", default="testbed-opt")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="module",
+                   help="module: one module type in every block; block: one block; layer: one linear of one block")
+    p.add_argument("--wbits", default="4", help="weight bits, comma-separated for several (16: not quantized)")
+    p.add_argument("--wgroup", type=int, default=0)
+    p.add_argument("--wsym", dest="wsym", action="store_true", default=True)
+    p.add_argument("--wasym", dest="wsym", action="store_false")
+    p.add_argument("--abits", default="16", help="activation bits, comma-separated for several (16: not quantized)")
+    p.add_argument("--agroup", type=int, default=0)
+    p.add_argument("--asym", dest="asym", action="store_true", default=True)
+    p.add_argument("--aasym", dest="asym", action="store_false")
+    p.add_argument("--eval", default="wikitext2,ptb")
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--max-eval-windows", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--thresholds", default="0.1,0.5")
+    _add_worker_args(p)
+    p.set_defaults(func=cmd_sensitivity, db="sensitivity.db")

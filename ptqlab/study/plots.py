@@ -1,0 +1,227 @@
+"""Plots of a study (matplotlib, Agg canvas; each figure as PNG and SVG).
+
+* ``<model>_ppl_vs_bits``: mean PPL against storage bits per weight, one
+  panel per activation precision, one colour per method, LoRC runs as
+  diamonds labelled with their rank, the Pareto front (no other run is both
+  smaller and better) as a dashed step line, FP16 as a dotted line;
+* ``<model>_ppl_vs_lorc_rank``: mean PPL against the LoRC rank for every
+  (method, precision) swept over ranks;
+* ``<model>_sensitivity_<granularity>``: heat map of the PPL degradation
+  when only one part is quantized (``ptqlab sensitivity``): blocks x module
+  types for ``layer``, precisions x targets for ``module`` and ``block``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .recipe import method_label, precision_label
+from .report import Result, context_label, precision_sort_key, row_labels
+
+_MARKERS = "osv^<>p*hX"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "svg"):
+        path = out_dir / f"{stem}.{ext}"
+        fig.savefig(path, format=ext, dpi=120)
+        paths.append(path)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "model"  # no hidden files
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated by another (fewer or equal bits and lower or equal PPL), by increasing bits."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _groups(results: list[Result]) -> dict[tuple, list[Result]]:
+    out: dict[tuple, list[Result]] = {}
+    for r in results:
+        out.setdefault((r.model, r.context), []).append(r)
+    return out
+
+
+def _model_slugs(models: list[str]) -> dict[str, str]:
+    """A file-name stem per model: the folder's or hub id's last part, made unique."""
+    out: dict[str, str] = {}
+    for model in models:
+        base = _slug(model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])
+        slug, n = base, 1
+        while slug in out.values():
+            n += 1
+            slug = f"{base}-{n}"
+        out[model] = slug
+    return out
+
+
+def _stem(slug: str, contexts_of_model: int, index: int, what: str) -> str:
+    return f"{slug}{f'_ctx{index}' if contexts_of_model > 1 else ''}_{what}"
+
+
+def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
+    quant = [r for r in group if r.kind == "quant" and r.done and r.bits_per_weight is not None]
+    base = next((r for r in quant if r.is_baseline), None)
+    runs = [r for r in quant if not r.is_baseline]
+    if not runs:
+        return []
+    abits_values = sorted({r.spec.get("abits", 16) for r in runs}, reverse=True)
+    fig = _figure(5.5 * len(abits_values), 4.2)
+    axes = fig.subplots(1, len(abits_values), squeeze=False)[0]
+    methods = list(dict.fromkeys(r.spec["method"] for r in runs))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, abits in zip(axes, abits_values):
+        panel = [r for r in runs if r.spec.get("abits", 16) == abits]
+        for m in methods:
+            pts = [r for r in panel if r.spec["method"] == m]
+            plain = [r for r in pts if not r.spec.get("lorc_rank")]
+            lorc = [r for r in pts if r.spec.get("lorc_rank")]
+            if plain:
+                ax.scatter([r.bits_per_weight for r in plain], [r.mean_ppl for r in plain], color=colours[m],
+                           marker="o", label=m, zorder=3)
+            if lorc:
+                ax.scatter([r.bits_per_weight for r in lorc], [r.mean_ppl for r in lorc], color=colours[m],
+                           marker="D", facecolors="none", label=f"{m} + LoRC", zorder=3)
+                for r in lorc:
+                    ax.annotate(f"r{r.spec['lorc_rank']}", (r.bits_per_weight, r.mean_ppl), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(r.bits_per_weight, r.mean_ppl) for r in panel])
+        if front:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color="k", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+        if base is not None:
+            ax.axhline(base.mean_ppl, color="grey", linestyle=":", label=f"FP16 {base.mean_ppl:.2f}")
+        ys = [r.mean_ppl for r in panel] + ([base.mean_ppl] if base else [])
+        if min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (scales, zero points, LoRC included)")
+        ax.set_ylabel("mean perplexity")
+        ax.set_title(f"A{abits}" if abits != 16 else "weight-only (A16)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{model}: PPL vs bits ({context_label(context)})", fontsize=10)
+    return _save(fig, out_dir, stem)
+
+
+def plot_ppl_vs_lorc_rank(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
+    quant = [r for r in group if r.kind == "quant" and r.done and not r.is_baseline]
+    labels = row_labels(quant)
+    series: dict[str, list[Result]] = {}
+    for r in quant:
+        s = dict(r.spec)
+        s["lorc_rank"] = 0
+        rest = labels[id(r)][len(method_label(r.spec)):]
+        series.setdefault(f"{method_label(s)}{rest} {precision_label(r.spec)}", []).append(r)
+    series = {k: v for k, v in series.items() if len({r.spec.get("lorc_rank", 0) for r in v}) > 1}
+    if not series:
+        return []
+    ranks = sorted({r.spec.get("lorc_rank", 0) for v in series.values() for r in v})
+    pos = {rank: i for i, rank in enumerate(ranks)}
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for i, (label, rs) in enumerate(sorted(series.items())):
+        rs = sorted(rs, key=lambda r: r.spec.get("lorc_rank", 0))
+        ax.plot([pos[r.spec.get("lorc_rank", 0)] for r in rs], [r.mean_ppl for r in rs],
+                marker=_MARKERS[i % len(_MARKERS)], label=label)
+    base = next((r for r in group if r.is_baseline and r.done), None)
+    if base is not None:
+        ax.axhline(base.mean_ppl, color="grey", linestyle=":", label=f"FP16 {base.mean_ppl:.2f}")
+    ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("LoRC rank")
+    ax.set_ylabel("mean perplexity")
+    ax.set_title(f"{model}: PPL vs LoRC rank ({context_label(context)})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, stem)
+
+
+def _heatmap(ax, matrix: list[list[float]], rows: list[str], cols: list[str], fig,
+             vmin: float | None = None, vmax: float | None = None) -> None:
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    im = ax.imshow(data, aspect="auto", cmap="magma_r", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    if data.size <= 300:
+        finite = data[np.isfinite(data)]
+        lo = vmin if vmin is not None else (finite.min() if finite.size else 0)
+        hi = vmax if vmax is not None else (finite.max() if finite.size else 0)
+        mid = (lo + hi) / 2
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                if math.isfinite(data[i, j]):
+                    ax.text(j, i, f"{data[i, j]:.2g}", ha="center", va="center", fontsize=6,
+                            color="white" if data[i, j] > mid else "black")
+    fig.colorbar(im, ax=ax, label="dPPL vs FP16")
+
+
+def plot_sensitivity(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    sens = [r for r in group if r.kind == "sensitivity" and r.delta() is not None]
+    for granularity in sorted({r.spec["granularity"] for r in sens}):
+        part = [r for r in sens if r.spec["granularity"] == granularity]
+        precisions = sorted({precision_label(r.spec): precision_sort_key(r.spec) for r in part}.items(),
+                            key=lambda kv: kv[1])
+        precisions = [p for p, _ in precisions]
+        if granularity == "layer":
+            blocks = sorted({int(r.spec["target"].split(":", 1)[0]) for r in part})
+            modules = list(dict.fromkeys(r.spec["target"].split(":", 1)[1] for r in part))
+            fig = _figure(max(4.5, 0.7 * len(modules) + 2.5) * len(precisions), max(3, 0.35 * len(blocks) + 2))
+            axes = fig.subplots(1, len(precisions), squeeze=False)[0]
+            deltas = [r.delta() for r in part]  # one colour scale for every panel
+            for ax, p in zip(axes, precisions):
+                cell = {r.spec["target"]: r.delta() for r in part if precision_label(r.spec) == p}
+                matrix = [[cell.get(f"{b}:{m}") for m in modules] for b in blocks]
+                _heatmap(ax, matrix, [f"block {b}" for b in blocks], modules, fig, min(deltas), max(deltas))
+                ax.set_title(p, fontsize=9)
+        else:
+            tgts = list(dict.fromkeys(r.spec["target"] for r in part))
+            cell = {(precision_label(r.spec), r.spec["target"]): r.delta() for r in part}
+            matrix = [[cell.get((p, t)) for t in tgts] for p in precisions]
+            fig = _figure(max(5, 0.6 * len(tgts) + 3), max(2.5, 0.4 * len(precisions) + 2))
+            ax = fig.subplots()
+            _heatmap(ax, matrix, precisions, [f"block {t}" if granularity == "block" else t for t in tgts], fig)
+        fig.suptitle(f"{model}: sensitivity per {granularity} (RTN on that part only; {context_label(context)})",
+                     fontsize=9)
+        paths += _save(fig, out_dir, f"{stem}_{granularity}")
+    return paths
+
+
+def make_plots(results: list[Result], out_dir: str | Path) -> list[Path]:
+    """Write every plot the results allow to ``out_dir``; returns the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    groups = _groups(results)
+    per_model: dict[str, int] = {}
+    for model, _ in groups:
+        per_model[model] = per_model.get(model, 0) + 1
+    slugs = _model_slugs(list(per_model))
+    seen: dict[str, int] = {}
+    for (model, context), group in groups.items():
+        index = seen[model] = seen.get(model, -1) + 1
+        stem = lambda what: _stem(slugs[model], per_model[model], index, what)  # noqa: E731
+        paths += plot_ppl_vs_bits(model, context, group, out_dir, stem("ppl_vs_bits"))
+        paths += plot_ppl_vs_lorc_rank(model, context, group, out_dir, stem("ppl_vs_lorc_rank"))
+        paths += plot_sensitivity(model, context, group, out_dir, stem("sensitivity"))
+    return paths

@@ -1,0 +1,662 @@
+"""Sweep definitions: YAML recipes and ``--grid`` shorthand, expanded into run dicts.
+
+A recipe::
+
+    name: methods                      # optional
+    description: ...                   # optional
+    models: [testbed-opt, testbed-bloom]
+    settings:                          # fixed values for every run (optional)
+      calib: testbed
+      eval: [wikitext2, ptb]
+    axes:                              # crossed; a list of such mappings = union of crosses
+      method: [rtn, gptq]
+      wbits: [8, 4, 3]
+      wgroup: [0, 128]
+    exclude:                           # a run matching every key of one rule is skipped
+      - {method: rtn, wbits: 3}
+      - {wbits: 8, wgroup: [128]}      # a list in a rule means "any of"
+
+Every planned run is a flat, *canonical* run dict (see :data:`DEFAULTS` for
+its keys).  Options that cannot affect a run's numbers are normalised away
+(no calibration keys for RTN, no group size for 16-bit weights, ...), so two
+spellings of the same experiment give the same dict.  The key of a run in
+the results store is ``config_hash(run_dict)`` (:func:`run_key`), computable
+before the run; the record's own ``config_hash`` (hash of ``record["config"]``)
+is stored next to it.
+
+Runs that make no sense are dropped or merged with a note, never an error:
+``fp16`` means W16A16 (its ``wbits`` is ignored, so it dedupes); weights left
+at 16 bits with quantized activations are activation-only RTN; GPTQ/ZQ with
+16-bit weights and LoRC without weight quantization are dropped.  The FP16
+baseline of every (model, evaluation setting) is added automatically.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import METHODS, GPTQOptions, QuantConfig, ZQOptions, config_hash
+from ..data import EVAL_DATASETS
+from ..quantizers import QuantizationError, QuantSpec
+
+DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
+CALIB_ALIASES = ("testbed",)  # "testbed": the calibration text shipped with the testbed models
+DTYPES = {"auto": "auto", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float32": "float32", "fp32": "float32"}
+
+# Every key a run dict can hold, with its default (the defaults of ``ptqlab run``).
+DEFAULTS: dict[str, object] = {
+    "method": "rtn",
+    "wbits": 16,
+    "wgroup": 0,
+    "wsym": True,
+    "abits": 16,
+    "agroup": 0,
+    "asym": True,
+    "lorc_rank": 0,
+    "lorc_bits": 8,
+    "lorc_aware": False,
+    "quantize_head": False,
+    "calib": "c4",
+    "nsamples": 128,
+    "calib_seqlen": None,
+    "seed": 0,
+    "seqlen": None,
+    "eval": ["wikitext2", "ptb"],
+    "max_eval_windows": None,
+    "dtype": "auto",
+    "blocksize": 128,
+    "percdamp": 0.01,
+    "act_order": False,
+    "zq_steps": None,
+    "zq_lr": None,
+    "zq_batch": 4,
+}
+# What identifies the evaluation a run is compared under (its baseline shares these).
+EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype")
+TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude")
+
+
+class RecipeError(ValueError):
+    """A malformed recipe or grid; the message names the key and, for YAML, the line."""
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bits(v: object) -> int:
+    if not _is_int(v) or not (2 <= v <= 8 or v == 16):
+        raise ValueError("must be an integer in 2..8, or 16 for full precision")
+    return v
+
+
+def _group(v: object) -> int:
+    if not _is_int(v) or v < -1:
+        raise ValueError("must be 0 (per row/token), -1 (per tensor) or a positive group size")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _int_min(lo: int, optional: bool = False):
+    def check(v: object):
+        if v is None and optional:
+            return None
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"must be an integer >= {lo}" + (" or null" if optional else ""))
+        return v
+
+    return check
+
+
+def _pos_float(optional: bool = False):
+    def check(v: object):
+        if v is None and optional:
+            return None
+        if isinstance(v, str):
+            try:
+                v = float(v)  # YAML 1.1 reads 1e-3 as text
+            except ValueError:
+                pass
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError("must be a positive number" + (" or null" if optional else ""))
+        return float(v)
+
+    return check
+
+
+def _method(v: object) -> str:
+    if v not in METHODS:
+        raise ValueError(f"must be one of {', '.join(METHODS)}")
+    return v
+
+
+def _eval(v: object) -> list[str]:
+    names = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"must be a dataset name, a comma-separated string or a list of {', '.join(EVAL_DATASETS)}")
+    bad = [x for x in names if x not in EVAL_DATASETS]
+    if bad:
+        raise ValueError(f"unknown dataset {bad[0]!r}; choose from {', '.join(EVAL_DATASETS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("lists a dataset twice")
+    return list(names)
+
+
+def _calib(v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a dataset name (wikitext2, ptb, c4), 'testbed' or a text file path")
+    if v not in EVAL_DATASETS and v not in CALIB_ALIASES and not Path(v).expanduser().is_file():
+        raise ValueError(f"{v!r} is neither a dataset (wikitext2, ptb, c4), 'testbed', nor an existing text file")
+    return v
+
+
+def _dtype(v: object) -> str:
+    if v not in DTYPES:
+        raise ValueError(f"must be one of {', '.join(DTYPES)}")
+    return DTYPES[v]
+
+
+VALIDATORS = {
+    "method": _method,
+    "wbits": _bits,
+    "abits": _bits,
+    "lorc_bits": _bits,
+    "wgroup": _group,
+    "agroup": _group,
+    "wsym": _bool,
+    "asym": _bool,
+    "lorc_aware": _bool,
+    "quantize_head": _bool,
+    "act_order": _bool,
+    "lorc_rank": _int_min(0),
+    "calib": _calib,
+    "nsamples": _int_min(1),
+    "calib_seqlen": _int_min(2, optional=True),
+    "seed": _int_min(0),
+    "seqlen": _int_min(2, optional=True),
+    "eval": _eval,
+    "max_eval_windows": _int_min(1, optional=True),
+    "dtype": _dtype,
+    "blocksize": _int_min(1),
+    "percdamp": _pos_float(),
+    "zq_steps": _int_min(1, optional=True),
+    "zq_lr": _pos_float(optional=True),
+    "zq_batch": _int_min(1),
+}
+assert set(VALIDATORS) == set(DEFAULTS)
+
+
+def _unknown_key_message(key: object, allowed) -> str:
+    hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + \
+        f"; allowed keys: {', '.join(allowed)}"
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _LDict(dict):
+    """A mapping that remembers the 1-based line of each key and value."""
+
+    line = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_lines: dict = {}
+        self.value_lines: dict = {}
+
+
+class _LList(list):
+    line = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode):
+    d = _LDict()
+    d.line = node.start_mark.line + 1
+    yield d
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise RecipeError(f"line {line}: a mapping key must be a plain name") from None
+        if key in d:
+            raise RecipeError(f"line {line}: key {key!r} given twice in one mapping")
+        d[key] = loader.construct_object(value_node, deep=True)
+        d.key_lines[key] = line
+        d.value_lines[key] = value_node.start_mark.line + 1
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode):
+    seq = _LList()
+    seq.line = node.start_mark.line + 1
+    yield seq
+    for item in node.value:
+        seq.append(loader.construct_object(item, deep=True))
+        seq.lines.append(item.start_mark.line + 1)
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+def _plain(v: object) -> object:
+    """Strip the line-tracking subclasses (for hashing / JSON)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a study: its canonical dict and its store key."""
+
+    spec: dict
+    key: str
+
+    @property
+    def model(self) -> str:
+        return self.spec["model"]
+
+    @property
+    def kind(self) -> str:
+        return self.spec.get("kind", "quant")
+
+    def name(self) -> str:
+        return run_name(self.spec)
+
+
+@dataclass
+class Plan:
+    runs: list[PlannedRun] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)  # note -> how many runs it concerned
+    name: str = "study"
+
+    def note_lines(self) -> list[str]:
+        return [f"{msg} ({n} run{'s' if n != 1 else ''})" for msg, n in self.notes.items()]
+
+
+def run_key(spec: dict) -> str:
+    """The results-store key of a run: ``config_hash`` of its canonical run dict."""
+    return config_hash(spec)
+
+
+def precision_label(spec: dict) -> str:
+    """``W4A8``, ``W4A16 g128``, ``W8A8 w:asym a:tensor`` ... (the report's columns)."""
+    w, a = spec.get("wbits", 16), spec.get("abits", 16)
+    parts = [f"W{w}A{a}"]
+    if w != 16:
+        g = spec.get("wgroup", 0)
+        if g > 0:
+            parts.append(f"g{g}")
+        elif g == -1:
+            parts.append("w:tensor")
+        if not spec.get("wsym", True):
+            parts.append("w:asym")
+    if a != 16:
+        g = spec.get("agroup", 0)
+        if g > 0:
+            parts.append(f"ag{g}")
+        elif g == -1:
+            parts.append("a:tensor")
+        if not spec.get("asym", True):
+            parts.append("a:asym")
+    return " ".join(parts)
+
+
+def method_label(spec: dict) -> str:
+    """``gptq``, ``gptq +LoRC8``, ``rtn +LoRC4/16b aware`` (the report's rows)."""
+    label = spec.get("method", "rtn")
+    r = spec.get("lorc_rank", 0)
+    if r:
+        label += f" +LoRC{r}"
+        if spec.get("lorc_bits", 8) != 8:
+            label += f"/{spec['lorc_bits']}b"
+        if spec.get("lorc_aware"):
+            label += " aware"
+    return label
+
+
+def run_name(spec: dict) -> str:
+    if spec.get("kind") == "sensitivity":
+        return f"{spec['model']} sensitivity {spec['granularity']}={spec['target']} {precision_label(spec)}"
+    return f"{spec['model']} {method_label(spec)} {precision_label(spec)}"
+
+
+def canonical_run(raw: dict) -> tuple[dict | None, str | None]:
+    """Normalise one crossed run; ``(None, why)`` drops it, ``(dict, note)`` keeps it (note may be None)."""
+    r = {**DEFAULTS, **raw}
+    note = None
+    if r["method"] == "fp16" and r["wbits"] != 16:
+        note = "method fp16 keeps weights in full precision: its wbits is ignored (deduplicated)"
+        r["wbits"] = 16
+    if r["wbits"] == 16:
+        if r["method"] in ("gptq", "zq-local", "zq-global"):
+            return None, f"dropped {r['method']} with wbits 16: the method quantizes weights"
+        if r["lorc_rank"]:
+            return None, "dropped LoRC with wbits 16: nothing to compensate"
+        r["method"] = "fp16" if r["abits"] == 16 else "rtn"  # activation-only quantization is RTN
+        r["wgroup"], r["wsym"], r["quantize_head"] = DEFAULTS["wgroup"], DEFAULTS["wsym"], False
+    if r["abits"] == 16:
+        r["agroup"], r["asym"] = DEFAULTS["agroup"], DEFAULTS["asym"]
+    if not r["lorc_rank"]:
+        r["lorc_bits"], r["lorc_aware"] = DEFAULTS["lorc_bits"], DEFAULTS["lorc_aware"]
+    config = quant_config(r)
+    drop: list[str] = []
+    if not config.needs_calibration:
+        drop += ["calib", "nsamples", "calib_seqlen", "seed"]
+    if r["method"] != "gptq":
+        drop += ["blocksize", "act_order"] + ([] if r["lorc_aware"] else ["percdamp"])  # aware LoRC damps H
+    if r["method"] not in ("zq-local", "zq-global"):
+        drop += ["zq_steps", "zq_lr", "zq_batch"]
+    elif r["method"] == "zq-local":
+        drop.append("zq_batch")
+    for k in drop:
+        r.pop(k, None)
+    return {"kind": "quant", **{k: r[k] for k in ("model", *DEFAULTS) if k in r}}, note
+
+
+def quant_config(r: dict) -> QuantConfig:
+    """The :class:`QuantConfig` of a run dict (missing keys take :data:`DEFAULTS`)."""
+    r = {**DEFAULTS, **r}
+    zq = ZQOptions()
+    if r["zq_steps"] is not None:
+        zq = ZQOptions(**{**zq.__dict__, "local_steps": r["zq_steps"], "global_steps": r["zq_steps"]})
+    if r["zq_lr"] is not None:
+        zq = ZQOptions(**{**zq.__dict__, "local_lr": r["zq_lr"], "global_lr": r["zq_lr"]})
+    zq = ZQOptions(**{**zq.__dict__, "global_batch_size": r["zq_batch"]})
+    return QuantConfig(
+        method=r["method"],
+        weight=QuantSpec(r["wbits"], r["wsym"], r["wgroup"]),
+        act=QuantSpec(r["abits"], r["asym"], r["agroup"]),
+        lorc_rank=r["lorc_rank"],
+        lorc_bits=r["lorc_bits"],
+        lorc_aware=r["lorc_aware"],
+        quantize_head=r["quantize_head"],
+        gptq=GPTQOptions(r["blocksize"], r["percdamp"], r["act_order"]),
+        zq=zq,
+    )
+
+
+def baseline_spec(model: str, eval_settings: dict) -> dict:
+    spec, _ = canonical_run({"model": model, "method": "fp16", **{k: eval_settings[k] for k in EVAL_KEYS}})
+    return spec
+
+
+def _matches(run: dict, rule: dict) -> bool:
+    """Whether ``run`` matches every key of an exclude ``rule`` (each rule value is a list of options)."""
+    return all(run.get(key) in options for key, options in rule.items())
+
+
+def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: list[dict], name: str = "study") -> Plan:
+    """Cross the axes, apply settings and exclusions, normalise, dedupe, add baselines."""
+    plan = Plan(name=name)
+    seen: set[str] = set()
+    by_model: dict[str, list[PlannedRun]] = {m: [] for m in models}
+    contexts: dict[str, list[dict]] = {m: [] for m in models}
+    for model in models:
+        for axes in axes_list:
+            keys = list(axes)
+            for values in itertools.product(*(axes[k] for k in keys)):
+                raw = {**DEFAULTS, **settings, **dict(zip(keys, values)), "model": model}
+                if any(_matches(raw, rule) for rule in exclude):
+                    plan.notes["excluded by an exclude rule"] += 1
+                    continue
+                try:
+                    spec, note = canonical_run(raw)
+                except QuantizationError as err:
+                    plan.notes[f"dropped: {err}"] += 1
+                    continue
+                if spec is None:
+                    plan.notes[note] += 1
+                    continue
+                if note:
+                    plan.notes[note] += 1
+                key = run_key(spec)
+                if key in seen:
+                    plan.notes["duplicate after normalisation (kept once)"] += 1
+                    continue
+                seen.add(key)
+                ctx = {k: spec[k] for k in EVAL_KEYS}
+                if ctx not in contexts[model]:
+                    contexts[model].append(ctx)
+                by_model[model].append(PlannedRun(spec, key))
+    for model in models:
+        baselines = []
+        for ctx in contexts[model] or [{k: settings.get(k, DEFAULTS[k]) for k in EVAL_KEYS}]:
+            spec = baseline_spec(model, ctx)
+            key = run_key(spec)
+            if key in seen:
+                # already in the grid: move it to the front so the baseline runs first
+                run = next(r for r in by_model[model] if r.key == key)
+                by_model[model].remove(run)
+            else:
+                seen.add(key)
+                plan.notes["FP16 baseline added"] += 1
+                run = PlannedRun(spec, key)
+            baselines.append(run)
+        plan.runs.extend(baselines + by_model[model])
+    return plan
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _check_value(key: str, value: object, where: str) -> object:
+    if key not in VALIDATORS:
+        raise RecipeError(f"{where}: {_unknown_key_message(key, VALIDATORS)}")
+    try:
+        return VALIDATORS[key](_plain(value))
+    except ValueError as err:
+        raise RecipeError(f"{where}: bad value {_plain(value)!r} for '{key}': {err}") from None
+
+
+def _loc(source: str, line: int | None, path: str) -> str:
+    return f"{source}, line {line}: {path}" if line else f"{source}: {path}"
+
+
+def _parse_mapping_of_values(d: object, source: str, path: str, as_axes: bool, line: int | None = None) -> dict:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{_loc(source, getattr(d, 'line', None) or line, path)}: expected a mapping of keys to "
+                          f"{'lists of values' if as_axes else 'values'}")
+    out = {}
+    for key, value in d.items():
+        kline = d.key_lines.get(key) if isinstance(d, _LDict) else None
+        if key == "model" or key == "models":
+            raise RecipeError(f"{_loc(source, kline, f'{path}.{key}')}: give models in the top-level 'models' list")
+        if key not in VALIDATORS:
+            raise RecipeError(f"{_loc(source, kline, f'{path}.{key}')}: {_unknown_key_message(key, VALIDATORS)}")
+        if as_axes:
+            items = value if isinstance(value, list) else [value]
+            lines = value.lines if isinstance(value, _LList) else [d.value_lines.get(key) if isinstance(d, _LDict) else None] * len(items)
+            if not items:
+                raise RecipeError(f"{_loc(source, kline, f'{path}.{key}')}: an axis needs at least one value")
+            checked = []
+            for i, (item, line) in enumerate(zip(items, lines)):
+                v = _check_value(key, item, _loc(source, line, f"{path}.{key}[{i}]"))
+                if v not in checked:
+                    checked.append(v)
+            out[key] = checked
+        else:
+            line = d.value_lines.get(key) if isinstance(d, _LDict) else None
+            out[key] = _check_value(key, value, _loc(source, line, f"{path}.{key}"))
+    return out
+
+
+def _parse_exclude(rules: object, source: str) -> list[dict]:
+    if rules is None:
+        return []
+    if not isinstance(rules, list):
+        raise RecipeError(f"{_loc(source, getattr(rules, 'line', None), 'exclude')}: expected a list of partial run "
+                          f"mappings, e.g. - {{method: rtn, wbits: 3}}")
+    out = []
+    for i, rule in enumerate(rules):
+        line = rules.lines[i] if isinstance(rules, _LList) else None
+        if not isinstance(rule, dict) or not rule:
+            raise RecipeError(f"{_loc(source, line, f'exclude[{i}]')}: expected a non-empty mapping such as "
+                              f"{{method: rtn, wbits: 3}}")
+        parsed = {}
+        for key, value in rule.items():
+            kline = rule.key_lines.get(key) if isinstance(rule, _LDict) else line
+            where = _loc(source, kline, f"exclude[{i}].{key}")
+            if key == "model":
+                vals = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str) for v in vals):
+                    raise RecipeError(f"{where}: bad value {_plain(value)!r} for 'model': must be model names")
+                parsed[key] = _plain(vals)
+                continue
+            if key == "eval":
+                parsed[key] = [_check_value(key, value, where)]
+                continue
+            vals = value if isinstance(value, list) else [value]
+            parsed[key] = [_check_value(key, v, where) for v in vals]
+        out.append(parsed)
+    return out
+
+
+def _parse_models(value: object, source: str, line: int | None) -> list[str]:
+    models = [value] if isinstance(value, str) else value
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise RecipeError(f"{_loc(source, line, 'models')}: bad value {_plain(value)!r}: expected a list of model "
+                          f"names or folders")
+    return list(dict.fromkeys(models))
+
+
+def parse_recipe_text(text: str, source: str = "<recipe>", models: list[str] | None = None,
+                      overrides: dict | None = None) -> Plan:
+    """Parse and expand a YAML recipe; ``models`` replaces its models, ``overrides`` its settings."""
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark else None
+        raise RecipeError(f"{source}, line {line}: YAML syntax error: {err.problem or err}") from None
+    except RecipeError as err:
+        raise RecipeError(f"{source}, {err}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with 'models', 'axes', optional 'settings' and 'exclude'")
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise RecipeError(f"{_loc(source, doc.key_lines.get(key), str(key))}: {_unknown_key_message(key, TOP_KEYS)}")
+    for key in ("name", "description"):
+        if key in doc and not isinstance(doc[key], str):
+            raise RecipeError(f"{_loc(source, doc.value_lines.get(key), key)}: bad value {_plain(doc[key])!r}: "
+                              f"expected text")
+    recipe_models = _parse_models(doc["models"], source, doc.value_lines.get("models")) if "models" in doc \
+        else list(DEFAULT_MODELS)
+    settings = _parse_mapping_of_values(doc.get("settings") or _LDict(), source, "settings", as_axes=False,
+                                        line=doc.value_lines.get("settings"))
+    if "axes" not in doc:
+        raise RecipeError(f"{source}: the recipe has no 'axes' (give at least e.g. 'axes: {{wbits: [4]}}')")
+    axes_doc = doc["axes"]
+    axes_items = axes_doc if isinstance(axes_doc, list) else [axes_doc]
+    axes_list = []
+    for i, axes in enumerate(axes_items):
+        path = f"axes[{i}]" if isinstance(axes_doc, list) else "axes"
+        line = axes_doc.lines[i] if isinstance(axes_doc, _LList) else doc.value_lines.get("axes")
+        parsed = _parse_mapping_of_values(axes, source, path, as_axes=True, line=line)
+        for key in parsed:
+            if key in settings:
+                line = axes.key_lines.get(key) if isinstance(axes, _LDict) else None
+                raise RecipeError(f"{_loc(source, line, f'{path}.{key}')}: '{key}' is both a setting and an axis; "
+                                  f"keep one")
+        axes_list.append(parsed)
+    exclude = _parse_exclude(doc.get("exclude"), source)
+    if overrides:
+        settings = {**settings, **overrides}
+        axes_list = [{k: v for k, v in axes.items() if k not in overrides} for axes in axes_list]
+    name = doc.get("name") or Path(source).stem
+    return expand(models or recipe_models, settings, axes_list, exclude, name)
+
+
+def load_recipe(path: str | Path, models: list[str] | None = None, overrides: dict | None = None) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    return parse_recipe_text(path.read_text(encoding="utf-8"), str(path), models, overrides)
+
+
+def _scalar(text: str) -> object:
+    """A command-line value: YAML scalar rules (``true``, ``null``, ``128``), plus ``1e-3`` as a number."""
+    if not text.strip():
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
+    """``"method=rtn,gptq wbits=3,4"`` -> ``{"method": ["rtn", "gptq"], "wbits": [3, 4]}`` (validated).
+
+    With ``as_axes=False`` each key takes one value.  ``eval`` always takes one
+    value (its comma-separated dataset list), never an axis.
+    """
+    out: dict = {}
+    for item in shlex.split(text):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key:
+            raise RecipeError(f"{what}: '{item}' is not KEY=VALUE[,VALUE...]")
+        if key not in VALIDATORS:
+            raise RecipeError(f"{what}: {_unknown_key_message(key, VALIDATORS)}")
+        if key in out:
+            raise RecipeError(f"{what}: key '{key}' given twice")
+        raw_values = value.split(",") if as_axes and key != "eval" else [value]
+        values: list = []
+        for v in raw_values:
+            parsed = v if key in ("eval", "calib") else _scalar(v)
+            checked = _check_value(key, parsed, f"{what}: {key}")
+            if checked not in values:
+                values.append(checked)
+        out[key] = values if as_axes else values[0]
+    return out
+
+
+def parse_grid(grid: str, models: list[str], overrides: dict | None = None) -> Plan:
+    """The ``--grid "method=rtn,gptq wbits=3,4,8 wgroup=0,128"`` shorthand (one cross)."""
+    axes = parse_assignments(grid, "--grid", as_axes=True)
+    if not axes:
+        raise RecipeError("--grid: give at least one KEY=VALUES, e.g. --grid \"method=rtn,gptq wbits=4,8\"")
+    overrides = overrides or {}
+    axes = {k: v for k, v in axes.items() if k not in overrides}
+    return expand(models, overrides, [axes], [], "grid")
+
+
+def describe_plan(plan: Plan) -> str:
+    models = list(dict.fromkeys(r.model for r in plan.runs))
+    return f"{len(plan.runs)} runs over {len(models)} model{'s' if len(models) != 1 else ''} ({', '.join(models)})"

@@ -1,0 +1,379 @@
+"""Reports over a study database: tables (markdown, CSV, LaTeX) and recommendations.
+
+For each model (and evaluation setting: sequence length, datasets, windows,
+dtype), rows are methods (LoRC ranks as their own rows), columns are
+precisions (``W8A16``, ``W4A16 g128``, ``W4A8`` ...), and each cell is the
+mean perplexity over the evaluation datasets with its degradation from the
+model's FP16 baseline and the paper's sensitivity class:
+
+* Class-1: ``delta PPL <= 0.1``;
+* Class-2: ``0.1 < delta PPL <= 0.5``;
+* Class-3: ``delta PPL > 0.5``
+
+(thresholds configurable, inclusive, with a 1e-9 allowance for the rounding
+of the subtraction).  The recommendation table lists, per class, the
+configurations that stay within it, lowest storage (bits per weight, then
+activation bits) first.  CSV is long-format: one line per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from ..config import METHODS
+from .recipe import EVAL_KEYS, method_label, precision_label
+from .store import Store
+
+DEFAULT_THRESHOLDS = (0.1, 0.5)
+EPS = 1e-9
+FORMATS = ("markdown", "csv", "latex")
+_EXTRA_KEYS = ("calib", "nsamples", "calib_seqlen", "seed", "blocksize", "percdamp", "act_order", "zq_steps",
+               "zq_lr", "zq_batch", "quantize_head")
+
+
+def classify(delta: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> int:
+    """Sensitivity class of a perplexity degradation: 1 + the number of thresholds it exceeds."""
+    for i, t in enumerate(thresholds):
+        if delta <= t + EPS:
+            return i + 1
+    return len(thresholds) + 1
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--thresholds: expected comma-separated numbers such as 0.1,0.5, got {text!r}") from None
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] < 0:
+        raise ValueError(f"--thresholds: expected increasing non-negative numbers, got {text!r}")
+    return values
+
+
+@dataclass
+class Result:
+    """One run of the store, with its comparison to the baseline once known."""
+
+    row: dict
+    baseline: "Result | None" = None
+
+    @property
+    def spec(self) -> dict:
+        return self.row["spec"]
+
+    @property
+    def kind(self) -> str:
+        return self.row["kind"]
+
+    @property
+    def model(self) -> str:
+        return self.row["model"]
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]
+
+    @property
+    def ppl(self) -> dict[str, float]:
+        return self.row["ppl"] or {}
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done" and bool(self.ppl)
+
+    @property
+    def mean_ppl(self) -> float | None:
+        return sum(self.ppl.values()) / len(self.ppl) if self.done else None
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return self.row["bits_per_weight"]
+
+    @property
+    def context(self) -> tuple:
+        return tuple(tuple(self.spec.get(k)) if k == "eval" else self.spec.get(k) for k in EVAL_KEYS)
+
+    @property
+    def is_baseline(self) -> bool:
+        s = self.spec
+        return self.kind == "quant" and s.get("method") == "fp16" and s.get("wbits") == 16 and s.get("abits") == 16
+
+    def delta(self, dataset: str | None = None) -> float | None:
+        if not self.done or self.baseline is None or not self.baseline.done:
+            return None
+        if dataset is None:
+            return self.mean_ppl - self.baseline.mean_ppl
+        if dataset not in self.ppl or dataset not in self.baseline.ppl:
+            return None
+        return self.ppl[dataset] - self.baseline.ppl[dataset]
+
+
+def load_results(db: str) -> list[Result]:
+    with Store(db) as store:
+        results = [Result(r) for r in store.rows()]
+    baselines = {(r.model, r.context): r for r in results if r.is_baseline and r.done}
+    for r in results:
+        r.baseline = baselines.get((r.model, r.context))
+    return results
+
+
+def context_label(context: tuple) -> str:
+    seqlen, evals, windows, dtype = context
+    parts = [f"seqlen {seqlen if seqlen is not None else 'max'}", "eval " + "+".join(evals)]
+    if windows is not None:
+        parts.append(f"first {windows} windows")
+    if dtype != "auto":
+        parts.append(dtype)
+    return ", ".join(parts)
+
+
+def _group_order(g: int) -> float:
+    return 0.0 if g == -1 else 1.0 if g == 0 else 2.0 + 1.0 / g
+
+
+def precision_sort_key(spec: dict) -> tuple:
+    return (-spec.get("abits", 16), -spec.get("wbits", 16), _group_order(spec.get("wgroup", 0)),
+            not spec.get("wsym", True), _group_order(spec.get("agroup", 0)), not spec.get("asym", True))
+
+
+def _method_sort_key(spec: dict) -> tuple:
+    method = spec.get("method", "rtn")
+    return (METHODS.index(method) if method in METHODS else len(METHODS), spec.get("lorc_rank", 0),
+            spec.get("lorc_bits", 8), bool(spec.get("lorc_aware")))
+
+
+def row_labels(results: list[Result]) -> dict[int, str]:
+    """Row label of each result: method (+LoRC), plus any option that varies among the results."""
+    varying = [k for k in _EXTRA_KEYS
+               if len({repr(r.spec[k]) for r in results if k in r.spec}) > 1]
+    out = {}
+    for r in results:
+        extras = [f"{k}={r.spec[k]}" for k in varying if k in r.spec]
+        out[id(r)] = " ".join([method_label(r.spec), *extras])
+    return out
+
+
+@dataclass
+class Section:
+    """A titled table, format-neutral."""
+
+    title: str
+    notes: list[str]
+    header: list[str]
+    rows: list[list[str]]
+    level: int = 2
+    cells: dict = field(default_factory=dict)  # (row label, column label) -> Result (for tests/tools)
+    kind: str = "quant"  # "model" (heading), "quant", "recommendations", "sensitivity"
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 3) + 0.0:+.3f}"  # no "-0.000"
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def cell_text(r: Result, thresholds: tuple[float, ...], dataset: str | None = None) -> str:
+    if not r.done:
+        return r.status
+    value = r.mean_ppl if dataset is None else r.ppl.get(dataset)
+    if value is None:
+        return "n/a"
+    delta = r.delta(dataset)
+    if delta is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({_signed(delta)}, C{classify(delta, thresholds)})"
+
+
+def _class_legend(thresholds: tuple[float, ...]) -> str:
+    parts = [f"Class-1: dPPL <= {thresholds[0]:g}"]
+    for i in range(1, len(thresholds)):
+        parts.append(f"Class-{i + 1}: {thresholds[i - 1]:g} < dPPL <= {thresholds[i]:g}")
+    parts.append(f"Class-{len(thresholds) + 1}: dPPL > {thresholds[-1]:g}")
+    return "; ".join(parts)
+
+
+def _pivot(results: list[Result], row_of, col_of, row_order, col_order, thresholds, dataset=None):
+    rows_keys = sorted({row_of(r) for r in results}, key=row_order)
+    cols_keys = sorted({col_of(r) for r in results}, key=col_order)
+    cells = {(row_of(r), col_of(r)): r for r in results}
+    body = [[rk[-1], *[cell_text(cells[(rk, ck)], thresholds, dataset) if (rk, ck) in cells else ""
+                       for ck in cols_keys]] for rk in rows_keys]
+    return [ck[-1] for ck in cols_keys], body, {(rk[-1], ck[-1]): cells[(rk, ck)] for (rk, ck) in cells}
+
+
+def _baseline_note(base: Result | None, datasets: list[str]) -> str:
+    if base is None:
+        return "FP16 baseline: not in the database (no degradation or class without it)"
+    if not base.done:
+        return f"FP16 baseline: {base.status}"
+    per = ", ".join(f"{d} {base.ppl[d]:.3f}" for d in datasets if d in base.ppl)
+    return f"FP16 baseline: mean PPL {base.mean_ppl:.3f} ({per}); bits/weight {_fmt(base.bits_per_weight, '.2f')}"
+
+
+def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+                   per_dataset: bool = False, top: int = 5) -> list[Section]:
+    sections: list[Section] = []
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.context), []).append(r)
+    for (model, context), group in groups.items():
+        datasets = list(context[1])
+        base = next((r for r in group if r.is_baseline), None)
+        quant = [r for r in group if r.kind == "quant" and not r.is_baseline]
+        sens = [r for r in group if r.kind == "sensitivity"]
+        title = f"{model} ({context_label(context)})"
+        sections.append(Section(title, [_baseline_note(base, datasets)], [], [], level=2, kind="model"))
+        if quant:
+            labels = row_labels(quant)
+            row_of = lambda r: (*_method_sort_key(r.spec), labels[id(r)])  # noqa: E731
+            col_of = lambda r: (*precision_sort_key(r.spec), precision_label(r.spec))  # noqa: E731
+            for dataset in [None, *(datasets if per_dataset else [])]:
+                cols, body, cells = _pivot(quant, row_of, col_of, lambda k: k, lambda k: k, thresholds, dataset)
+                what = f"mean PPL over {', '.join(datasets)}" if dataset is None else f"{dataset} PPL"
+                sections.append(Section(
+                    f"{model}: {what}",
+                    [f"cells: PPL (dPPL vs FP16, class); {_class_legend(thresholds)}"],
+                    ["method", *cols], body, level=3, cells=cells))
+            sections.append(recommendations(model, quant, thresholds, top))
+        for granularity in sorted({r.spec["granularity"] for r in sens}):
+            part = [r for r in sens if r.spec["granularity"] == granularity]
+            order = {t: i for i, t in enumerate(dict.fromkeys(r.spec["target"] for r in part))}
+            row_of = lambda r: (order[r.spec["target"]], r.spec["target"])  # noqa: E731
+            col_of = lambda r: (*precision_sort_key(r.spec), precision_label(r.spec))  # noqa: E731
+            for dataset in [None, *(datasets if per_dataset else [])]:
+                cols, body, cells = _pivot(part, row_of, col_of, lambda k: k, lambda k: k, thresholds, dataset)
+                what = "mean PPL" if dataset is None else f"{dataset} PPL"
+                sections.append(Section(
+                    f"{model}: sensitivity per {granularity} (RTN on that part only), {what}",
+                    [f"cells: PPL (dPPL vs FP16, class); {_class_legend(thresholds)}"],
+                    [granularity, *cols], body, level=3, cells=cells, kind="sensitivity"))
+    return sections
+
+
+def recommendations(model: str, quant: list[Result], thresholds: tuple[float, ...], top: int) -> Section:
+    """Per class (except the last), the configurations that stay in it: lowest bits first."""
+    labels = row_labels(quant)
+    rows = []
+    done = [r for r in quant if r.delta() is not None]
+    for k in range(1, len(thresholds) + 1):
+        fits = [r for r in done if classify(r.delta(), thresholds) <= k]
+        fits.sort(key=lambda r: (r.bits_per_weight if r.bits_per_weight is not None else 99,
+                                 r.spec.get("abits", 16), r.delta()))
+        if not fits:
+            rows.append([f"Class-{k}", "none", "", "", "", ""])
+        for r in fits[: top or None]:
+            rows.append([f"Class-{k}", labels[id(r)], precision_label(r.spec), _fmt(r.bits_per_weight, ".2f"),
+                         f"{r.mean_ppl:.3f}", _signed(r.delta())])
+    return Section(f"{model}: recommendations", [
+        "configurations within each class, lowest bits first (bits/weight includes scales, zero points and "
+        "LoRC factors; then activation bits)" + (f"; top {top} per class" if top else "")],
+        ["within", "method", "precision", "bits/w", "mean PPL", "dPPL"], rows, level=3, kind="recommendations")
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def render_markdown(sections: list[Section], title: str = "Study report") -> str:
+    out = [f"# {title}", ""]
+    for s in sections:
+        out += [f"{'#' * s.level} {s.title}", ""]
+        out += [n + "  " if i < len(s.notes) - 1 else n for i, n in enumerate(s.notes)]
+        out.append("")
+        if s.header:
+            esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            out.append("| " + " | ".join(esc(h) for h in s.header) + " |")
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(s.header) - 1)) + "|")
+            out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in s.rows]
+            out.append("")
+    return "\n".join(out)
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(text: str) -> str:
+    pieces = str(text).split("<=")
+    return r"$\leq$".join("".join(_LATEX_ESCAPES.get(ch, ch) for ch in piece) for piece in pieces)
+
+
+def render_latex(sections: list[Section], title: str = "Study report") -> str:
+    out = [f"% {latex_escape(title)} -- generated by ptqlab report; needs \\usepackage{{booktabs}}", ""]
+    for s in sections:
+        if not s.header:
+            out.append(f"% {s.title}: " + "; ".join(s.notes))
+            out.append("")
+            continue
+        caption = latex_escape(s.title + ". " + " ".join(s.notes)).replace("dPPL", r"$\Delta$PPL")
+        out += [r"\begin{table}[ht]", r"\centering", rf"\caption{{{caption}}}",
+                r"\begin{tabular}{l" + "r" * (len(s.header) - 1) + "}", r"\toprule",
+                " & ".join(latex_escape(h).replace("dPPL", r"$\Delta$PPL") for h in s.header) + r" \\",
+                r"\midrule"]
+        out += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in s.rows]
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def _iso(t: float | None) -> str:
+    return "" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+               per_dataset: bool = False) -> str:
+    """One line per run (every status), with its baseline, degradation and class."""
+    datasets = sorted({d for r in results for d in r.spec.get("eval", [])}) if per_dataset else []
+    header = ["model", "kind", "granularity", "target", "method", "lorc_rank", "row", "precision", "wbits", "wgroup",
+              "wsym", "abits", "agroup", "asym", "status", "bits_per_weight", "mean_ppl", "baseline_mean_ppl",
+              "delta_ppl", "class"]
+    for d in datasets:
+        header += [f"ppl_{d}", f"delta_{d}", f"class_{d}"]
+    header += ["seqlen", "eval", "max_eval_windows", "dtype", "run_hash", "record_hash", "worker", "attempts",
+               "started_at", "finished_at", "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.context, r.kind), []).append(r)
+    labels = {}
+    for group in groups.values():
+        labels.update(row_labels(group))
+    num = lambda x: "" if x is None else repr(float(x))  # noqa: E731 - full precision
+    for r in results:
+        s = r.spec
+        delta = r.delta()
+        line = [r.model, r.kind, s.get("granularity", ""), s.get("target", ""), s.get("method", ""),
+                s.get("lorc_rank", 0), labels[id(r)], precision_label(s), s.get("wbits"), s.get("wgroup"),
+                s.get("wsym"), s.get("abits"), s.get("agroup"), s.get("asym"), r.status, num(r.bits_per_weight),
+                num(r.mean_ppl), num(r.baseline.mean_ppl if r.baseline and r.baseline.done else None), num(delta),
+                "" if delta is None else classify(delta, thresholds)]
+        for d in datasets:
+            dd = r.delta(d)
+            line += [num(r.ppl.get(d)), num(dd), "" if dd is None else classify(dd, thresholds)]
+        err = (r.row.get("error") or "").splitlines()
+        line += [s.get("seqlen"), "+".join(s.get("eval", [])), s.get("max_eval_windows"), s.get("dtype"),
+                 r.row["run_hash"], r.row.get("record_hash") or "", r.row.get("worker") or "", r.row["attempts"],
+                 _iso(r.row.get("started_at")), _iso(r.row.get("finished_at")), err[0] if err else ""]
+        w.writerow(["" if x is None else x for x in line])
+    return buf.getvalue()
+
+
+def report(db: str, fmt: str = "markdown", per_dataset: bool = False,
+           thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, top: int = 5) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    results = load_results(db)
+    if fmt == "csv":
+        return render_csv(results, thresholds, per_dataset)
+    sections = build_sections(results, thresholds, per_dataset, top)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    title = f"Study report: {db} ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'empty'})"
+    return render_markdown(sections, title) if fmt == "markdown" else render_latex(sections, title)

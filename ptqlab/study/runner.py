@@ -1,0 +1,283 @@
+"""Workers: pull runs from the study store, execute them, write the results back.
+
+A run that raises is recorded as ``failed`` (with its traceback) and the
+study goes on; failed runs are not retried on resume unless asked
+(``--retry-failed``).  A missing model, dataset or package is not the run's
+fault: the run goes back to the queue and the worker stops with the error.
+
+A worker loops ``claim -> run -> finish`` until no pending run is left.  It
+keeps one :class:`~ptqlab.experiment.ModelSession` per model (the weights,
+tokenized evaluation splits and calibration windows are loaded once and
+reused across that model's runs) and prefers runs of the model it holds.
+While a run computes, a heartbeat thread refreshes the claim so that other
+workers know it is alive; a worker that dies leaves a claim that becomes
+stale and is taken over.  Ctrl-C (SIGINT) or SIGTERM gives the run in
+progress back to the queue before exiting.
+
+``--workers N`` spawns N local processes (``multiprocessing`` spawn);
+worker ``i`` uses ``cuda:i`` when CUDA is available, else the CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+
+from .recipe import DEFAULTS, quant_config
+from .store import Claim, Store, format_duration, hostname
+
+# Seconds to sleep inside each claimed run before computing it: a test aid
+# (it makes "kill the study in the middle of a run" deterministic).
+DELAY_ENV = "PTQLAB_STUDY_DELAY"
+
+
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    from ..data import DataError
+    from ..models import UnsupportedModelError
+
+    return (FileNotFoundError, DataError, UnsupportedModelError, ImportError)
+
+
+ENVIRONMENT_ERRORS = _environment_errors()
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    db: str
+    device: str = "cpu"
+    data_dir: str | None = None
+    slot: int = 0
+    stale_after: float = 300.0
+    heartbeat_every: float = 20.0
+    progress: bool = False
+    threads: int | None = None  # torch CPU threads (spawned CPU workers share the cores)
+    parent_pid: int | None = None  # spawned workers stop after their run when this process is gone
+
+
+def resolve_calib(calib: str) -> str:
+    if calib == "testbed":
+        from ..testbed import CALIBRATION_TEXT
+
+        return str(CALIBRATION_TEXT)
+    return calib
+
+
+def run_spec(spec: dict):
+    """The :class:`~ptqlab.experiment.RunSpec` of a canonical quant run dict."""
+    from ..experiment import RunSpec
+
+    get = lambda k: spec.get(k, DEFAULTS[k])  # noqa: E731
+    return RunSpec(model=spec["model"], config=quant_config(spec), eval=tuple(get("eval")), seqlen=get("seqlen"),
+                   calib=resolve_calib(get("calib")), nsamples=get("nsamples"), calib_seqlen=get("calib_seqlen"),
+                   seed=get("seed"), max_eval_windows=get("max_eval_windows"), dtype=get("dtype"))
+
+
+def execute(spec: dict, session, progress: bool = False) -> dict:
+    """Run one canonical run dict on ``session``; returns the record."""
+    if spec.get("kind") == "sensitivity":
+        from .sensitivity import run_sensitivity
+
+        return run_sensitivity(spec, session, progress)
+    from ..experiment import run
+
+    return run(run_spec(spec), session, progress=progress)
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, db: str, every: float, parent_pid: int | None) -> None:
+        super().__init__(daemon=True, name="ptqlab-study-heartbeat")
+        self.store = Store(db)
+        self.every = every
+        self.claim: Claim | None = None
+        self.stopped = threading.Event()
+        self.parent_pid = parent_pid
+        self.orphaned = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            claim = self.claim
+            if claim is not None:
+                try:
+                    self.store.heartbeat(claim)
+                except Exception:  # noqa: BLE001 - a missed heartbeat is harmless
+                    pass
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.orphaned = True
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+        self.store.close()
+
+
+def _say(worker: str, message: str) -> None:
+    print(f"[{worker}] {message}", flush=True)
+
+
+def _ppl_text(record: dict) -> str:
+    ppl = record["ppl"]
+    mean = sum(ppl.values()) / len(ppl)
+    return " ".join(f"{k}={v:.3f}" for k, v in ppl.items()) + f" mean={mean:.3f} bits/w={record['bits_per_weight']:.2f}"
+
+
+def _raise_interrupt(signum, frame):  # noqa: ANN001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def work(opts: WorkerOptions) -> dict[str, int]:
+    """Run claimed runs until none is left; returns what this worker did."""
+    import torch
+
+    from ..experiment import ModelSession
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    host, pid = hostname(), os.getpid()
+    worker = f"{host}:{pid}/w{opts.slot}"
+    store = Store(opts.db)
+    store.reclaim_dead(host)
+    beat = _Heartbeat(opts.db, opts.heartbeat_every, opts.parent_pid)
+    beat.start()
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    old_int = signal.getsignal(signal.SIGINT) if main_thread else None
+    done = {"done": 0, "failed": 0, "lost": 0}
+    session, session_key = None, None
+    try:
+        while not (beat.orphaned or (opts.parent_pid is not None and os.getppid() != opts.parent_pid)):
+            claim = store.claim(worker, prefer_model=session_key[0] if session_key else None,
+                                stale_after=opts.stale_after, host=host, pid=pid)
+            if claim is None:
+                break
+            try:
+                beat.claim = claim
+                counts = store.counts()
+                position = counts["done"] + counts["failed"] + counts["running"]
+                _say(worker, f"start {position}/{sum(counts.values())} {claim.name} on {opts.device}"
+                             + (f" (attempt {claim.attempts})" if claim.attempts > 1 else ""))
+                t0 = time.perf_counter()
+                if delay:
+                    time.sleep(delay)
+                key = (claim.spec["model"], claim.spec.get("dtype", "auto"))
+                if session_key != key:
+                    session = session_key = None
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    session = ModelSession(key[0], opts.device, key[1], opts.data_dir, opts.progress)
+                    session_key = key
+                record = execute(claim.spec, session, opts.progress)
+                finished = store.finish(claim, record)
+            except ENVIRONMENT_ERRORS as err:
+                # the model or the data is not there: not the run's fault; give it back and stop
+                store.release(claim)
+                _say(worker, f"stopping: {type(err).__name__}: {err} ({claim.name} goes back to the queue)")
+                raise
+            except KeyboardInterrupt:
+                if main_thread:  # a second Ctrl-C must not interrupt the hand-back
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                if store.release(claim):  # a no-op once the run is finished
+                    _say(worker, f"interrupted: {claim.name} goes back to the queue")
+                raise
+            except Exception as err:  # noqa: BLE001 - a failed run is recorded, the study goes on
+                tb = traceback.format_exc()
+                store.fail(claim, f"{type(err).__name__}: {err}\n{tb[-4000:]}")
+                done["failed"] += 1
+                _say(worker, f"FAILED {claim.name}: {type(err).__name__}: {err}")
+                continue
+            finally:
+                beat.claim = None
+            if finished:
+                done["done"] += 1
+                counts = store.counts()
+                _say(worker, f"done  {counts['done'] + counts['failed']}/{sum(counts.values())} {claim.name}: "
+                             f"{_ppl_text(record)} ({format_duration(time.perf_counter() - t0)}) | "
+                             f"ETA {format_duration(store.eta_seconds())}")
+            else:
+                done["lost"] += 1
+                _say(worker, f"{claim.name}: the claim was taken over by another worker; result discarded")
+    finally:
+        if main_thread:
+            for signum, handler in ((signal.SIGTERM, old_term), (signal.SIGINT, old_int)):
+                if handler is not None:
+                    signal.signal(signum, handler)
+        beat.stop()
+        store.close()
+    return done
+
+
+def _worker_entry(opts: WorkerOptions) -> None:
+    try:
+        work(opts)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ENVIRONMENT_ERRORS as err:
+        print(f"error: worker {opts.slot}: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def assign_devices(n: int, requested: str | None) -> list[str]:
+    """Device of each of ``n`` workers: ``cuda:i`` (round robin over the visible GPUs) or the CPU."""
+    import torch
+
+    if requested and not requested.startswith("cuda"):
+        return [requested] * n
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested} was asked for but no CUDA device is available")
+    if not torch.cuda.is_available():
+        return ["cpu"] * n
+    if requested and ":" in requested:
+        if n > 1:
+            raise ValueError(f"--device {requested} names one GPU; with --workers {n} give --device cuda "
+                             f"(worker i uses cuda:i)")
+        return [requested]
+    count = torch.cuda.device_count()
+    if n > count:
+        print(f"note: {n} workers share {count} GPU(s) round robin", file=sys.stderr)
+    return [f"cuda:{i % count}" for i in range(n)] if n > 1 else ["cuda"]
+
+
+def run_workers(base: WorkerOptions, n: int, requested_device: str | None) -> int:
+    """Run ``n`` workers (in this process when ``n == 1``); 0 when all ended normally, 130 when interrupted."""
+    devices = assign_devices(n, requested_device)
+    if n == 1:
+        work(replace(base, device=devices[0]))
+        return 0
+    threads = max(1, (os.cpu_count() or 1) // n)
+    ctx = mp.get_context("spawn")
+    procs = []
+    for i, device in enumerate(devices):
+        opts = replace(base, device=device, slot=i, parent_pid=os.getpid(),
+                       threads=threads if device == "cpu" else base.threads)
+        p = ctx.Process(target=_worker_entry, args=(opts,), name=f"ptqlab-study-w{i}")
+        p.start()
+        procs.append(p)
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:  # the terminal's Ctrl-C reaches them too; a kill of the parent alone does not
+            if p.is_alive() and p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        raise
+    codes = [p.exitcode for p in procs]
+    if any(c not in (0, None) for c in codes):
+        print(f"warning: worker exit codes {codes}", file=sys.stderr)
+        return 1
+    return 0
