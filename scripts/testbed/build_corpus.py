@@ -12,6 +12,12 @@ The text comes from Debian documentation packages only (fetched with
 * postgresql-doc-15    PostgreSQL 15 manual (DocBook HTML)
 * perl-doc             Perl's POD manual pages
 * git-doc              Git's AsciiDoc manual pages and guides
+* llvm-14-doc, clang-14-doc, cmake-doc, python-sklearn-doc, python-astropy-doc,
+  python-celery-doc, python-pytest-doc, python-flask-doc, sphinx-doc
+                       reStructuredText sources of their Sphinx manuals
+* python-sqlalchemy-doc, gimp-help-en, apache2-doc, gnucash-docs (English guide
+  and help), exim4-doc-html
+                       HTML manuals
 
 WikiText and Penn Treebank text are the evaluation sets of ptqlab and are never
 used here (the script refuses any source path that mentions them).
@@ -103,9 +109,93 @@ SOURCES = [
         "globs": ["usr/share/doc/git-doc/*.txt", "usr/share/doc/git-doc/**/*.txt"],
         "exclude": [r"/RelNotes/"],
     },
+    {
+        "package": "llvm-14-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/llvm-14-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"ReleaseNotes", r"/CommandGuide/", r"/tutorial/.*Chapter"],
+    },
+    {
+        "package": "clang-14-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/clang-14/html/_sources/**/*.rst.txt"],
+        "exclude": [r"ReleaseNotes", r"AttributeReference", r"DiagnosticsReference", r"ClangFormatStyleOptions"],
+    },
+    {
+        "package": "cmake-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/cmake-data/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/release/"],
+    },
+    {
+        "package": "python-sklearn-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python-sklearn-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/auto_examples/", r"/generated/", r"/whats_new", r"/modules/classes\.rst"],
+    },
+    {
+        "package": "python-astropy-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python-astropy-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/api/", r"/generated/", r"/changelog", r"/whatsnew/", r"/credits"],
+    },
+    {
+        "package": "python-celery-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python-celery-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/reference/", r"/internals/reference/", r"/history/", r"/changelog"],
+    },
+    {
+        "package": "python-pytest-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python-pytest-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/changelog", r"/announce/"],
+    },
+    {
+        "package": "python-flask-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/python-flask-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/changes"],
+    },
+    {
+        "package": "sphinx-doc",
+        "kind": "rst",
+        "globs": ["usr/share/doc/sphinx-doc/html/_sources/**/*.rst.txt"],
+        "exclude": [r"/changes", r"/_sources/man/"],
+    },
+    {
+        "package": "python-sqlalchemy-doc",
+        "kind": "html",
+        "globs": ["usr/share/doc/python-sqlalchemy-doc/html/**/*.html"],
+        "exclude": [r"/changelog/", r"/genindex", r"/search\.html", r"/_modules/"],
+    },
+    {
+        "package": "gimp-help-en",
+        "kind": "html",
+        "globs": ["usr/share/gimp/2.0/help/en/*.html"],
+        "exclude": [r"/index\.html$"],
+    },
+    {
+        "package": "apache2-doc",
+        "kind": "html",
+        "globs": ["usr/share/doc/apache2-doc/manual/en/**/*.html", "usr/share/doc/apache2-doc/manual/en/*.html"],
+        "exclude": [r"/sitemap\.html$", r"/quickreference\.html$", r"/index\.html$"],
+    },
+    {
+        "package": "gnucash-docs",
+        "kind": "html",
+        "globs": ["usr/share/doc/gnucash-docs/gnucash-guide-en/*.html", "usr/share/doc/gnucash-docs/gnucash-help-en/*.html"],
+        "exclude": [r"/index\.html$"],
+    },
+    {
+        "package": "exim4-doc-html",
+        "kind": "html",
+        "globs": ["usr/share/doc/exim4-doc-html/spec_html/*.html"],
+        "exclude": [r"/index\.html$"],
+    },
 ]
 
-FORBIDDEN = re.compile(r"wikitext|wiki\.(train|valid|test)|penn|ptb|treebank", re.I)
+FORBIDDEN = re.compile(r"wikitext|wiki\.(train|valid|test)|(?<![a-z])ptb(?![a-z])|treebank", re.I)
 
 # ----------------------------------------------------------------------------
 # Inline clean-up shared by all formats
@@ -147,9 +237,13 @@ SKIP_CLASSES = {"highlight", "nav", "navheader", "navfooter", "sphinxsidebar", "
                 "cmdsynopsis", "funcsynopsis", "literallayout", "mediaobject", "figure", "informaltable",
                 "table", "refsynopsisdiv", "navigation", "footnotes", "footnote", "legalnotice",
                 "producttitle", "titlepage-docnav", "docnav top", "toc-backref", "bookindex",
-                "highlight-default", "doctest", "admonition-title"}
+                "highlight-default", "doctest", "admonition-title", "toplang", "bottomlang", "top", "up",
+                "show_sql", "popup_sql", "prev-next", "bottomnav", "topnav"}
 SKIP_IDS = {"sidebar", "hd", "ft", "global-nav", "searchbox", "banner", "footer", "header",
-            "toc", "navigation", "billboard"}
+            "toc", "navigation", "billboard", "path", "quickview", "page-header", "docs-header",
+            "docs-sidebar", "docs-sidebar-popout", "docs-top-navigation-container", "docs-version-header",
+            "docs-narrow-top-navigation", "narrow-index-nav", "fixed-sidebar", "docs-bottom-navigation",
+            "sidebar-search", "sidebar-banner"}
 BLOCK_TAGS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "br", "blockquote",
               "section", "article", "tr", "ul", "ol", "dl", "title", "hr", "td", "th", "caption",
               "figcaption", "main", "aside", "header", "footer", "body", "html"}
@@ -258,6 +352,7 @@ def rst_inline(text: str) -> str:
 
     text = re.sub(r":[A-Za-z0-9_:+-]+:`([^`]*)`", role, text)
     text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`~([\w.]+)`", lambda m: m.group(1).split(".")[-1], text)
     text = re.sub(r"`([^`<]*?)\s*<[^`>]*>`__?", r"\1", text)
     text = re.sub(r"`([^`]*)`__?", r"\1", text)
     text = re.sub(r"`([^`]*)`", r"\1", text)
