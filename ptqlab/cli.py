@@ -36,7 +36,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--eval", default="wikitext2,ptb", help="comma-separated: wikitext2, ptb, c4")
+    g.add_argument("--eval", default="wikitext2,ptb",
+                   help="comma-separated: wikitext2, ptb, c4, heldout (the testbed's in-domain text) or text file paths")
     g.add_argument("--seqlen", type=int, default=None, help="evaluation window (default: the model's maximum)")
     g.add_argument("--calib", default="c4", help="calibration: wikitext2|ptb|c4 (train split) or a text file")
     g.add_argument("--nsamples", type=int, default=128)
@@ -61,10 +62,9 @@ def config_from_args(a: argparse.Namespace) -> QuantConfig:
     if a.zq_lr is not None:
         zq = ZQOptions(**{**zq.__dict__, "local_lr": a.zq_lr, "global_lr": a.zq_lr})
     zq = ZQOptions(**{**zq.__dict__, "global_batch_size": a.zq_batch})
-    wbits = 16 if a.method == "fp16" else a.wbits
     return QuantConfig(
         method=a.method,
-        weight=QuantSpec(wbits, a.wsym, a.wgroup),
+        weight=QuantSpec(a.wbits, a.wsym, a.wgroup),
         act=QuantSpec(a.abits, a.asym, a.agroup),
         lorc_rank=a.lorc_rank,
         lorc_bits=a.lorc_bits,
@@ -127,6 +127,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .testbed import CALIBRATION_TEXT
 
     device = _default_device(a.device)
+    max_windows = None if a.full or device != "cpu" else a.max_eval_windows
     session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload)
     w4 = QuantSpec(4, True, 128)
     a8 = QuantSpec(8, True, 0)
@@ -142,12 +143,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     records = []
     for config in configs:
         spec = RunSpec(model=a.model, config=config, eval=tuple(a.eval.split(",")), seqlen=a.seqlen,
-                       calib=str(CALIBRATION_TEXT), nsamples=a.nsamples, max_eval_windows=a.max_eval_windows,
+                       calib=str(CALIBRATION_TEXT), nsamples=a.nsamples, max_eval_windows=max_windows,
                        dtype=a.dtype)
         record = run(spec, session, progress=not a.no_progress)
         _append_jsonl(a.output, record)
         records.append(record)
-    print(f"\nmodel {a.model}  (evaluation data: {', '.join(sorted(set(records[0]['data_sources'].values())))})")
+    scope = "full splits" if max_windows is None else f"first {max_windows} windows of each split (--full for all)"
+    print(f"\nmodel {a.model} on {device}; evaluation: {scope}, seqlen {records[0]['config']['seqlen']}")
+    print(f"data: {', '.join(f'{k}={v}' for k, v in records[0]['data_sources'].items())}")
+    print("heldout = the testbed corpus's held-out text (in-domain); WikiText-2 and PTB are out of its domain\n")
     print_table(records)
     return 0
 
@@ -174,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="FP16 vs RTN, GPTQ and GPTQ+LoRC at W4A16 g128 and W4A8 on a testbed model")
     p.add_argument("--model", default="testbed-opt")
-    p.add_argument("--eval", default="wikitext2,ptb")
+    p.add_argument("--eval", default="wikitext2,ptb,heldout")
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-eval-windows", type=int, default=None)
+    p.add_argument("--max-eval-windows", type=int, default=64, help="on CPU, evaluate this prefix of each split")
+    p.add_argument("--full", action="store_true", help="evaluate the full splits on CPU too (slow)")
     p.add_argument("--output", default=None)
     _add_device_args(p)
     p.set_defaults(func=cmd_demo)

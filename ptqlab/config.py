@@ -44,6 +44,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QuantizationError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.method == "fp16" and (self.weight.enabled or self.act.enabled or self.lorc_rank):
+            raise QuantizationError(
+                "method 'fp16' leaves the model unquantized: use --method rtn for W16A8 and the like"
+            )
         if self.method in ("gptq", "zq-local", "zq-global") and not self.weight.enabled:
             raise QuantizationError(f"method '{self.method}' quantizes weights: give --wbits between 2 and 8")
         if self.lorc_rank < 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-EVAL_DATASETS = ("wikitext2", "ptb", "c4")
+EVAL_DATASETS = ("wikitext2", "ptb", "c4", "heldout")
 
 # dataset -> (local file of the evaluation split, local file of the calibration split)
 _LOCAL_FILES = {
@@ -86,7 +86,16 @@ def _read_hub(name: str, split: str) -> Text:
 
 
 def load_text(name: str, split: str = "eval", data: str | Path | None = None) -> Text:
-    """Load the evaluation (``split='eval'``) or calibration (``'calib'``) text of a named dataset."""
+    """Load the evaluation (``split='eval'``) or calibration (``'calib'``) text of a named dataset.
+
+    ``name`` may also be ``heldout`` (the testbed models' held-out text, shipped with
+    ptqlab) or the path of a plain-text file, which is used as it is.
+    """
+    from .testbed import HELDOUT_TEXT
+
+    path = HELDOUT_TEXT if name == "heldout" else Path(name).expanduser()
+    if name == "heldout" or (name not in _LOCAL_FILES and path.is_file()):
+        return Text(name if name == "heldout" else path.stem, path.read_text(encoding="utf-8"), f"file:{path}")
     if name not in _LOCAL_FILES:
         raise DataError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} or give a text file path")
     local_rel = _LOCAL_FILES[name][0 if split == "eval" else 1]
@@ -139,11 +148,7 @@ def calibration_windows(
         raise DataError(f"nsamples must be at least 1, got {nsamples}")
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2, got {seqlen}")
-    path = Path(source).expanduser()
-    if path.is_file():
-        text = Text(path.name, path.read_text(encoding="utf-8"), f"file:{path}")
-    else:
-        text = load_text(source, "calib", data)
+    text = load_text(source, "calib", data)
     rng = random.Random(seed)
     if isinstance(text.text, list):  # c4: one window from each random document, as GPTQ does
         windows = []

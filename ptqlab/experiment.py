@@ -82,7 +82,7 @@ def fits_on_device(model: torch.nn.Module, device: str, headroom: float = 0.7) -
 
 
 class ModelSession:
-    """A loaded model and the data that runs on it share."""
+    """A loaded model and the data its runs share (tokenized splits, calibration windows)."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", data_dir: str | None = None,
                  progress: bool = True, offload: bool | None = None) -> None:
@@ -116,6 +116,8 @@ class ModelSession:
         key = (dataset, seqlen)
         if key not in self._tokens:
             text = load_text(dataset, "eval", self.data_dir)
+            if text.name in ("heldout", "calibration") and self.name not in ("testbed-opt", "testbed-bloom"):
+                warnings.warn(f"'{dataset}' is the testbed models' own held-out text; {self.name} was not trained on its corpus")
             self._tokens[key] = (eval_tokens(self.tokenizer, text, seqlen), text.source)
         return self._tokens[key]
 
@@ -144,6 +146,9 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     """Run one experiment and return its JSON-ready record."""
     start = time.perf_counter()
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
+    if session.name != spec.model or resolve_dtype(spec.dtype, session.device) != session.dtype:
+        raise ValueError(f"run spec is for {spec.model} ({spec.dtype}) but the session holds {session.name} "
+                         f"({session.dtype})")
     seqlen = session.seqlen(spec.seqlen)
     calib_seqlen = session.seqlen(spec.calib_seqlen or seqlen)
     eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 TESTBED_DIR = Path(__file__).resolve().parent
 TESTBED_MODELS = {"testbed-opt": TESTBED_DIR / "opt", "testbed-bloom": TESTBED_DIR / "bloom"}
-CALIBRATION_TEXT = TESTBED_DIR / "calibration.txt"
+CALIBRATION_TEXT = TESTBED_DIR / "calibration.txt"  # training-corpus text: the testbed's calibration set
+HELDOUT_TEXT = TESTBED_DIR / "heldout.txt"  # held-out corpus text: the testbed's in-domain evaluation set
 
 
 def resolve_model_path(name: str) -> str:
