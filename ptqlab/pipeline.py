@@ -117,6 +117,20 @@ def capture_block_inputs(
     return BlockInputs(torch.cat(captured[1:]), kwargs_by_batch, batch_size)
 
 
+def _cast_floats(value, dtype: torch.dtype):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def block_inputs_as(inputs: BlockInputs, dtype: torch.dtype) -> BlockInputs:
+    """The same block inputs with floating kwargs (ALiBi, rotary tables) cast, for a block run in ``dtype``."""
+    kwargs = {b: {k: _cast_floats(v, dtype) for k, v in kw.items()} for b, kw in inputs.kwargs.items()}
+    return BlockInputs(inputs.hidden, kwargs, inputs.batch_size)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """Run a decoder block on ``hidden`` ``[n, seqlen, h]`` in batches of the captured size."""
     outs = []
@@ -328,7 +342,7 @@ def quantize_model(
                     block,
                     linears,
                     config.weight,
-                    lambda b, x: run_block(b, x, inputs),
+                    lambda b, x, fp32_inputs=block_inputs_as(inputs, torch.float32): run_block(b, x, fp32_inputs),
                     hidden,
                     targets,
                     o.global_steps,
