@@ -74,6 +74,8 @@ class QuantConfig:
             parts.append(self.weight.describe())
         if self.act.enabled:
             parts.append("act-" + self.act.describe())
+        if self.method == "gptq" and self.gptq.act_order:
+            parts.append("act-order")
         if self.lorc_rank:
             parts.append(f"lorc{self.lorc_rank}" + ("-aware" if self.lorc_aware else ""))
         return " ".join(parts)
