@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import time
@@ -69,7 +70,7 @@ def main() -> int:
     p.add_argument("--torch-gptq", action="store_true", help="use the per-column torch loop instead of the Triton kernel")
     a = p.parse_args()
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(device).total_memory
     t0 = time.perf_counter()
     model = build(a.shape)
@@ -78,12 +79,13 @@ def main() -> int:
     print(f"# built {a.shape}: {n_params / 1e6:.1f}M parameters, {model_gb:.2f} GiB fp16, {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if a.mem_cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.mem_cap_gb * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(a.mem_cap_gb * 2**30 / total, 0)
         try:  # show that the whole model does not fit under the cap
             copy.deepcopy(model).to(device)
             whole_model_fits = True
         except torch.OutOfMemoryError:
             whole_model_fits = False
+        gc.collect()  # the traceback's frames keep the half-moved copy alive until collected
         torch.cuda.empty_cache()
         print(f"# GPU memory capped at {a.mem_cap_gb} GiB; whole model fits under the cap: {whole_model_fits}",
               file=sys.stderr)

@@ -193,7 +193,8 @@ class _HessianCollector:
         return out
 
     def hessian(self, owner: str) -> torch.Tensor:
-        return 2 * self.sums[owner] / self.tokens[owner]
+        """``H = 2 X^T X / n``, made in place from the accumulator (which it replaces)."""
+        return self.sums.pop(owner).mul_(2 / self.tokens[owner])
 
     def close(self) -> None:
         for h in self._handles:

@@ -43,17 +43,26 @@ def _group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising ``damp`` (with a warning) until it exists."""
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising ``damp`` (with a warning) until it exists.
+
+    ``H`` is damped in place and restored: at FFN widths every extra
+    ``[in, in]`` float32 matrix is hundreds of MiB of GPU memory.
+    """
     mean_diag = torch.mean(torch.diag(H)).item()
     damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    added = 0.0
     for attempt in range(8):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        H.diagonal().add_(damp - added)
+        added = damp
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
+            H.diagonal().sub_(added)  # give the caller its matrix back (up to float rounding of the diagonal)
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U.contiguous(), damp
+            H.diagonal().add_(added)
         new_damp = max(damp * 10, 1e-8 * max(mean_diag, 1.0))
         warnings.warn(f"{name}: Hessian not positive definite with damp={damp:.3g}; retrying with {new_damp:.3g}")
         damp = new_damp
@@ -116,7 +125,11 @@ def gptq_quantize(
     check_finite(weight, f"{name} weight")
     check_finite(H, f"{name} Hessian")
     W = weight.detach().float().clone()
-    H = H.detach().float().clone()
+    # Work on the caller's float32 Hessian in place (restored below) rather than on a copy: at
+    # FFN widths each [in, in] copy is hundreds of MiB of GPU memory.
+    H = H.detach()
+    if H.dtype != torch.float32 or not H.is_contiguous():
+        H = H.float().contiguous()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise QuantizationError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
@@ -127,7 +140,7 @@ def gptq_quantize(
 
     # Inputs that were always zero carry no information: their weights cannot matter.
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H.diagonal()[dead] = 1
     W[:, dead] = 0
 
     n_groups = cols // g if grouped else 1
@@ -141,13 +154,15 @@ def gptq_quantize(
         scales, zeros = s[..., 0].contiguous(), z[..., 0].contiguous()
 
     perm = None
+    H_work = H
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H_work = W[:, perm], H[perm][:, perm]
     col_group = (perm if perm is not None else torch.arange(cols, device=W.device)) // (g if grouped else cols)
 
-    Hinv, damp = inverse_hessian_cholesky(H, percdamp, name)
-    del H
+    Hinv, damp = inverse_hessian_cholesky(H_work, percdamp, name)
+    del H_work
+    H.diagonal()[dead] = 0
     # Blocks are a multiple of the group size, so a group never straddles a lazy update.
     if grouped and not act_order:
         blocksize = max(g, (blocksize // g) * g)
