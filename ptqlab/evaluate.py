@@ -19,6 +19,24 @@ class EvaluationError(ValueError):
     pass
 
 
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, desc: str) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seqlen]`` of the stream; the tail that fills no window is dropped."""
+    n_windows = tokens.numel() // seqlen
+    if n_windows == 0:
+        raise EvaluationError(f"{desc}: {tokens.numel()} tokens do not fill one window of {seqlen}")
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    return tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+
+
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor, desc: str) -> float:
+    """Mean NLL of tokens 2..seqlen of one window given its logits ``[1, seqlen, vocab]``."""
+    nll = nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="mean")
+    if not torch.isfinite(nll):
+        raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
+    return nll.item()
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -34,21 +52,12 @@ def perplexity(
     ``max_windows`` limits evaluation to a prefix of the split (for quick
     checks and CI); the full protocol uses every window.
     """
-    n_windows = tokens.numel() // seqlen
-    if n_windows == 0:
-        raise EvaluationError(f"{desc}: {tokens.numel()} tokens do not fill one window of {seqlen}")
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    windows = eval_windows(tokens, seqlen, max_windows, desc)
     total_nll = 0.0
     for window in tqdm(windows, desc=desc, disable=not progress, leave=False):
         ids = window.unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="mean")
-        if not torch.isfinite(nll):
-            raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
-        total_nll += nll.item()
-    return math.exp(total_nll / n_windows)
+        total_nll += _window_nll(model(input_ids=ids, use_cache=False).logits, ids[0], desc)
+    return math.exp(total_nll / windows.shape[0])
 
 
 @torch.no_grad()
@@ -73,12 +82,7 @@ def perplexity_offloaded(
 
     device = torch.device(device)
     adapter = get_adapter(model)
-    n_windows = tokens.numel() // seqlen
-    if n_windows == 0:
-        raise EvaluationError(f"{desc}: {tokens.numel()} tokens do not fill one window of {seqlen}")
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    windows = eval_windows(tokens, seqlen, max_windows, desc)
     inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
     hidden = inputs.hidden
     for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
@@ -94,13 +98,8 @@ def perplexity_offloaded(
             h = h.unsqueeze(0)
             for m in adapter.final_modules:
                 h = m(h)
-            logits = adapter.lm_head(h).float()
-            ids = window.to(device)
-            nll = nn.functional.cross_entropy(logits[0, :-1], ids[1:], reduction="mean")
-            if not torch.isfinite(nll):
-                raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
-            total_nll += nll.item()
+            total_nll += _window_nll(adapter.lm_head(h), window.to(device), desc)
     finally:
         for m in tail:
             m.to("cpu")
-    return math.exp(total_nll / n_windows)
+    return math.exp(total_nll / windows.shape[0])
