@@ -113,7 +113,8 @@ def load_text(name: str, split: str = "eval", data: str | Path | None = None) ->
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D tensor, without special tokens added."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    # verbose=False: a whole split is longer than the model's window on purpose; it is cut into windows later
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
     return ids.reshape(-1)
 
 
