@@ -36,7 +36,7 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "svg"):
         path = out_dir / f"{stem}.{ext}"
-        fig.savefig(path, format=ext, dpi=120)
+        fig.savefig(path, format=ext, dpi=120, bbox_inches="tight")  # long suptitles are not clipped
         paths.append(path)
     return paths
 
