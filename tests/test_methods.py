@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import reference_quant
+
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
 from ptqlab.models import QuantLinear
@@ -63,18 +65,8 @@ def output_error(X: torch.Tensor, W: torch.Tensor, Q: torch.Tensor) -> float:
 
 def ref_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 scale/zero of each row of w (one group per row)."""
-    maxq = 2**bits - 1
-    lo = w.amin(-1).clamp(max=0)
-    hi = w.amax(-1).clamp(min=0)
-    if symmetric:
-        s = 2 * torch.maximum(-lo, hi) / maxq
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        z = torch.full_like(s, 2.0 ** (bits - 1))
-    else:
-        s = (hi - lo) / maxq
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        z = torch.round(-lo / s)
-    return s, z
+    s, z = reference_quant.ref_params(w, bits, symmetric)
+    return s.squeeze(-1), z.squeeze(-1)
 
 
 def textbook_gptq(

@@ -25,6 +25,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_quant import ref_params
 
 from ptqlab.quantizers import (
     FULL_PRECISION_BITS,
@@ -67,22 +68,6 @@ def ref_grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size == PER_ROW:
         return x.reshape(*x.shape[:-1], 1, x.shape[-1])
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-
-
-def ref_params(xg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference scale and zero point of each group (last dim) of xg, float64, keepdim."""
-    maxq = 2**bits - 1
-    lo = torch.clamp(xg.amin(dim=-1, keepdim=True), max=0.0)
-    hi = torch.clamp(xg.amax(dim=-1, keepdim=True), min=0.0)
-    if symmetric:
-        scale = 2.0 * torch.maximum(-lo, hi) / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.full_like(scale, 2.0 ** (bits - 1))
-    else:
-        scale = (hi - lo) / maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.round(-lo / scale)
-    return scale, zero
 
 
 def ref_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int):
