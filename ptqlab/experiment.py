@@ -12,7 +12,6 @@ import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 

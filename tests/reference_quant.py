@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -19,3 +20,12 @@ def ref_params(xg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.round(-lo / scale)
     return scale, zero
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

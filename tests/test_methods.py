@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import reference_quant
+from reference_quant import single_thread  # noqa: F401  (module-scoped autouse fixture)
 
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
@@ -23,15 +24,6 @@ from ptqlab.models import QuantLinear
 from ptqlab.quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, fake_quantize, scale_and_zero
 
 TIE_TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_quant import ref_params
+from reference_quant import single_thread  # noqa: F401  (module-scoped autouse fixture)
 
 from ptqlab.quantizers import (
     FULL_PRECISION_BITS,
@@ -44,15 +45,6 @@ from ptqlab.quantizers import (
 
 BITS = list(range(2, 9))
 TIE_TOL = 1e-4  # |frac(x/scale) - 0.5| below this counts as a rounding tie
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------

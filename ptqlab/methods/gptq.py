@@ -16,13 +16,12 @@ updates), which is what makes it fast.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
+from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
 
 
 @dataclass

@@ -311,26 +311,26 @@ def run_key(spec: dict) -> str:
     return config_hash(spec)
 
 
+def _spec_parts(who: str, group: int, symmetric: bool, group_prefix: str) -> list[str]:
+    """Label parts of one spec beyond its bits: its groups, per-tensor scale, asymmetry."""
+    parts = []
+    if group > 0:
+        parts.append(f"{group_prefix}{group}")
+    elif group == -1:
+        parts.append(f"{who}:tensor")
+    if not symmetric:
+        parts.append(f"{who}:asym")
+    return parts
+
+
 def precision_label(spec: dict) -> str:
     """``W4A8``, ``W4A16 g128``, ``W8A8 w:asym a:tensor`` ... (the report's columns)."""
     w, a = spec.get("wbits", 16), spec.get("abits", 16)
     parts = [f"W{w}A{a}"]
     if w != 16:
-        g = spec.get("wgroup", 0)
-        if g > 0:
-            parts.append(f"g{g}")
-        elif g == -1:
-            parts.append("w:tensor")
-        if not spec.get("wsym", True):
-            parts.append("w:asym")
+        parts += _spec_parts("w", spec.get("wgroup", 0), spec.get("wsym", True), "g")
     if a != 16:
-        g = spec.get("agroup", 0)
-        if g > 0:
-            parts.append(f"ag{g}")
-        elif g == -1:
-            parts.append("a:tensor")
-        if not spec.get("asym", True):
-            parts.append("a:asym")
+        parts += _spec_parts("a", spec.get("agroup", 0), spec.get("asym", True), "ag")
     return " ".join(parts)
 
 
