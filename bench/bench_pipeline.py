@@ -2,7 +2,7 @@
 
     python bench/bench_pipeline.py --shape opt-125m --methods rtn,gptq,gptq+lorc,zq-local,zq-global
     python bench/bench_pipeline.py --shape opt-6.7b-block --methods gptq
-    python bench/bench_pipeline.py --shape opt-1.3b --methods gptq --nsamples 32 --mem-cap-gb 1.5
+    python bench/bench_pipeline.py --shape opt-1.3b --methods gptq --nsamples 32 --mem-cap-gb 1.5 --batch-size 2
 
 Prints one JSON line per method: phase timings (capture, hessian, solve, lorc,
 propagate, targets), end-to-end quantization time after model load, and peak
@@ -67,6 +67,9 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mem-cap-gb", type=float, default=None, help="cap this process's GPU memory (set_per_process_memory_fraction)")
+    p.add_argument("--calib-offload", action="store_true", help="keep calibration hidden states in CPU memory")
+    p.add_argument("--compare-uncapped", action="store_true",
+                   help="with --mem-cap-gb: quantize again without the cap and compare the weights")
     p.add_argument("--torch-gptq", action="store_true", help="use the per-column torch loop instead of the Triton kernel")
     a = p.parse_args()
 
@@ -101,9 +104,13 @@ def main() -> int:
     from ptqlab.models import get_adapter
 
     del get_adapter(warm).blocks[1:]
-    quantize_model(warm, method_config("gptq", a.wbits, a.wgroup), calib[:8], device, progress=False,
-                   batch_size=a.batch_size)
+    try:
+        quantize_model(warm, method_config("gptq", a.wbits, a.wgroup), calib[:8], device, progress=False,
+                       batch_size=a.batch_size)
+    except torch.OutOfMemoryError:
+        print("# warm-up ran out of memory under the cap (the timed runs below say where)", file=sys.stderr)
     del warm
+    gc.collect()
     torch.cuda.empty_cache()
 
     for name in a.methods.split(","):
@@ -111,22 +118,53 @@ def main() -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        report = quantize_model(m, method_config(name, a.wbits, a.wgroup), calib, device, progress=False,
-                                batch_size=a.batch_size)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
         row = {
             "shape": a.shape, "method": name, "wbits": a.wbits, "wgroup": a.wgroup, "nsamples": a.nsamples,
-            "seqlen": a.seqlen, "gptq_kernel": "torch" if a.torch_gptq else "triton",
+            "seqlen": a.seqlen, "batch_size": a.batch_size,
+            "calib_offload": a.calib_offload, "gptq_kernel": "torch" if a.torch_gptq else "triton",
+        }
+        try:
+            report = quantize_model(m, method_config(name, a.wbits, a.wgroup), calib, device, progress=False,
+                                    batch_size=a.batch_size, offload_activations=a.calib_offload)
+        except torch.OutOfMemoryError as err:  # report it (under --mem-cap-gb this is the point) and go on
+            row.update(error=str(err), peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                       mem_cap_gib=a.mem_cap_gb, device=torch.cuda.get_device_name(device))
+            print(json.dumps(row), flush=True)
+            del m
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        row.update({
             "quantize_s": round(elapsed, 3), "phases_s": {k: round(v, 3) for k, v in report.timings.items()},
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
             "model_gib": round(model_gb, 3), "mem_cap_gib": a.mem_cap_gb, "device": torch.cuda.get_device_name(device),
             "torch": torch.__version__,
-        }
+        })
         print(json.dumps(row), flush=True)
+        if a.compare_uncapped and a.mem_cap_gb:
+            compare_uncapped(model, m, name, a, calib, device)
         del m
         torch.cuda.empty_cache()
     return 0
+
+
+@torch.no_grad()
+def compare_uncapped(model, capped, name: str, a: argparse.Namespace, calib: torch.Tensor, device) -> None:
+    """Quantize again without the cap (default batch 8) and print how many weights agree with the capped run."""
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    free = copy.deepcopy(model)
+    quantize_model(free, method_config(name, a.wbits, a.wgroup), calib, device, progress=False)
+    equal = total = 0
+    worst = 0.0
+    for (_, p), (_, q) in zip(capped.named_parameters(), free.named_parameters()):
+        equal += int(torch.isclose(p.float(), q.float(), rtol=1e-3, atol=1e-5).sum())
+        total += p.numel()
+        worst = max(worst, float((p.float() - q.float()).abs().max()))
+    print(json.dumps({"shape": a.shape, "method": name, "capped_vs_uncapped_equal_fraction": round(equal / total, 6),
+                      "max_abs_diff": worst}), flush=True)
+    torch.cuda.set_per_process_memory_fraction(a.mem_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory, 0)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from .quantizers import QuantSpec, QuantizationError, dequantize, fake_quantize,
 
 
 def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu", progress: bool = False,
-              batch_size: int = 8):
+              batch_size: int = 8, offload_activations: bool = False):
     """Quantize ``model`` in place according to ``config``; returns the :class:`~ptqlab.pipeline.QuantReport`."""
     from .pipeline import quantize_model
 
-    return quantize_model(model, config, calibration, device, progress, batch_size)
+    return quantize_model(model, config, calibration, device, progress, batch_size, offload_activations)
 
 
 __all__ = ["GPTQOptions", "QuantConfig", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",

@@ -53,6 +53,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--offload", action="store_true", default=None,
                    help="evaluate one block at a time on the device (default: only if the model does not fit)")
+    p.add_argument("--calib-batch", type=int, default=8,
+                   help="windows per block forward while calibrating (lower it if the GPU runs out of memory)")
+    p.add_argument("--calib-offload", action="store_true",
+                   help="keep the calibration hidden states in CPU memory, one batch at a time on the GPU")
 
 
 def config_from_args(a: argparse.Namespace) -> QuantConfig:
@@ -113,7 +117,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         seqlen=a.seqlen, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed,
         max_eval_windows=a.max_eval_windows, dtype=a.dtype,
     )
-    session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload)
+    session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
+                           a.calib_batch, a.calib_offload)
     record = run(spec, session, progress=not a.no_progress)
     _append_jsonl(a.output, record)
     print_table([record])
@@ -128,7 +133,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     device = _default_device(a.device)
     max_windows = None if a.full or device != "cpu" else a.max_eval_windows
-    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload)
+    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
+                           a.calib_batch, a.calib_offload)
     w4 = QuantSpec(4, True, 128)
     a8 = QuantSpec(8, True, 0)
     configs = [
@@ -216,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        import torch
+
+        if not isinstance(err, torch.OutOfMemoryError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

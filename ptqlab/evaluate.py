@@ -87,7 +87,7 @@ def perplexity_offloaded(
     hidden = inputs.hidden
     for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
         block.to(device)
-        hidden = run_block(block, hidden, inputs)
+        hidden = run_block(block, hidden, inputs, out=hidden)
         block.to("cpu")
     tail = [*adapter.final_modules, adapter.lm_head]
     for m in tail:

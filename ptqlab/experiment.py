@@ -84,9 +84,15 @@ class ModelSession:
     """A loaded model and the data its runs share (tokenized splits, calibration windows)."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", data_dir: str | None = None,
-                 progress: bool = True, offload: bool | None = None) -> None:
-        """``offload``: evaluate block by block (None: only when the model does not fit on the device)."""
+                 progress: bool = True, offload: bool | None = None, calib_batch: int = 8,
+                 calib_offload: bool = False) -> None:
+        """``offload``: evaluate block by block (None: only when the model does not fit on the device).
+        ``calib_batch``: windows per block forward while calibrating (bounds activation memory);
+        ``calib_offload``: keep the calibration hidden states in CPU memory."""
+        if calib_batch < 1:
+            raise ValueError(f"calibration batch must be at least 1 window, got {calib_batch}")
         self.name, self.device, self.data_dir, self.progress = model, device, data_dir, progress
+        self.calib_batch, self.calib_offload = calib_batch, calib_offload
         self.offload = offload
         self.dtype = resolve_dtype(dtype, device)
         self.dtype_name = dtype
@@ -160,7 +166,8 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
 
     model = session.fresh_model()
     t0 = time.perf_counter()
-    report = quantize_model(model, spec.config, calib_windows, session.device, progress)
+    report = quantize_model(model, spec.config, calib_windows, session.device, progress, session.calib_batch,
+                            session.calib_offload)
     quant_time = time.perf_counter() - t0
     report.calibration = calib_source
 

@@ -17,7 +17,7 @@ so the methods see the inputs they will see at inference.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -78,26 +78,37 @@ class BlockInputs:
     """Hidden states entering a block for every window, and the keyword arguments blocks take.
 
     Some of those arguments (attention masks, BLOOM's ALiBi) are shaped for the
-    batch size they were made with, so they are kept per batch size.
+    batch size they were made with, so they are kept per batch size. The
+    hidden states may be kept in CPU memory (``offload``) while the blocks run
+    on the accelerator: each batch is then moved there when it is used.
     """
 
     hidden: torch.Tensor  # [n, seqlen, hidden]
     kwargs: dict[int, dict]
     batch_size: int
+    device: torch.device  # where the blocks run
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, device: torch.device, batch_size: int = 8
+    model: nn.Module,
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+    offload: bool = False,
 ) -> BlockInputs:
-    """Run the model up to block 0 for each batch of windows and keep what enters the block."""
+    """Run the model up to block 0 for each batch of windows and keep what enters the block.
+
+    With ``offload`` the hidden states are kept in (pinned) CPU memory rather than on ``device``.
+    """
     captured: list[torch.Tensor] = []
     kwargs_by_batch: dict[int, dict] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden)
+        captured.append(hidden.cpu() if offload else hidden)
         kwargs["use_cache"] = False
         kwargs_by_batch.setdefault(hidden.shape[0], kwargs)
         raise _StopForward
@@ -114,7 +125,10 @@ def capture_block_inputs(
     finally:
         handle.remove()
         _move_outside_blocks(model, adapter.blocks, torch.device("cpu"))
-    return BlockInputs(torch.cat(captured[1:]), kwargs_by_batch, batch_size)
+    hidden = torch.cat(captured[1:])
+    if offload and device.type == "cuda":
+        hidden = hidden.pin_memory()  # asynchronous, faster host-to-device copies
+    return BlockInputs(hidden, kwargs_by_batch, batch_size, device)
 
 
 def _cast_floats(value, dtype: torch.dtype):
@@ -128,18 +142,39 @@ def _cast_floats(value, dtype: torch.dtype):
 def block_inputs_as(inputs: BlockInputs, dtype: torch.dtype) -> BlockInputs:
     """The same block inputs with floating kwargs (ALiBi, rotary tables) cast, for a block run in ``dtype``."""
     kwargs = {b: {k: _cast_floats(v, dtype) for k, v in kw.items()} for b, kw in inputs.kwargs.items()}
-    return BlockInputs(inputs.hidden, kwargs, inputs.batch_size)
+    return BlockInputs(inputs.hidden, kwargs, inputs.batch_size, inputs.device)
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
-    """Run a decoder block on ``hidden`` ``[n, seqlen, h]`` in batches of the captured size."""
-    outs = []
+def _block_outputs(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> Iterator[torch.Tensor]:
+    """The block's outputs for ``hidden`` ``[n, seqlen, h]``, batch by batch in the captured batch size."""
     for chunk in hidden.split(inputs.batch_size):
         pieces = [chunk] if chunk.shape[0] in inputs.kwargs else chunk.split(1)
         for piece in pieces:
-            out = block(piece, **inputs.kwargs[piece.shape[0]])
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return torch.cat(outs)
+            out = block(piece.to(inputs.device, non_blocking=True), **inputs.kwargs[piece.shape[0]])
+            yield out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a decoder block on ``hidden`` ``[n, seqlen, h]``; returns its outputs.
+
+    ``out`` (which may be ``hidden`` itself: each batch's output depends on that
+    batch alone) receives them in place of a new tensor. At 128 windows of
+    2048 tokens one copy of the hidden states is hundreds of MiB to GiBs of
+    device memory, and concatenating batch outputs would briefly need two.
+    """
+    if out is None:
+        return torch.cat(list(_block_outputs(block, hidden, inputs)))
+    start = 0
+    for y in _block_outputs(block, hidden, inputs):
+        out[start : start + y.shape[0]].copy_(y)
+        start += y.shape[0]
+    return out
+
+
+def forward_only(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs) -> None:
+    """Run the block for its hooks' sake (Hessians), keeping none of its outputs."""
+    for _ in _block_outputs(block, hidden, inputs):
+        pass
 
 
 class _HessianCollector:
@@ -222,7 +257,7 @@ def _quantize_group(
     originals = {n: linears[n].weight.data.clone() for n in names}
     if config.method in ("fp16", "zq-global") or not config.weight.enabled:
         return originals
-    W = torch.cat([originals[n] for n in names]).float()
+    W = torch.cat([originals[n] for n in names])  # the methods work in float32 on their own copy
     label = "+".join(linears[n].name for n in names)
     with _Timer(report, "solve", device):
         if config.method == "rtn":
@@ -279,6 +314,66 @@ def _bits_per_weight(layers: Iterable[QuantLinear], config: QuantConfig) -> floa
     return total_bits / max(total_weights, 1.0)
 
 
+def _quantize_block(
+    index: int,
+    block: nn.Module,
+    config: QuantConfig,
+    hidden: torch.Tensor | None,
+    inputs: BlockInputs | None,
+    report: QuantReport,
+    device: torch.device,
+) -> list[QuantLinear]:
+    """Quantize one block on ``device``; with calibration, ``hidden`` is replaced in place by its outputs."""
+    linears = wrap_linears(block, prefix=f"blocks.{index}.")
+    for layer in linears.values():
+        layer.act_spec = config.act
+    collector = None
+    targets = None
+    if hidden is not None:
+        if config.method == "zq-global":
+            with _Timer(report, "targets", device):
+                for layer in linears.values():
+                    layer.act_spec = QuantSpec()
+                targets = run_block(block, hidden, inputs, out=torch.empty_like(hidden))
+                for layer in linears.values():
+                    layer.act_spec = config.act
+        with _Timer(report, "hessian", device):
+            collector = _HessianCollector(linears)
+            forward_only(block, hidden, inputs)
+            collector.close()
+    groups = collector.groups() if collector else {n: [n] for n in linears}
+    originals: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor | None] = {}
+    for owner, names in groups.items():
+        H = collector.hessian(owner) if collector else None
+        originals.update(_quantize_group(names, linears, config, H, report, device))
+        hessians.update({n: H for n in names})
+    if config.method == "zq-global":
+        o = config.zq
+        with _Timer(report, "solve", device):
+            # The latent weights start at W, so the first step's forward is exactly RTN.
+            history = zq_global_block(
+                block,
+                linears,
+                config.weight,
+                lambda b, x, fp32_inputs=block_inputs_as(inputs, torch.float32): run_block(b, x, fp32_inputs),
+                hidden,
+                targets,
+                o.global_steps,
+                o.global_lr,
+                o.global_batch_size,
+            )
+        report.layers.append({"layer": f"blocks.{index}", "zq_global_mse": [history[0], history[-1]] if history else []})
+        del targets
+    for name, layer in linears.items():
+        _finish_layer(name, layer, originals[name], config, hessians[name], report, device)
+    del hessians, originals
+    if hidden is not None:
+        with _Timer(report, "propagate", device):
+            run_block(block, hidden, inputs, out=hidden)
+    return list(linears.values())
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -287,14 +382,20 @@ def quantize_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     batch_size: int = 8,
+    offload_activations: bool = False,
 ) -> QuantReport:
     """Quantize ``model`` in place, block by block; returns the report.
 
     ``calibration`` holds token windows ``[n, seqlen]``; it is required by
     the calibrated methods (GPTQ, ZQ-Local, ZQ-Global, activation-aware LoRC)
     and optional otherwise (with it, RTN also logs per-layer output errors).
-    The model may live on the CPU: only one block at a time is moved to ``device``.
-    ``batch_size`` windows go through a block at once while calibrating.
+    The model may live on the CPU: only one block at a time is moved to
+    ``device``, with the hidden states of all windows (``n x seqlen x hidden``).
+    ``batch_size`` windows go through a block at once while calibrating; it
+    bounds the block's activation memory (and the Hessian inputs in float32).
+    ``offload_activations`` keeps those hidden states in CPU memory instead,
+    moving one batch at a time to ``device``: slower (host-device copies each
+    pass) but the device then holds little more than one block.
     """
     device = torch.device(device)
     adapter = get_adapter(model)
@@ -304,63 +405,27 @@ def quantize_model(
     quantized: list[QuantLinear] = []
 
     hidden = inputs = None
-    if calibration is not None:
-        with _Timer(report, "capture", device):
-            inputs = capture_block_inputs(model, adapter, calibration, device, batch_size)
-            hidden = inputs.hidden
-
-    for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
-        block.to(device)
-        linears = wrap_linears(block, prefix=f"blocks.{index}.")
-        for layer in linears.values():
-            layer.act_spec = config.act
-        collector = None
-        targets = None
-        if hidden is not None:
-            if config.method == "zq-global":
-                with _Timer(report, "targets", device):
-                    for layer in linears.values():
-                        layer.act_spec = QuantSpec()
-                    targets = run_block(block, hidden, inputs)
-                    for layer in linears.values():
-                        layer.act_spec = config.act
-            with _Timer(report, "hessian", device):
-                collector = _HessianCollector(linears)
-                run_block(block, hidden, inputs)
-                collector.close()
-        groups = collector.groups() if collector else {n: [n] for n in linears}
-        originals: dict[str, torch.Tensor] = {}
-        hessians: dict[str, torch.Tensor | None] = {}
-        for owner, names in groups.items():
-            H = collector.hessian(owner) if collector else None
-            originals.update(_quantize_group(names, linears, config, H, report, device))
-            hessians.update({n: H for n in names})
-        if config.method == "zq-global":
-            o = config.zq
-            with _Timer(report, "solve", device):
-                # The latent weights start at W, so the first step's forward is exactly RTN.
-                history = zq_global_block(
-                    block,
-                    linears,
-                    config.weight,
-                    lambda b, x, fp32_inputs=block_inputs_as(inputs, torch.float32): run_block(b, x, fp32_inputs),
-                    hidden,
-                    targets,
-                    o.global_steps,
-                    o.global_lr,
-                    o.global_batch_size,
-                )
-            report.layers.append({"layer": f"blocks.{index}", "zq_global_mse": [history[0], history[-1]] if history else []})
-        for name, layer in linears.items():
-            _finish_layer(name, layer, originals[name], config, hessians[name], report, device)
-        quantized.extend(linears.values())
-        if hidden is not None:
-            with _Timer(report, "propagate", device):
-                hidden = run_block(block, hidden, inputs)
-        block.to("cpu")
-        del collector, targets, hessians
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    where = "capturing the inputs of block 0"
+    try:
+        if calibration is not None:
+            with _Timer(report, "capture", device):
+                inputs = capture_block_inputs(model, adapter, calibration, device, batch_size, offload_activations)
+                hidden = inputs.hidden
+        for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
+            where = f"quantizing block {index}"
+            block.to(device)
+            quantized.extend(_quantize_block(index, block, config, hidden, inputs, report, device))
+            block.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except torch.OutOfMemoryError as e:
+        n = 0 if calibration is None else calibration.numel()
+        raise torch.OutOfMemoryError(
+            f"out of {device} memory while {where}. Only one block and the hidden states of the calibration "
+            f"windows ({n} tokens) need to fit: lower the calibration batch (--calib-batch, now {batch_size}), "
+            f"keep the hidden states in CPU memory (--calib-offload{', on now' if offload_activations else ''}) "
+            f"or lower --nsamples. ({e})"
+        ) from e
 
     if config.quantize_head and config.weight.enabled:
         quantized.append(_quantize_head(model, adapter, config))

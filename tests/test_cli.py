@@ -48,6 +48,7 @@ def test_make_tiny_then_run(tmp_path, data_dir):
         (["--method", "gptq"], "give --wbits between 2 and 8"),
         (["--method", "gptq", "--wbits", "4", "--nsamples", "0", "--calib", "ptb"], "nsamples must be at least 1"),
         (["--seqlen", "100000"], "beyond the maximum"),
+        (["--calib-batch", "0"], "calibration batch must be at least 1"),
     ],
 )
 def test_bad_input_is_a_clear_error(extra, message, tiny_models, data_dir, capsys):

@@ -430,6 +430,19 @@ def test_lorc_eight_bit_factors_near_bound(rank):
     assert resid < resid2
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_lorc_zero_and_rank_deficient_errors(shape):
+    # A layer whose error is zero (e.g. already on the grid) gets zero factors, not NaN.
+    u, v = lorc_factors(torch.zeros(*shape), 4, QuantSpec(bits=16))
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(v, torch.zeros_like(v))
+    # An error of rank 2 asked for rank 4: recovered exactly, the two extra directions are zero.
+    gen = torch.Generator().manual_seed(3)
+    E = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
+    u, v = lorc_factors(E, 4, QuantSpec(bits=16))
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    torch.testing.assert_close(u @ v, E, rtol=0, atol=1e-5)
+
+
 def test_lorc_rank_errors():
     E = torch.randn(6, 10)
     with pytest.raises(QuantizationError, match=r"fc2: LoRC rank 7 exceeds min\(out, in\) = 6"):

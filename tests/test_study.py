@@ -168,7 +168,7 @@ def test_force_recomputes_only_the_plan(env, tmp_path):
     assert main(_study_args(env, recipe, db, "--set", "max_eval_windows=1")) == 0
     before = {r["run_hash"]: r for r in _rows(db)}
     grid = ["study", "--grid", "method=rtn wbits=4", "--model", env["model"], "--db", str(db), "--device", "cpu",
-            "--data-dir", env["data"], "--set", f"seqlen=64 max_eval_windows=1 eval=wikitext2,ptb", "--force"]
+            "--data-dir", env["data"], "--set", "seqlen=64 max_eval_windows=1 eval=wikitext2,ptb", "--force"]
     assert main(grid) == 0
     after = {r["run_hash"]: r for r in _rows(db)}
     assert after.keys() == before.keys()
@@ -186,7 +186,7 @@ def test_force_recomputes_only_the_plan(env, tmp_path):
 
 
 def test_nonsense_runs_are_dropped_or_merged(env):
-    text = f"""
+    text = """
 models: [m]
 axes:
   - method: [fp16, rtn, gptq]

@@ -123,7 +123,7 @@ def gptq_quantize(
         raise QuantizationError(f"{name}: GPTQ needs a weight spec of 2..8 bits")
     check_finite(weight, f"{name} weight")
     check_finite(H, f"{name} Hessian")
-    W = weight.detach().float().clone()
+    W = weight.detach().to(torch.float32, copy=True)
     # Work on the caller's float32 Hessian in place (restored below) rather than on a copy: at
     # FFN widths each [in, in] copy is hundreds of MiB of GPU memory.
     H = H.detach()

@@ -19,6 +19,30 @@ import torch
 from ..quantizers import QuantizationError, QuantSpec, fake_quantize
 
 
+def top_singular_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_m S_m^(1/2), S_m^(1/2) V_m^T)``: the best rank-``m`` factors of ``E``, split evenly.
+
+    Only ``m`` singular triplets are needed, so instead of a full SVD this
+    takes the eigenvectors of the smaller Gram matrix (``E^T E`` or ``E E^T``)
+    in float64 and gets the other side by one product with ``E``: the same
+    subspace, about 9x faster on the GPU for 4096-wide layers
+    (bench/bench_lorc_svd.py). Squaring ``E`` only costs accuracy in singular
+    values below ~1e-8 of the largest, which carry no energy worth keeping.
+    """
+    tall = E.shape[0] >= E.shape[1]
+    E64 = E.double()
+    gram = E64.t() @ E64 if tall else E64 @ E64.t()
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+    sigma = eigvals[-rank:].flip(0).clamp(min=0).sqrt()
+    vecs = eigvecs[:, -rank:].flip(1).to(E.dtype)
+    root = sigma.sqrt().to(E.dtype)
+    inv_root = torch.where(root > 0, 1 / root, torch.zeros_like(root))  # a zero singular value: a zero factor
+    if tall:  # vecs are V_m: U_m S_m^(1/2) = E V_m S_m^(-1/2)
+        return (E @ vecs) * inv_root, root[:, None] * vecs.t()
+    # vecs are U_m: S_m^(1/2) V_m^T = S_m^(-1/2) U_m^T E
+    return vecs * root, inv_root[:, None] * (vecs.t() @ E)
+
+
 @torch.no_grad()
 def lorc_factors(
     error: torch.Tensor,
@@ -34,8 +58,8 @@ def lorc_factors(
     out_features, in_features = error.shape
     if rank > min(out_features, in_features):
         raise QuantizationError(f"{name}: LoRC rank {rank} exceeds min(out, in) = {min(out_features, in_features)}")
-    # float64 where it is cheap (CPU); on the GPU float64 SVD is ~10x slower than float32 and
-    # float32 is ample for a factor that is then stored in 8 bits.
+    # float64 where it is cheap (CPU); on the GPU float32 for the [out, in] products, while the
+    # Gram matrix and its eigendecomposition below are always float64.
     work = torch.float64 if error.device.type == "cpu" else torch.float32
     E = error.to(work)
     L = None
@@ -50,10 +74,7 @@ def lorc_factors(
                 f"{name}: input Hessian is not positive definite for activation-aware LoRC; raise percdamp (now {percdamp})"
             )
         E = E @ L
-    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-    root = S[:rank].sqrt()
-    u = U[:, :rank] * root
-    v = root[:, None] * Vh[:rank]
+    u, v = top_singular_factors(E, rank)
     if L is not None:
         # v L^-1, i.e. solve X L = v for X
         v = torch.linalg.solve_triangular(L, v, upper=False, left=False)

@@ -115,9 +115,13 @@ def zq_global_block(
     opt = torch.optim.Adam(params, lr=lr * rms)
     gen = torch.Generator().manual_seed(seed)
     n = inputs.shape[0]
+    device = params[0].device  # inputs and targets may be kept in CPU memory
+
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, non_blocking=True).float()
 
     def full_mse() -> torch.Tensor:
-        return torch.stack([nn.functional.mse_loss(run_block(block, x.float()).float(), t.float())
+        return torch.stack([nn.functional.mse_loss(run_block(block, on_device(x)).float(), on_device(t))
                             for x, t in zip(inputs.split(batch_size), targets.split(batch_size))]).mean()
 
     losses = []
@@ -131,8 +135,8 @@ def zq_global_block(
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randperm(n, generator=gen)[: min(batch_size, n)].to(inputs.device)
-                out = run_block(block, inputs[idx].float())
-                loss = nn.functional.mse_loss(out.float(), targets[idx].float())
+                out = run_block(block, on_device(inputs[idx]))
+                loss = nn.functional.mse_loss(out.float(), on_device(targets[idx]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
