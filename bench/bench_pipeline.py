@@ -152,13 +152,18 @@ def main() -> int:
 
 @torch.no_grad()
 def compare_uncapped(model, capped, name: str, a: argparse.Namespace, calib: torch.Tensor, device) -> None:
-    """Quantize again without the cap (default batch 8) and print how many weights agree with the capped run."""
+    """Quantize again without the cap, hidden states on the GPU, and count the weights that agree with the capped run."""
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     free = copy.deepcopy(model)
-    quantize_model(free, method_config(name, a.wbits, a.wgroup), calib, device, progress=False)
+    quantize_model(free, method_config(name, a.wbits, a.wgroup), calib, device, progress=False, batch_size=a.batch_size)
+    from ptqlab.models import QuantLinear
+
+    def weights(model):  # effective weights (Q + U V: the LoRC factors' signs are a convention)
+        return [m.effective_weight() for m in model.modules() if isinstance(m, QuantLinear)]
+
     equal = total = 0
     worst = 0.0
-    for (_, p), (_, q) in zip(capped.named_parameters(), free.named_parameters()):
+    for p, q in zip(weights(capped), weights(free)):
         equal += int(torch.isclose(p.float(), q.float(), rtol=1e-3, atol=1e-5).sum())
         total += p.numel()
         worst = max(worst, float((p.float() - q.float()).abs().max()))

@@ -3,6 +3,7 @@
     python bench/quality_testbed.py --out quality.jsonl [--models testbed-opt,testbed-bloom] [--set main|zq]
 
 ``--set main``: FP16, RTN, GPTQ (+act-order), LoRC (plain and activation-aware), W4A8;
+``--set lorc``: only the LoRC runs of the main set;
 ``--set zq``: the ZeroQuant-Local/Global learning-rate and step sweep that chose their defaults.
 One JSON record per run (the same records as ``ptqlab run --output``).
 """
@@ -35,6 +36,11 @@ def main_set() -> list[QuantConfig]:
     ]
 
 
+def lorc_set() -> list[QuantConfig]:
+    """The LoRC rows of the main set (rechecks LoRC after a change to its solver)."""
+    return [c for c in main_set() if c.lorc_rank]
+
+
 def zq_set() -> list[QuantConfig]:
     w3 = QuantSpec(3, True, 128)
     out = []
@@ -50,13 +56,13 @@ def zq_set() -> list[QuantConfig]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="testbed-opt,testbed-bloom")
-    p.add_argument("--set", choices=["main", "zq"], default="main")
+    p.add_argument("--set", choices=["main", "lorc", "zq"], default="main")
     p.add_argument("--eval", default="wikitext2,ptb,heldout")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    configs = main_set() if a.set == "main" else zq_set()
+    configs = {"main": main_set, "lorc": lorc_set, "zq": zq_set}[a.set]()
     for model in a.models.split(","):
         session = ModelSession(model, a.device, "auto", a.data_dir, progress=False)
         for config in configs:

@@ -181,7 +181,11 @@ class _HessianCollector:
     """Accumulates ``X^T X`` of each distinct linear input of a block.
 
     Linears called one after the other on the very same tensor (q, k, v;
-    gate, up) share one accumulator.
+    gate, up) share one accumulator. "The very same" is object identity and
+    an unchanged version counter, never the data address: a freed
+    activation's memory is soon handed to the next tensor of its size (so
+    OPT's fc1 input can sit where out_proj's input was), and an in-place op
+    changes the data at the same address.
     """
 
     def __init__(self, linears: dict[str, QuantLinear]) -> None:
@@ -189,18 +193,22 @@ class _HessianCollector:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
-        self._last: tuple[str, int, tuple] | None = None
+        # the last linear called and its input; holding the tensor keeps its memory from being reused
+        self._last: tuple[str, torch.Tensor, int] | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def hook(module: QuantLinear, args: tuple) -> None:
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if name not in self.owner:
-                last = self._last
-                same_input = last is not None and (last[1], last[2]) == key
-                self.owner[name] = self.owner[last[0]] if same_input else name
-            self._last = (name, *key)
+            last = self._last
+            same_input = last is not None and last[1] is x and last[2] == x._version
+            owner = self.owner[last[0]] if same_input else name
+            if self.owner.setdefault(name, owner) != owner:
+                raise RuntimeError(
+                    f"{module.name}: reads {'the same' if same_input else 'a different'} input as the linear "
+                    f"before it in one batch but not in another; its Hessian cannot be shared consistently"
+                )
+            self._last = (name, x, x._version)
             if self.owner[name] != name:
                 return
             xq = module.quantize_input(x).reshape(-1, x.shape[-1])

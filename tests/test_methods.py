@@ -404,6 +404,9 @@ def test_lorc_full_precision_factors_reach_eckart_young(shape, rank):
     assert resid == pytest.approx(bound, rel=1e-5)
     # the two factors share sqrt(sigma): their column/row norms are equal
     torch.testing.assert_close(u.norm(dim=0), v.norm(dim=1), rtol=1e-4, atol=0)
+    # sign convention: the singular vectors taken from the eigendecomposition have their largest entry positive
+    side = v.t() if shape[0] >= shape[1] else u
+    assert (side.gather(0, side.abs().argmax(dim=0, keepdim=True)) > 0).all()
 
 
 def test_lorc_full_rank_recovers_error():

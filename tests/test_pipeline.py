@@ -228,3 +228,69 @@ def test_bad_calibration_inputs(tiny_models, data_dir, tmp_path):
     short.write_text("only a few words here")
     with pytest.raises(DataError, match="too short"):
         session.calibration(str(short), 4, 64, 0)
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two linears fed different data of the same shape: a fresh tensor (which an allocator may place
+    where the first, already freed, input was), or the first input changed in place (same address,
+    same object, new data). Neither may share the first linear's Hessian.
+    """
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.a = torch.nn.Linear(16, 16, bias=False)
+        self.b = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        t = x * 2
+        y = self.a(t)
+        if self.in_place:
+            return y + self.b(t.copy_(torch.tanh(x)))
+        del t
+        return y + self.b(torch.tanh(x))
+
+    @staticmethod
+    def inputs(x):
+        return x * 2, torch.tanh(x)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_hessians_are_shared_by_tensor_identity_not_address(in_place):
+    from ptqlab.pipeline import _HessianCollector
+
+    torch.manual_seed(0)
+    toy = _TwoInputs(in_place)
+    collector = _HessianCollector(wrap_linears(toy))
+    xs = [torch.randn(4, 8, 16) for _ in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            toy(x)
+    collector.close()
+    assert collector.groups() == {"a": ["a"], "b": ["b"]}
+    X = torch.cat(xs).reshape(-1, 16)
+    for name, inp in zip("ab", _TwoInputs.inputs(X)):
+        torch.testing.assert_close(collector.hessian(name), 2 * inp.t() @ inp / inp.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_real_blocks_share_exactly_the_expected_hessians(tiny_models, data_dir):
+    from ptqlab.pipeline import _HessianCollector, capture_block_inputs, forward_only
+
+    expected = {
+        "opt": {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "self_attn.out_proj": ["self_attn.out_proj"], "fc1": ["fc1"], "fc2": ["fc2"]},
+        "bloom": {"self_attention.query_key_value": ["self_attention.query_key_value"],
+                  "self_attention.dense": ["self_attention.dense"],
+                  "mlp.dense_h_to_4h": ["mlp.dense_h_to_4h"], "mlp.dense_4h_to_h": ["mlp.dense_4h_to_h"]},
+    }
+    for arch, groups in expected.items():
+        model, tok = load_model(tiny_models[arch], torch.float32)
+        adapter = get_adapter(model)
+        inputs = capture_block_inputs(model, adapter, _windows(tok, data_dir, n=6), torch.device("cpu"), 2)
+        for block in adapter.blocks:
+            collector = _HessianCollector(wrap_linears(block))
+            with torch.no_grad():
+                forward_only(block, inputs.hidden, inputs)
+            collector.close()
+            got = {owner: sorted(names) for owner, names in collector.groups().items()}
+            assert got == {owner: sorted(names) for owner, names in groups.items()}, (arch, got)

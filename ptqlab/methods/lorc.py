@@ -34,7 +34,11 @@ def top_singular_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     gram = E64.t() @ E64 if tall else E64 @ E64.t()
     eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
     sigma = eigvals[-rank:].flip(0).clamp(min=0).sqrt()
-    vecs = eigvecs[:, -rank:].flip(1).to(E.dtype)
+    vecs = eigvecs[:, -rank:].flip(1)
+    # Singular vectors are defined up to sign; fix it (largest entry positive) so that the factors,
+    # not only their product, are reproducible across devices and solvers.
+    pivot = vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True))
+    vecs = (vecs * torch.where(pivot < 0, -1.0, 1.0)).to(E.dtype)
     root = sigma.sqrt().to(E.dtype)
     inv_root = torch.where(root > 0, 1 / root, torch.zeros_like(root))  # a zero singular value: a zero factor
     if tall:  # vecs are V_m: U_m S_m^(1/2) = E V_m S_m^(-1/2)
