@@ -4,6 +4,7 @@
 
 ``--set main``: FP16, RTN, GPTQ (+act-order), LoRC (plain and activation-aware), W4A8;
 ``--set lorc``: only the LoRC runs of the main set;
+``--set zq-global``: ZQ-Global steps x lr on each model;
 ``--set zq``: the ZeroQuant-Local/Global learning-rate and step sweep that chose their defaults.
 One JSON record per run (the same records as ``ptqlab run --output``).
 """
@@ -53,16 +54,23 @@ def zq_set() -> list[QuantConfig]:
     return out
 
 
+def zq_global_set() -> list[QuantConfig]:
+    """ZQ-Global steps x learning rate at W3 g128 (checks that its defaults carry over across models)."""
+    w3 = QuantSpec(3, True, 128)
+    return [QuantConfig("zq-global", w3, zq=ZQOptions(global_steps=steps, global_lr=lr))
+            for lr in (3e-4, 1e-3, 3e-3) for steps in (50, 100, 200)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="testbed-opt,testbed-bloom")
-    p.add_argument("--set", choices=["main", "lorc", "zq"], default="main")
+    p.add_argument("--set", choices=["main", "lorc", "zq", "zq-global"], default="main")
     p.add_argument("--eval", default="wikitext2,ptb,heldout")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    configs = {"main": main_set, "lorc": lorc_set, "zq": zq_set}[a.set]()
+    configs = {"main": main_set, "lorc": lorc_set, "zq": zq_set, "zq-global": zq_global_set}[a.set]()
     for model in a.models.split(","):
         session = ModelSession(model, a.device, "auto", a.data_dir, progress=False)
         for config in configs:

@@ -17,7 +17,8 @@ def _models(values: list[str] | None) -> list[str] | None:
 def _worker_options(a: argparse.Namespace, db: str):
     from .runner import WorkerOptions
 
-    return WorkerOptions(db=db, data_dir=a.data_dir, stale_after=a.stale_after, progress=a.progress)
+    return WorkerOptions(db=db, data_dir=a.data_dir, stale_after=a.stale_after, progress=a.progress,
+                         calib_batch=a.calib_batch, calib_offload=a.calib_offload)
 
 
 def _run_queue(a: argparse.Namespace, db: str) -> int:
@@ -165,6 +166,8 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stale-after", type=float, default=300.0,
                    help="seconds without a heartbeat after which another worker takes a run over (default 300)")
     g.add_argument("--progress", action="store_true", help="progress bars inside each run")
+    g.add_argument("--calib-batch", type=int, default=8, help="windows per block forward while calibrating")
+    g.add_argument("--calib-offload", action="store_true", help="keep calibration hidden states in CPU memory")
 
 
 def add_study_commands(sub: argparse._SubParsersAction) -> None:

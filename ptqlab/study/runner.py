@@ -59,6 +59,8 @@ class WorkerOptions:
     progress: bool = False
     threads: int | None = None  # torch CPU threads (spawned CPU workers share the cores)
     parent_pid: int | None = None  # spawned workers stop after their run when this process is gone
+    calib_batch: int = 8  # windows per block forward while calibrating (memory, not results)
+    calib_offload: bool = False  # calibration hidden states in CPU memory
 
 
 def resolve_calib(calib: str) -> str:
@@ -172,7 +174,8 @@ def work(opts: WorkerOptions) -> dict[str, int]:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    session = ModelSession(key[0], opts.device, key[1], opts.data_dir, opts.progress)
+                    session = ModelSession(key[0], opts.device, key[1], opts.data_dir, opts.progress,
+                                           calib_batch=opts.calib_batch, calib_offload=opts.calib_offload)
                     session_key = key
                 record = execute(claim.spec, session, opts.progress)
                 finished = store.finish(claim, record)
