@@ -198,4 +198,6 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
         "layers": report.layers,
         "versions": versions(session.device),
+        # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
+        "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload},
     }

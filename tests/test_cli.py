@@ -27,6 +27,7 @@ def test_run_w4a8_rtn_g128_writes_a_record(arch, tiny_models, data_dir, tmp_path
     assert r["bits_per_weight"] == pytest.approx(4 + 16 / 128)
     assert r["time_s"] > 0
     assert set(r["versions"]) >= {"ptqlab", "torch", "transformers", "device"}
+    assert r["execution"] == {"calib_batch": 8, "calib_offload": False}
     assert r["data_sources"]["wikitext2"].startswith("local:")
     assert r["ppl"] == records[1]["ppl"], "deterministic"
     assert "wikitext2" in capsys.readouterr().out
@@ -37,7 +38,9 @@ def test_make_tiny_then_run(tmp_path, data_dir):
     assert main(["run", "--model", str(tmp_path / "m"), "--method", "gptq", "--wbits", "3", "--wgroup", "32",
                  "--calib", str(data_dir / "ptb" / "ptb.valid.txt"), "--nsamples", "2", "--seqlen", "32",
                  "--eval", "ptb", "--max-eval-windows", "2", "--data-dir", str(data_dir), "--no-progress",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--calib-batch", "1", "--calib-offload", "--output", str(tmp_path / "r.jsonl")]) == 0
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    assert record["execution"] == {"calib_batch": 1, "calib_offload": True}
 
 
 @pytest.mark.parametrize(
