@@ -51,6 +51,11 @@ def build(shape: str) -> torch.nn.Module:
     return model
 
 
+def cap_gpu_memory(gib: float, device: torch.device) -> None:
+    """Let this process allocate at most ``gib`` GiB on ``device`` (the caching allocator's limit)."""
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(device).total_memory, device)
+
+
 def method_config(name: str, wbits: int, wgroup: int) -> QuantConfig:
     spec = QuantSpec(wbits, True, wgroup)
     lorc = 8 if name.endswith("+lorc") else 0
@@ -74,7 +79,6 @@ def main() -> int:
     a = p.parse_args()
 
     device = torch.device("cuda", 0)
-    total = torch.cuda.get_device_properties(device).total_memory
     t0 = time.perf_counter()
     model = build(a.shape)
     n_params = sum(p.numel() for p in model.parameters())
@@ -82,7 +86,7 @@ def main() -> int:
     print(f"# built {a.shape}: {n_params / 1e6:.1f}M parameters, {model_gb:.2f} GiB fp16, {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if a.mem_cap_gb:
-        torch.cuda.set_per_process_memory_fraction(a.mem_cap_gb * 2**30 / total, 0)
+        cap_gpu_memory(a.mem_cap_gb, device)
         try:  # show that the whole model does not fit under the cap
             copy.deepcopy(model).to(device)
             whole_model_fits = True
@@ -169,7 +173,7 @@ def compare_uncapped(model, capped, name: str, a: argparse.Namespace, calib: tor
         worst = max(worst, float((p.float() - q.float()).abs().max()))
     print(json.dumps({"shape": a.shape, "method": name, "capped_vs_uncapped_equal_fraction": round(equal / total, 6),
                       "max_abs_diff": worst}), flush=True)
-    torch.cuda.set_per_process_memory_fraction(a.mem_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory, 0)
+    cap_gpu_memory(a.mem_cap_gb, device)
 
 
 if __name__ == "__main__":
