@@ -25,6 +25,7 @@ from ptqlab.cli import main
 from ptqlab.config import config_hash
 from ptqlab.study.recipe import (
     RecipeError,
+    layer_target,
     method_label,
     parse_grid,
     parse_recipe_text,
@@ -569,7 +570,7 @@ def test_sensitivity_rows(env, study_db):
     rows = [r for r in _rows(study_db) if r["kind"] == "sensitivity"]
     assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
     for r in rows:
-        module = r["spec"]["target"]
+        module = layer_target(r["spec"])[1]
         assert [entry["layer"] for entry in r["layers"]] == [f"blocks.0.{module}", f"blocks.1.{module}"]
         assert 4 < r["bits_per_weight"] < 16  # only that module type is quantized
         assert r["record_hash"] == config_hash(r["config"])
@@ -577,18 +578,21 @@ def test_sensitivity_rows(env, study_db):
 
 def test_sensitivity_block_and_layer_selection(env):
     from ptqlab.experiment import ModelSession
-    from ptqlab.study.sensitivity import run_sensitivity, sensitivity_spec, targets
+    from ptqlab.study.runner import execute
+    from ptqlab.study.sensitivity import sensitivity_spec, targets
 
     assert targets(env["model"], "block") == ["0", "1"]
     assert len(targets(env["model"], "layer")) == 12
     session = ModelSession(env["model"], "cpu", "auto", env["data"], progress=False)
     common = dict(wbits=3, seqlen=64, eval=["ptb"], max_eval_windows=1)
-    block = run_sensitivity(sensitivity_spec(env["model"], "block", "1", **common), session)
+    block = execute(sensitivity_spec(env["model"], "block", "1", **common), session)
     assert [e["layer"] for e in block["layers"]] == [f"blocks.1.{n}" for n in
                                                    ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
                                                     "self_attn.out_proj", "fc1", "fc2")]
-    layer = run_sensitivity(sensitivity_spec(env["model"], "layer", "0:fc2", abits=8, **common), session)
+    layer = execute(sensitivity_spec(env["model"], "layer", "0:fc2", abits=8, **common), session)
     assert [e["layer"] for e in layer["layers"]] == ["blocks.0.fc2"]
-    assert session.model.model.decoder.layers[0].fc2.__class__.__name__ == "Linear"  # the session's copy is untouched
+    assert layer["config"]["layers"] == "layer:0:fc2" and layer["config"]["method"] == "rtn"
+    pristine = session.fresh_model()  # the next run gets the original modules back
+    assert pristine.model.decoder.layers[0].fc2.__class__.__name__ == "Linear"
     with pytest.raises(RecipeError):
         sensitivity_spec(env["model"], "block", "0", wbits=16, abits=16)
