@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import UnsupportedModelError
     from .quantizers import QuantizationError
+    from .study.store import StoreError
 
     try:
         return a.func(a)
-    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
+    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

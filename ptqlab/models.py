@@ -202,6 +202,12 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
     from .testbed import resolve_model_path
 
     path = resolve_model_path(str(name_or_path))
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"could not load model '{name_or_path}': no model in {folder} (a model folder holds "
+                                f"config.json, the weights (*.safetensors) and the tokenizer files)")
+    if not folder.exists() and (str(name_or_path).startswith((".", "/", "~")) or Path(path).suffix):
+        raise FileNotFoundError(f"could not load model '{name_or_path}': model folder {folder} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -130,6 +130,28 @@ def _finish_layer(
     report.layers.append(entry)
 
 
+def _check_lorc_rank(adapter: ModelAdapter, config: QuantConfig) -> None:
+    """Refuse a LoRC rank whose factors would store more numbers than the weight they compensate.
+
+    ``U [out, r]`` and ``V [r, in]`` hold ``r (out + in)`` numbers: from
+    ``r >= out in / (out + in)`` on they outweigh ``W`` itself, so "compensation"
+    would cost more than keeping the layer in full precision (and its SVD runs for minutes).
+    """
+    for index, block in enumerate(adapter.blocks):
+        for name, m in ModelAdapter.linear_layers(block).items():
+            if not config.layers.selects(index, name):
+                continue
+            out, inp = (m.out_features, m.in_features) if isinstance(m, (nn.Linear, QuantLinear)) else m.weight.shape[::-1]
+            limit = out * inp / (out + inp)
+            if config.lorc_rank >= limit:
+                extra = config.lorc_rank * (out + inp) * config.lorc_bits / (out * inp)
+                raise QuantizationError(
+                    f"--lorc-rank {config.lorc_rank} is too large for blocks.{index}.{name} [{out}x{inp}]: its factors "
+                    f"would hold {config.lorc_rank * (out + inp)} numbers, more than the {out * inp} of the weight "
+                    f"itself ({extra:.1f} extra bits per weight at --lorc-bits {config.lorc_bits}); use a rank below "
+                    f"{int(limit)} (the paper uses 4 to 8)")
+
+
 def _bits_per_weight(layers: Iterable[QuantLinear], config: QuantConfig, full_precision: int = 0) -> float:
     """Storage bits per weight of the quantized linears and ``full_precision`` 16-bit weights beside them."""
     total_bits, total_weights = float(FULL_PRECISION_BITS * full_precision), float(full_precision)
@@ -231,6 +253,8 @@ def quantize_model(
     if not any(config.layers.selects(i, name) for i, block in enumerate(adapter.blocks)
                for name in ModelAdapter.linear_layers(block)):
         raise QuantizationError(f"layer filter '{config.layers}' matches no linear layer of the model")
+    if config.lorc_rank:
+        _check_lorc_rank(adapter, config)
 
     hidden = inputs = None
     where = "capturing the inputs of block 0"

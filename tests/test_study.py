@@ -127,7 +127,7 @@ def study_db(env) -> Path:
 
 
 def test_recipe_runs_and_db_rows(env, study_db, capsys):
-    plan = parse_recipe_text(ci_recipe(env))
+    plan = parse_recipe_text(ci_recipe(env), data_dir=env["data"])
     # rtn W4, rtn W8, gptq W4, rtn W4 LoRC2/4, rtn W16A8, plus the FP16 baseline added automatically (first)
     assert len(plan.runs) == 7
     assert plan.runs[0].spec["method"] == "fp16"
@@ -136,7 +136,7 @@ def test_recipe_runs_and_db_rows(env, study_db, capsys):
     ppl_rows = Store(study_db).ppl_rows()
     for r in rows:
         assert r["status"] == "done" and r["attempts"] == 1 and r["worker"]
-        assert r["run_hash"] == run_key(r["spec"]) == config_hash(r["spec"])
+        assert r["run_hash"] == run_key(r["spec"], env["data"]) != config_hash(r["spec"])  # data contents keyed too
         assert r["record_hash"] == config_hash(r["config"])  # the record's own hash, stored alongside
         assert r["config"]["seqlen"] == 64 and r["config"]["max_eval_windows"] == 2
         assert set(r["ppl"]) == {"wikitext2", "ptb"}
@@ -304,7 +304,7 @@ def _wait_mid_run(proc: subprocess.Popen, db: Path, timeout: float = 180.0) -> N
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_study_resumes_without_redoing_or_duplicating(env, tmp_path, sig, capsys):
     recipe = _write(tmp_path / "r.yaml", rtn_recipe(env))
-    planned = {r.key for r in parse_recipe_text(rtn_recipe(env)).runs}
+    planned = {r.key for r in parse_recipe_text(rtn_recipe(env), data_dir=env["data"]).runs}
     db = tmp_path / "kill.db"
     proc = _spawn_study(env, recipe, db, delay=1.0)
     _wait_mid_run(proc, db)
@@ -445,7 +445,7 @@ def test_class_thresholds_through_the_store(tmp_path):
     with Store(db) as store:
         store.add_runs([P(spec) for spec, _ in runs.values()])
         while (claim := store.claim("w")) is not None:
-            ppl = next(p for spec, p in runs.values() if run_key(spec) == claim.run_hash)
+            ppl = next(p for spec, p in runs.values() if run_key(spec) == claim.run_hash)  # noqa: B023
             store.finish(claim, _record({"wikitext2": ppl}))
     table = list(csv.DictReader(io.StringIO(render_csv(load_results(str(db))))))
     classes = {int(r["wbits"]): int(r["class"]) for r in table}

@@ -8,11 +8,12 @@ method registers itself in :mod:`ptqlab.methods.registry` (imported here, so
 the table is complete once this package is imported).
 """
 
+# registration order is the order of the CLI's choices and the reports' rows
 from .registry import METHODS, BlockProblem, Method, WeightResult, get_method, register  # noqa: I001
-from .gptq import GPTQResult, gptq_quantize
-from .lorc import lorc_factors
 from .rtn import rtn_quantize
+from .gptq import GPTQResult, gptq_quantize
 from .zeroquant import zq_global_block, zq_local_quantize
+from .lorc import lorc_factors
 
 __all__ = ["METHODS", "BlockProblem", "GPTQResult", "Method", "WeightResult", "get_method", "gptq_quantize",
            "lorc_factors", "register", "rtn_quantize", "zq_global_block", "zq_local_quantize"]

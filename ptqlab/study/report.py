@@ -158,7 +158,8 @@ def precision_sort_key(spec: dict) -> tuple:
 
 def _method_sort_key(spec: dict) -> tuple:
     method = spec.get("method", "rtn")
-    return (METHODS.index(method) if method in METHODS else len(METHODS), spec.get("lorc_rank", 0),
+    order = list(METHODS)
+    return (order.index(method) if method in order else len(order), spec.get("lorc_rank", 0),
             spec.get("lorc_bits", 8), bool(spec.get("lorc_aware")))
 
 
