@@ -51,7 +51,7 @@ def test_non_finite_logits_are_reported_once_per_batch(tiny_models, data_dir):
     model, tok = load_model(tiny_models["opt"], torch.float32)
     tokens = eval_tokens(tok, load_text("ptb", "eval", data_dir), 32)[: 32 * 4]
     model.lm_head.weight.data[5, 0] = float("nan")  # no activation quantizer to catch it before the logits
-    with pytest.raises(EvaluationError, match=r"non-finite loss in windows 0\.\.3"):
+    with pytest.raises(EvaluationError, match=r"non-finite loss in windows 0\.\.1"):
         perplexity(model, tokens, 32, progress=False, eval_batch=2, desc="eval ptb")
 
 
