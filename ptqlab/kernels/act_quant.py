@@ -6,8 +6,12 @@ non-finite check.  Here one program reads ``BLOCK_R`` rows (tokens, or groups
 of a token) once, computes min/max, scale and zero point in registers and
 writes either the dequantized values (fake quantization) or the signed int8
 codes and the per-row scale (the input of the integer GEMM in
-:mod:`ptqlab.kernels.real`).  The grid and rounding are the reference's:
-IEEE division (``div_rn``) and round-half-to-even, so codes are identical.
+:mod:`ptqlab.kernels.real`).  The grid and rounding are the reference's as
+torch runs it on CUDA: a tensor divided by a Python number is multiplied by
+the float32 reciprocal there (``range * (1/maxq)``), a tensor divided by a
+tensor is IEEE division (``div_rn``), rounding is half-to-even; so codes are
+identical to ``fake_quantize`` on the same GPU.  (On the CPU torch divides
+by the number itself, which can move a scale by one ulp.)
 
 A row holding NaN or Inf is written as NaN instead of raising (no device
 sync per layer); evaluation checks the logits once per window and reports it.
@@ -27,7 +31,7 @@ from .gptq_triton import _rint
 
 @triton.jit
 def _act_quant_kernel(
-    X, Y, S, rows, C, maxq,
+    X, Y, S, rows, C, maxq, inv_maxq,
     SYM: tl.constexpr, INT8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -42,11 +46,11 @@ def _act_quant_kernel(
     xmin = tl.minimum(tl.min(x, axis=1), 0.0)
     xmax = tl.maximum(tl.max(x, axis=1), 0.0)
     if SYM:
-        scale = tl.math.div_rn(2.0 * tl.maximum(-xmin, xmax), maxq)
+        scale = 2.0 * tl.maximum(-xmin, xmax) * inv_maxq
         scale = tl.where(scale > 0, scale, 1.0)
         zero = tl.zeros_like(scale) + (maxq + 1.0) * 0.5
     else:
-        scale = tl.math.div_rn(xmax - xmin, maxq)
+        scale = (xmax - xmin) * inv_maxq
         scale = tl.where(scale > 0, scale, 1.0)
         zero = _rint(tl.math.div_rn(-xmin, scale))
     q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
@@ -83,7 +87,7 @@ def _launch(x2: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None, c: int, s
     rows = x2.shape[0]
     grid = (triton.cdiv(rows, block_r),)
     _act_quant_kernel[grid](
-        x2, y, s if s is not None else y, rows, c, float(spec.maxq),
+        x2, y, s if s is not None else y, rows, c, float(spec.maxq), 1.0 / spec.maxq,
         SYM=spec.symmetric, INT8=int8, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=4 if block_r * block_c <= 4096 else 8,
     )
