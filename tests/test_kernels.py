@@ -101,6 +101,18 @@ def test_weight_codes_reproduce_the_dequantized_weight(spec):
         assert torch.equal((signed.double() * scale.double()).float(), layer.weight.data)
 
 
+@pytest.mark.parametrize("group", [16, 0])
+def test_int4_packing_round_trips(group):
+    from ptqlab.kernels.real import dequant_int4_reference, pack_int4
+
+    layer = _layer(out=9, inp=64, seed=4)
+    _record_grid(layer, QuantSpec(4, False, group))
+    codes, scale, zero = weight_codes(layer)
+    packed = pack_int4(codes)
+    assert packed.shape == (9, 32) and packed.dtype == torch.uint8
+    assert torch.equal(dequant_int4_reference(packed, scale, zero, layer.weight.dtype), layer.weight.data)
+
+
 def test_weight_codes_need_the_recorded_grid():
     layer = _layer()
     layer.weight_spec = QuantSpec(4, True, 16)
@@ -109,7 +121,9 @@ def test_weight_codes_need_the_recorded_grid():
 
 
 @pytest.mark.parametrize("w, a, want", [
-    (QuantSpec(4, True, 128), QuantSpec(), "w4a16-gemlite"),
+    (QuantSpec(4, True, 128), QuantSpec(), "w4a16-tinygemm"),
+    (QuantSpec(4, False, 32), QuantSpec(), "w4a16-tinygemm"),
+    (QuantSpec(4, True, 512), QuantSpec(), "w4a16-gemlite"),  # tinygemm groups: 32..256
     (QuantSpec(4, False, 0), QuantSpec(), "w4a16-gemlite"),
     (QuantSpec(8, True, 0), QuantSpec(), "w8a16-gemlite"),
     (QuantSpec(3, True, 128), QuantSpec(), None),
@@ -125,8 +139,8 @@ def test_scheme_of(w, a, want):
     layer = _layer()
     layer.weight_spec, layer.act_spec = w, a
     assert scheme_of(layer) == want
-    if want == "w4a16-gemlite":
-        assert scheme_of(layer, "tinygemm") == ("w4a16-tinygemm" if w.group_size == 128 else None)
+    if want == "w4a16-tinygemm":
+        assert scheme_of(layer, "gemlite") == "w4a16-gemlite"
     assert want is None or want in KERNELS
 
 
@@ -140,7 +154,7 @@ def _model_with(w: QuantSpec, a: QuantSpec) -> torch.nn.Module:
 def test_kernel_selection_fake_and_cpu():
     model = _model_with(QuantSpec(4, True, 16), QuantSpec())
     assert select_kernels(model, "fake", "cuda") == {"mode": "fake", "real": {}, "fake": 2}
-    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-gemlite"):
+    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-tinygemm"):
         select_kernels(model, "real", "cpu")
     with pytest.raises(KernelError, match="offloaded evaluation"):
         select_kernels(model, "real", "cuda", offloaded=True)

@@ -120,7 +120,7 @@ def quantize_int8_rows(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -
 
 
 class SharedInputCache:
-    """The fake-quantized copy of the last input, reused while the very same tensor comes again unchanged.
+    """The quantized copy of the last input, reused while the very same tensor comes again unchanged.
 
     q/k/v projections read one hidden-state tensor: quantizing it once instead of three times
     saves two passes over it.  Identity (a weak reference) and the tensor's version counter,
@@ -130,15 +130,23 @@ class SharedInputCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._ref: weakref.ref | None = None
-        self._out: torch.Tensor | None = None
+        self._out: object = None
 
-    def get(self, x: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
-        key = (x._version, spec, x.shape, x.stride())
+    def _lookup(self, x: torch.Tensor, key: tuple, compute):
+        key = (x._version, x.shape, x.stride(), *key)
         if self._ref is not None and self._ref() is x and self._key == key:
-            return self._out  # type: ignore[return-value]
-        out = fake_quantize_triton(x, spec, name)
+            return self._out
+        out = compute()
         self._ref, self._key, self._out = weakref.ref(x), key, out
         return out
+
+    def get(self, x: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
+        """:func:`fake_quantize_triton` of ``x``."""
+        return self._lookup(x, (spec, "fake"), lambda: fake_quantize_triton(x, spec, name))
+
+    def get_int8(self, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`quantize_int8_rows` of ``x``."""
+        return self._lookup(x, (spec, "int8"), lambda: quantize_int8_rows(x, spec, name))
 
     def clear(self) -> None:
         self._ref = self._key = self._out = None

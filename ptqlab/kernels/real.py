@@ -4,10 +4,14 @@ Fake quantization keeps dequantized fp16 weights and runs fp16 GEMMs: right numb
 gain.  Here a quantized layer becomes a :class:`RealLinear` that stores integer codes and runs a kernel
 that reads them:
 
-* ``w4a16-gemlite`` / ``w8a16-gemlite`` / ``w2a16-gemlite``: weight-only, fp16 activations, through
-  gemlite's Triton GEMV/GEMM (``A16Wn``; grouped or per-row, symmetric or asymmetric grids);
-* ``w4a16-tinygemm``: PyTorch's own int4 weight-only GEMM (``torch._weight_int4pack_mm``, bf16
-  activations on CUDA: the input is cast, so its numbers differ from the fp16 model by bf16 rounding);
+* ``w4a16-tinygemm`` (the default for 4-bit groups): up to ``TINYGEMM_MAX_M`` tokens PyTorch's own int4
+  weight-only GEMM (``torch._weight_int4pack_mm``: bf16 activations and scales on CUDA, so its numbers
+  differ from the fp16 model by bf16 rounding); above, the weight unpacked by one Triton kernel
+  (:mod:`ptqlab.kernels.int4_dequant`, bit-identical to the fake-quant weight) and cuBLAS, because tinygemm
+  runs at a few percent of cuBLAS at thousands of tokens.  It keeps both layouts (about 1.06 bytes a weight);
+* ``w4a16-gemlite`` / ``w8a16-gemlite`` / ``w2a16-gemlite``: weight-only through gemlite's Triton
+  GEMV/GEMM (``A16Wn``, optional dependency; grouped or per-row grids); slower than the above on an H100
+  in our measurements, kept for per-row and 8/2-bit weights and for comparison;
 * ``w8a8-int8`` / ``w4a8-int8``: symmetric per-row weights as int8, the input quantized per token by the
   fused Triton kernel (:func:`ptqlab.kernels.act_quant.quantize_int8_rows`), ``torch._int_mm`` on the
   int8 tensor cores, then one Triton epilogue (scales, bias, cast).  4-bit weights run on the int8 path
@@ -27,13 +31,16 @@ from torch import nn
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec
 
 KERNEL_MODES = ("auto", "fake", "real")
+#: up to this many tokens W4A16 runs tinygemm; above, unpack + cuBLAS (crossover measured on an H100)
+TINYGEMM_MAX_M = 16
 
 #: what exists, for error messages and the README
 KERNELS: dict[str, str] = {
-    "w4a16-gemlite": "4-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
+    "w4a16-gemlite": "4-bit weights (per row or groups), fp16 activations: gemlite A16Wn (optional package)",
     "w8a16-gemlite": "8-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
     "w2a16-gemlite": "2-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
-    "w4a16-tinygemm": "4-bit weights in groups of 32/64/128/256, bf16 compute: torch._weight_int4pack_mm",
+    "w4a16-tinygemm": "4-bit weights in groups of 32/64/128/256: torch._weight_int4pack_mm (<= 16 tokens), "
+                      "else Triton unpack + cuBLAS",
     "w8a8-int8": "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
     "w4a8-int8": "4-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
 }
@@ -61,7 +68,20 @@ def weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return codes, scale.float(), zero.float()
 
 
-def scheme_of(layer: nn.Module, w4a16_backend: str = "gemlite") -> str | None:
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes in 0..15 (K even) to ``[N, K/2]`` bytes, the even column in the low nibble."""
+    return (codes[:, ::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def dequant_int4_reference(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Torch reference of :func:`ptqlab.kernels.int4_dequant.dequant_int4` (the Triton unpack)."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1).float()
+    reps = codes.shape[1] // scale.shape[1]
+    return ((codes - zero.repeat_interleave(reps, 1)) * scale.repeat_interleave(reps, 1)).to(dtype)
+
+
+def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
     """The real kernel for this layer's (weight, activation) specs, or None if there is none."""
     w: QuantSpec = layer.weight_spec
     a: QuantSpec = layer.act_spec
@@ -71,8 +91,8 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = "gemlite") -> str | None:
         if a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric and w.group_size == PER_ROW:
             return {8: "w8a8-int8", 4: "w4a8-int8"}.get(w.bits)
         return None
-    if w.bits == 4 and w4a16_backend == "tinygemm":
-        return "w4a16-tinygemm" if w.group_size in (32, 64, 128, 256) else None
+    if w.bits == 4 and w4a16_backend == "tinygemm" and w.group_size in (32, 64, 128, 256):
+        return "w4a16-tinygemm"
     return {8: "w8a16-gemlite", 4: "w4a16-gemlite", 2: "w2a16-gemlite"}.get(w.bits)
 
 
@@ -106,9 +126,15 @@ class RealLinear(nn.Module):
             sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
             self.group = group
+            # the large-M layout: two codes a byte plus the exact float32 grid
+            self.register_buffer("w_nibbles", pack_int4(codes))
+            self.register_buffer("w_scale", scale.contiguous())
+            self.register_buffer("w_zero", zero.contiguous())
         else:
-            from gemlite.helper import A16Wn
-
+            try:
+                from gemlite.helper import A16Wn
+            except ImportError as err:
+                raise KernelError(f"{self.name}: {scheme} needs the gemlite package (pip install gemlite)") from err
             try:
                 self.gemlite = A16Wn(device=str(layer.weight.device), dtype=self.dtype).from_weights(
                     codes, scale.to(self.dtype), zero.to(self.dtype), self.weight_spec.bits, group,
@@ -117,11 +143,12 @@ class RealLinear(nn.Module):
             except Exception as err:  # gemlite asserts on shapes/groups it does not cover
                 raise KernelError(f"{self.name}: gemlite cannot pack {_describe(layer)} at {tuple(codes.shape)}: {err}") from err
 
-    def _int8_gemm(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from .act_quant import quantize_int8_rows
+    def _int8_gemm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .act_quant import SHARED_INPUTS
         from .int8_epilogue import scaled_int32_to
 
-        codes, sx = quantize_int8_rows(x2, self.act_spec, f"{self.name} input")
+        # keyed on the caller's tensor itself, so q/k/v share one quantization of their common input
+        codes, sx = SHARED_INPUTS.get_int8(x, self.act_spec, f"{self.name} input")
         m = codes.shape[0]
         a = codes if m > 16 else torch.nn.functional.pad(codes, (0, 0, 0, 17 - m))  # _int_mm needs M > 16
         acc = torch._int_mm(a, self.w_int8.t())[:m]
@@ -130,8 +157,13 @@ class RealLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.scheme.endswith("-int8"):
-            y, codes, sx = self._int8_gemm(x2)
+            y, codes, sx = self._int8_gemm(x)
             lorc_in = codes.to(self.dtype) * sx[:, None].to(self.dtype) if self.lorc_u is not None else None
+        elif self.scheme == "w4a16-tinygemm" and x2.shape[0] > TINYGEMM_MAX_M:
+            from .int4_dequant import dequant_int4
+
+            y = nn.functional.linear(x2, dequant_int4(self.w_nibbles, self.w_scale, self.w_zero, self.dtype), self.bias)
+            lorc_in = x2
         elif self.scheme == "w4a16-tinygemm":
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.w_packed, self.group, self.scales_and_zeros)
             y = y.to(self.dtype)
@@ -151,7 +183,7 @@ class RealLinear(nn.Module):
 
 
 def select_kernels(model: nn.Module, mode: str = "fake", device: str | torch.device = "cpu",
-                   w4a16_backend: str = "gemlite", offloaded: bool = False) -> dict:
+                   w4a16_backend: str = "tinygemm", offloaded: bool = False) -> dict:
     """Swap quantized layers for real kernels according to ``mode`` (auto|fake|real); returns a summary.
 
     ``real``: every quantized layer must have a kernel, on CUDA (else a :class:`KernelError` listing what
