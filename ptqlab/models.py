@@ -119,7 +119,6 @@ class QuantLinear(nn.Module):
         return cls(module.weight, module.bias, name)
 
     def set_lorc(self, u: torch.Tensor | None, v: torch.Tensor | None) -> None:
-        self._wv = None
         if u is None or v is None:
             self.lorc_u = self.lorc_v = None
             return
@@ -141,9 +140,9 @@ class QuantLinear(nn.Module):
                 return act_quant.SHARED_INPUTS.get(x, self.act_spec, f"{self.name} input")
         return fake_quantize(x, self.act_spec, f"{self.name} input")
 
-    # How inference applies LoRC: "fused" (one GEMM over [W; V], then U added by one thin addmm),
-    # "addmm" (x V^T, then y += (x V^T) U^T in place) or "plain" (three separate ops, the reference).
-    lorc_mode = "fused"
+    # How inference applies LoRC: "addmm" (t = x V^T, then y += t U^T in place: no [tokens, out] temporary,
+    # no separate add; the fastest layout measured, bench/README.md) or "plain" (the reference's three ops).
+    lorc_mode = "addmm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
@@ -153,47 +152,9 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
             return y + nn.functional.linear(nn.functional.linear(x, self.lorc_v), self.lorc_u)
         x2 = x.reshape(-1, self.in_features)
-        if self.lorc_mode == "addmm":
-            y = nn.functional.linear(x2, self.weight, self.bias)
-            y.addmm_(nn.functional.linear(x2, self.lorc_v), self.lorc_u.t())
-        else:
-            wv, bv = self._fused_weights()
-            t = nn.functional.linear(x2, wv, bv)  # [tokens, out + r] = [y_main, x V^T]
-            y = torch.addmm(t[:, : self.out_features], t[:, self.out_features :], self.lorc_u.t())
+        y = nn.functional.linear(x2, self.weight, self.bias)
+        y.addmm_(nn.functional.linear(x2, self.lorc_v), self.lorc_u.t())
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[W; V]`` (and ``[b; 0]``) as one tensor whose rows *are* ``weight`` and ``lorc_v`` (views, no copy kept).
-
-        Built once; rebuilt only if a parameter was replaced (``.to()``, ``.data = ...``); in-place updates
-        of ``weight`` (``copy_``) are seen by the fused tensor since it is the same memory.
-        """
-        fused = getattr(self, "_wv", None)
-        out, r = self.out_features, self.lorc_v.shape[0]
-        ok = (
-            fused is not None
-            and fused[0].shape == (out + r, self.in_features)
-            and self.weight.data_ptr() == fused[0].data_ptr()
-            and self.lorc_v.data_ptr() == fused[0].data_ptr() + out * self.in_features * fused[0].element_size()
-            and (self.bias is None or self.bias.data_ptr() == fused[1].data_ptr())
-        )
-        if not ok:
-            wv = torch.cat([self.weight.data, self.lorc_v.data])
-            self.weight.data, self.lorc_v.data = wv[:out], wv[out:]
-            bv = None
-            if self.bias is not None:
-                bv = torch.cat([self.bias.data, self.bias.data.new_zeros(r)])
-                self.bias.data = bv[:out]
-            self._wv = fused = (wv, bv)
-        return fused
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if getattr(self, "_wv", None) is not None and not keep_vars:
-            # the fused LoRC layout shares memory between weight and lorc_v; savers (safetensors) want separate tensors
-            for key in ("weight", "lorc_v", "bias"):
-                if destination.get(prefix + key) is not None:
-                    destination[prefix + key] = destination[prefix + key].clone()
 
     def extra_repr(self) -> str:
         rank = 0 if self.lorc_u is None else self.lorc_u.shape[1]

@@ -55,34 +55,16 @@ def test_non_finite_logits_are_reported_once_per_batch(tiny_models, data_dir):
         perplexity(model, tokens, 32, progress=False, eval_batch=2, desc="eval ptb")
 
 
-@pytest.mark.parametrize("mode", ["fused", "addmm"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_lorc_inference_layouts_equal_the_reference(mode, bias, monkeypatch):
+def test_lorc_inference_layout_equals_the_reference(bias):
     layer = _layer(rank=5, bias=bias).double()
     layer.act_spec = QuantSpec(8, False, 16)
     x = torch.randn(3, 7, 64, dtype=torch.float64)
     want = layer(x)  # grad enabled: the reference three-op path
-    monkeypatch.setattr(QuantLinear, "lorc_mode", mode)
+    assert QuantLinear.lorc_mode == "addmm"
     with torch.no_grad():
-        got = layer(x)
-        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
-        if mode == "fused":
-            wv = layer._wv[0]
-            assert layer.weight.data_ptr() == wv.data_ptr(), "weight is a view into [W; V], no second copy"
-            layer.weight.data.mul_(0.5)  # in-place updates are seen by the fused tensor
-            assert torch.allclose(layer(x), _ref(layer, x), rtol=1e-12, atol=1e-12)
-            layer.weight.data = layer.weight.data.clone() * 2  # replaced: rebuilt, not stale
-            assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
-            assert layer._wv[0].data_ptr() != wv.data_ptr()
-    state = layer.state_dict()
-    ptrs = [t.untyped_storage().data_ptr() for t in state.values()]
-    assert len(set(ptrs)) == len(ptrs), "saved tensors do not share memory (safetensors refuses shared ones)"
-
-
-def _ref(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    xq = layer.quantize_input(x)
-    y = torch.nn.functional.linear(xq, layer.weight, layer.bias)
-    return y + torch.nn.functional.linear(torch.nn.functional.linear(xq, layer.lorc_v), layer.lorc_u)
+        assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+        assert layer(x[0, 0]).shape == (48,)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, True, 16), QuantSpec(4, False, 0), QuantSpec(8, True, 0),

@@ -15,16 +15,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_kernel(P, S, Z, W, N, K, G, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(P, S, Z, W, N, K, G, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    # one program: BLOCK_N rows x one group of GROUP columns (GROUP/2 bytes a row, one scale/zero a row),
+    # contiguous byte loads, both nibbles interleaved back in registers, contiguous fp16 stores
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rn < N)[:, None] & (rk < K)[None, :]
-    byte = tl.load(P + rn[:, None] * (K // 2) + (rk // 2)[None, :], mask=mask, other=0).to(tl.int32)
-    code = ((byte >> ((rk % 2) * 4)[None, :]) & 15).to(tl.float32)  # low nibble = even column
-    g = rn[:, None] * G + (rk // GROUP)[None, :]
-    s = tl.load(S + g, mask=mask, other=1.0)
-    z = tl.load(Z + g, mask=mask, other=0.0)
-    tl.store(W + rn[:, None] * K + rk[None, :], ((code - z) * s).to(W.dtype.element_ty), mask=mask)
+    grp = tl.program_id(1)
+    rb = grp * (GROUP // 2) + tl.arange(0, GROUP // 2)
+    nmask = rn < N
+    byte = tl.load(P + rn[:, None] * (K // 2) + rb[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    s = tl.load(S + rn * G + grp, mask=nmask, other=1.0)[:, None]
+    z = tl.load(Z + rn * G + grp, mask=nmask, other=0.0)[:, None]
+    lo = ((byte & 15).to(tl.float32) - z) * s  # even columns
+    hi = ((byte >> 4).to(tl.float32) - z) * s  # odd columns
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))
+    rk = grp * GROUP + tl.arange(0, GROUP)
+    tl.store(W + rn[:, None] * K + rk[None, :], w.to(W.dtype.element_ty), mask=nmask[:, None])
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -34,7 +39,11 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """
     n, k = packed.shape[0], packed.shape[1] * 2
     g = scale.shape[1]
+    group = k // g
+    if group * g != k or group < 2 or group & (group - 1) or group > 4096:
+        raise ValueError(f"int4 unpack needs a power-of-two group size of 2..4096 dividing {k}, got {k}/{g}")
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
-    _dequant_kernel[grid](packed, scale, zero, w, n, k, g, GROUP=k // g, BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    block_n = max(1, 8192 // group)
+    _dequant_kernel[(triton.cdiv(n, block_n), g)](packed, scale, zero, w, n, k, g, BLOCK_N=block_n, GROUP=group,
+                                                  num_warps=4)
     return w
