@@ -31,7 +31,7 @@ def _record_grid(layer: QuantLinear, spec: QuantSpec) -> None:
     q = quantize(layer.weight.data, spec, layer.name)
     layer.weight.data.copy_(q.dequantize())
     layer.weight_spec = spec
-    layer.weight_scale, layer.weight_zero = q.scale.squeeze(-1), q.zero.squeeze(-1)
+    layer.set_weight_qparams(q.scale.squeeze(-1), q.zero.squeeze(-1))
 
 
 @pytest.mark.parametrize("arch", ["opt", "bloom"])
@@ -178,3 +178,25 @@ def test_cli_eval_batch_and_kernel_options(tiny_models, data_dir, tmp_path, caps
     assert main([*base, "--kernel", "real"]) == 2
     err = capsys.readouterr().err
     assert "--kernel real needs the model on a CUDA device" in err and "w4a16-gemlite" in err
+
+
+def test_real_int8_layer_layout_and_session_restore(tiny_models):
+    """The int8 layer's integers times its scales are the weight; the session's restore puts the original back."""
+    from ptqlab.kernels.real import RealLinear
+    from ptqlab.models import get_adapter
+    from ptqlab.restore import PristineWeights
+
+    model, _ = load_model(tiny_models["opt"], torch.float32)
+    pristine = PristineWeights(model, str(tiny_models["opt"]))
+    attn = get_adapter(model).blocks[0].self_attn
+    original = attn.q_proj
+    want = original.weight.detach().clone()
+    layer = QuantLinear.from_module(original, "blocks.0.self_attn.q_proj")
+    _record_grid(layer, QuantSpec(8, True, 0))
+    layer.act_spec = QuantSpec(8, True, 0)
+    real = RealLinear(layer, "w8a8-int8")
+    assert real.w_int8.dtype == torch.int8
+    assert torch.equal((real.w_int8.double() * real.w_scale.double()[:, None]).float(), layer.weight.data)
+    attn.q_proj = real
+    pristine.restore(model)
+    assert attn.q_proj is original and torch.equal(original.weight, want)

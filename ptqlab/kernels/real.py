@@ -56,16 +56,14 @@ def available_kernels() -> str:
 
 def weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes ``[out, in]`` (uint8), scale and zero ``[out, n_groups]`` (float32) of a quantized layer."""
-    spec: QuantSpec = layer.weight_spec
+    from ..quantizers import weight_codes as codes_on_grid
+
     scale, zero = getattr(layer, "weight_scale", None), getattr(layer, "weight_zero", None)
     if scale is None or zero is None:
         raise KernelError(f"{layer.name}: no weight_scale/weight_zero recorded; real kernels need the integer grid")
-    out, k = layer.weight.shape
-    reps = k // scale.shape[1]
-    s = scale.float().repeat_interleave(reps, dim=1)
-    z = zero.float().repeat_interleave(reps, dim=1)
-    codes = torch.clamp(torch.round(layer.weight.float() / s) + z, 0, spec.maxq).to(torch.uint8)
-    return codes, scale.float(), zero.float()
+    dev = layer.weight.device
+    scale, zero = scale.float().to(dev), zero.float().to(dev)
+    return codes_on_grid(layer.weight, scale, zero, layer.weight_spec), scale, zero
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -106,6 +104,8 @@ class RealLinear(nn.Module):
     def __init__(self, layer: nn.Module, scheme: str) -> None:
         super().__init__()
         self.name, self.scheme = layer.name, scheme
+        # the module the QuantLinear replaced, for the session's restore (a plain attribute, not a submodule)
+        object.__setattr__(self, "original", getattr(layer, "original", None))
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.act_spec: QuantSpec = layer.act_spec
         self.weight_spec: QuantSpec = layer.weight_spec
