@@ -201,3 +201,27 @@ def test_real_int8_layer_layout_and_session_restore(tiny_models):
     attn.q_proj = real
     pristine.restore(model)
     assert attn.q_proj is original and torch.equal(original.weight, want)
+
+
+def test_input_cache_reuses_only_the_same_unchanged_tensor():
+    from ptqlab.kernels.input_cache import InputCache
+
+    cache, calls = InputCache(), []
+
+    def compute(x):
+        calls.append(1)
+        return x * 2
+
+    x = torch.randn(4, 8)
+    a = cache.lookup(x, ("s",), lambda: compute(x))
+    assert cache.lookup(x, ("s",), lambda: compute(x)) is a and len(calls) == 1  # q, k, v: once
+    assert cache.lookup(x, ("other",), lambda: compute(x)) is not a and len(calls) == 2  # another spec
+    cache.lookup(x.clone(), ("other",), lambda: compute(x))  # equal values, another tensor: recomputed
+    assert len(calls) == 3
+    y = torch.randn(4, 8)
+    cache.lookup(y, ("s",), lambda: compute(y))
+    y.add_(1)  # changed in place: its version moved
+    cache.lookup(y, ("s",), lambda: compute(y))
+    assert len(calls) == 5
+    del y  # the input dies: the kept result goes with it
+    assert cache._out is None

@@ -19,14 +19,13 @@ sync per layer); evaluation checks the logits once per window and reports it.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec
 from .gptq_triton import _rint
+from .input_cache import InputCache
 
 
 @triton.jit
@@ -119,37 +118,16 @@ def quantize_int8_rows(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -
     return codes, scales
 
 
-class SharedInputCache:
-    """The quantized copy of the last input, reused while the very same tensor comes again unchanged.
-
-    q/k/v projections read one hidden-state tensor: quantizing it once instead of three times
-    saves two passes over it.  Identity (a weak reference) and the tensor's version counter,
-    not its data address, say that the input is the same: a freed tensor's memory can be reused.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: weakref.ref | None = None
-        self._out: object = None
-
-    def _lookup(self, x: torch.Tensor, key: tuple, compute):
-        key = (x._version, x.shape, x.stride(), *key)
-        if self._ref is not None and self._ref() is x and self._key == key:
-            return self._out
-        out = compute()
-        self._ref, self._key, self._out = weakref.ref(x), key, out
-        return out
+class SharedInputCache(InputCache):
+    """The last input's quantized copy (see :class:`~ptqlab.kernels.input_cache.InputCache`)."""
 
     def get(self, x: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
         """:func:`fake_quantize_triton` of ``x``."""
-        return self._lookup(x, (spec, "fake"), lambda: fake_quantize_triton(x, spec, name))
+        return self.lookup(x, (spec, "fake"), lambda: fake_quantize_triton(x, spec, name))
 
     def get_int8(self, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`quantize_int8_rows` of ``x``."""
-        return self._lookup(x, (spec, "int8"), lambda: quantize_int8_rows(x, spec, name))
-
-    def clear(self) -> None:
-        self._ref = self._key = self._out = None
+        return self.lookup(x, (spec, "int8"), lambda: quantize_int8_rows(x, spec, name))
 
 
 SHARED_INPUTS = SharedInputCache()
