@@ -92,6 +92,11 @@ def _add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                    help="windows per block forward while calibrating (lower it if the GPU runs out of memory)")
     p.add_argument("--calib-offload", action="store_true",
                    help="keep the calibration hidden states in CPU memory, one batch at a time on the GPU")
+    p.add_argument("--eval-batch", type=int, default=None,
+                   help="windows per evaluation forward (default: sized from free GPU memory; 1 on CPU)")
+    p.add_argument("--kernel", choices=["auto", "fake", "real"], default="fake",
+                   help="fake: dequantized weights; real: packed low-bit GPU kernels (error where none exists); "
+                        "auto: real where a kernel exists, else fake")
 
 
 def _default_device(requested: str | None) -> str:
@@ -129,7 +134,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     spec = spec_from_args(a, a.model or "testbed-opt")
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
-    record = run(spec, session, progress=not a.no_progress)
+    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel)
     _append_jsonl(a.output, record)
     print_table([record])
     if a.output:
@@ -172,7 +177,7 @@ def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, 
     for config in configs:
         spec = RunSpec(model=a.model, config=config, eval=tuple(datasets), seqlen=a.seqlen, calib="testbed",
                        nsamples=a.nsamples, max_eval_windows=max_windows, dtype=a.dtype)
-        record = run(spec, session, progress=not a.no_progress)
+        record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel)
         _append_jsonl(a.output, record)
         records.append(record)
     scope = "full splits" if max_windows is None else f"first {max_windows} windows of each split (--full for all)"

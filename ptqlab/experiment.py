@@ -135,8 +135,12 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
-        progress: bool = True) -> dict:
-    """Run one experiment and return its JSON-ready record."""
+        progress: bool = True, eval_batch: int | None = None, kernel: str = "fake") -> dict:
+    """Run one experiment and return its JSON-ready record.
+
+    ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
+    ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto.
+    """
     start = time.perf_counter()
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
     if session.name != spec.model or resolve_dtype(spec.dtype, session.device) != session.dtype:
@@ -163,10 +167,15 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     evaluate = perplexity_offloaded if offload else perplexity
     if not offload:
         model.to(session.device)
+    from .kernels.real import select_kernels
+
+    kernels = select_kernels(model, kernel, session.device, offloaded=offload)
+    eval_kwargs = {} if offload else {"eval_batch": eval_batch}
     t0 = time.perf_counter()
     ppl = {}
     for name, (tokens, _) in eval_data.items():
-        ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
+        ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress,
+                             **eval_kwargs)
     eval_time = time.perf_counter() - t0
     if not offload:
         model.to("cpu")
@@ -190,5 +199,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "versions": versions(session.device),
         "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
-        "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload},
+        "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,
+                      **({"eval_batch": eval_batch} if eval_batch is not None else {}),
+                      **({"kernels": kernels} if kernel != "fake" else {})},
     }

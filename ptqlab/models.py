@@ -161,14 +161,30 @@ class QuantLinear(nn.Module):
         return self.weight + self.lorc_u @ self.lorc_v
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
+            from .kernels import act_quant  # Triton: imported only where there is a GPU
+
+            if act_quant.supported(self.act_spec):
+                # one fused launch, no device sync: a non-finite input becomes NaN output,
+                # which evaluation reports once per window (ptqlab.evaluate)
+                return act_quant.SHARED_INPUTS.get(x, self.act_spec, f"{self.name} input")
         return fake_quantize(x, self.act_spec, f"{self.name} input")
+
+    # How inference applies LoRC: "addmm" (t = x V^T, then y += t U^T in place: no [tokens, out] temporary,
+    # no separate add; the fastest layout measured, bench/README.md) or "plain" (the reference's three ops).
+    lorc_mode = "addmm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
-        y = nn.functional.linear(x, self.weight, self.bias)
-        if self.lorc_u is not None:
-            y = y + nn.functional.linear(nn.functional.linear(x, self.lorc_v), self.lorc_u)
-        return y
+        if self.lorc_u is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() or self.lorc_mode == "plain":
+            y = nn.functional.linear(x, self.weight, self.bias)
+            return y + nn.functional.linear(nn.functional.linear(x, self.lorc_v), self.lorc_u)
+        x2 = x.reshape(-1, self.in_features)
+        y = nn.functional.linear(x2, self.weight, self.bias)
+        y.addmm_(nn.functional.linear(x2, self.lorc_v), self.lorc_u.t())
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lorc_u is None else self.lorc_u.shape[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels.real import RealLinear
 from .models import QuantLinear, get_adapter
 
 
@@ -86,7 +87,7 @@ class PristineWeights:
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 original = getattr(child, "original", None)
-                if isinstance(child, QuantLinear) and original is not None:
+                if isinstance(child, (QuantLinear, RealLinear)) and original is not None:
                     setattr(module, child_name, original)
         self._reload(model)
         if self.tie_word_embeddings is not None:
