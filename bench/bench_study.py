@@ -65,7 +65,10 @@ def scaling(a: argparse.Namespace) -> list[dict]:
         for s in a.set:
             cmd += ["--set", s]
         t0, started = time.perf_counter(), time.time()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired as err:  # keep what finished; the record says it was cut
+            proc = subprocess.CompletedProcess(cmd, 124, str(err.stdout or ""), str(err.stderr or ""))
         wall = time.perf_counter() - t0
         tail = (proc.stdout + proc.stderr)[-1500:]
         rec = {"bench": "study_scaling", "executor": "local", "workers": n, "recipe": a.recipe, "set": a.set,
@@ -81,6 +84,9 @@ def scaling(a: argparse.Namespace) -> list[dict]:
             r["wall_ratio_vs_1"] = base["wall_s"] / r["wall_s"]
             r["steady_ratio_vs_1"] = (r["steady_runs_per_s"] / base["steady_runs_per_s"]
                                       if r["steady_runs_per_s"] and base["steady_runs_per_s"] else None)
+            print(f"workers {r['workers']}: {r['done']} runs in {r['wall_s']:.1f} s, wall ratio vs 1 worker "
+                  f"{r['wall_ratio_vs_1']:.2f}, steady-state ratio {r['steady_ratio_vs_1'] or float('nan'):.2f} "
+                  f"({r['device']})", flush=True)
     return out
 
 
@@ -134,6 +140,7 @@ def main() -> None:
     p.add_argument("--workers", default="2,1", help="scaling: worker counts, in the order to run them")
     p.add_argument("--data-dir", default=os.environ.get("PTQLAB_DATA"))
     p.add_argument("--set", action="append", default=[], help="scaling: ptqlab study --set KEY=VALUE")
+    p.add_argument("--timeout", type=float, default=None, help="scaling: seconds allowed per study")
     p.add_argument("--workdir", default=None, help="databases go here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="append the records (JSON lines) to this file")
     a = p.parse_args()
