@@ -57,49 +57,80 @@ def _assert_complete(db: Path, planned: set[str]) -> dict[str, dict]:
     return rows
 
 
-def test_ray_rows_match_the_local_executor(env, cluster, tmp_path, capsys):
+def _failing_ci_recipe(env: dict) -> str:
+    # plus RTN W4 g128, which raises on the tiny model (hidden 64 has no group of 128): a run that fails
+    return ci_recipe(env).replace("exclude:", "  - {method: rtn, wbits: 4, wgroup: 128}\nexclude:")
+
+
+def test_ray_rows_match_the_local_executor_and_failures_are_reported(env, cluster, tmp_path, capsys):
     import torch
 
-    recipe = _write(tmp_path / "ci.yaml", ci_recipe(env))
+    recipe = _write(tmp_path / "ci.yaml", _failing_ci_recipe(env))
     local_db, ray_db = tmp_path / "local.db", tmp_path / "ray.db"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the Ray workers run one thread each (one CPU per actor): same float sums
     try:
-        assert main(_study_args(env, recipe, local_db)) == 0
+        assert main(_study_args(env, recipe, local_db)) == 1  # 1: a run failed
     finally:
         torch.set_num_threads(threads)
-    assert main(_ray_args(env, recipe, ray_db)) == 0
+    capsys.readouterr()
+    assert main(_ray_args(env, recipe, ray_db)) == 1  # the same as the local executor
     out = capsys.readouterr()
     assert "ray: 2 workers (cpu" in out.out
-    planned = {r.key for r in parse_recipe_text(ci_recipe(env)).runs}
-    local, remote = _assert_complete(local_db, planned), _assert_complete(ray_db, planned)
+    assert "study: 7 done, 1 failed" in out.out and "done 7, running 0, failed 1" in out.err  # summary and the bar
+    planned = {r.key for r in parse_recipe_text(_failing_ci_recipe(env)).runs}
+    local, remote = _by_hash(local_db), _by_hash(ray_db)
+    assert local.keys() == remote.keys() == planned
     for h, r in remote.items():
+        assert r["status"] == local[h]["status"] and r["spec"] == local[h]["spec"] and r["attempts"] == 1
+        assert re.fullmatch(r"ray:.+:\d+/a[01]", r["worker"])
+        if r["status"] == "failed":
+            assert r["spec"]["wgroup"] == 128 and "Traceback" in r["error"]
+            assert r["error"].splitlines()[0] == local[h]["error"].splitlines()[0]
+            continue
         assert r["config"] == local[h]["config"] and r["record_hash"] == local[h]["record_hash"]
-        assert r["spec"] == local[h]["spec"]
         assert r["ppl"] == local[h]["ppl"], r["name"]  # bit for bit: same code, same thread count
         assert r["bits_per_weight"] == local[h]["bits_per_weight"]
-        assert r["attempts"] == 1 and re.fullmatch(r"ray:.+:\d+/a[01]", r["worker"])
-    assert {r["worker"] for r in remote.values()} != {next(iter(remote.values()))["worker"]}  # both actors worked
-    assert "study: 7 done, 0 failed" in out.out and "done 7, running 0, failed 0" in out.err  # summary and the bar
+    assert len({r["worker"] for r in remote.values()}) == 2  # both actors worked
+    with Store(ray_db) as store:
+        ppl = store.ppl_rows()
+    assert len(ppl) == len({(h, d) for h, d, _ in ppl}) == 2 * 7
 
-
-def test_a_run_that_raises_is_recorded_and_reported(env, cluster, tmp_path, capsys):
-    # hidden 64 has no group of 128: RTN W4 g128 raises inside the worker; the other runs go on
-    recipe = _write(tmp_path / "bad.yaml", rtn_recipe(env).replace("wbits: [3, 4, 8]", "wbits: 4\n  wgroup: [0, 128]"))
-    db = tmp_path / "bad.db"
-    assert main(_ray_args(env, recipe, db)) == 1  # as the local executor: 1 when a run failed
-    rows = list(_by_hash(db).values())
-    failed = [r for r in rows if r["status"] == "failed"]
-    assert [r["spec"]["wgroup"] for r in failed] == [128]
-    assert failed[0]["error"] and "Traceback" in failed[0]["error"]
-    assert all(r["status"] == "done" for r in rows if r not in failed)
-    capsys.readouterr()
-    assert main(["report", str(db)]) == 0
+    assert main(["report", str(ray_db)]) == 0
     report = capsys.readouterr().out
-    assert "## Failed runs (1)" in report
     table = report.split("## Failed runs (1)", 1)[1].splitlines()
     line = next(x for x in table if x.startswith("| ") and "W4A16 g128" in x)
-    assert failed[0]["error"].splitlines()[0][:40].replace("|", "\\|") in line
+    failed = next(r for r in remote.values() if r["status"] == "failed")
+    assert failed["error"].splitlines()[0][:40].replace("|", "\\|") in line
+
+
+def _kill_a_worker_mid_run(db: Path, killed: dict) -> None:
+    """Watch the store; SIGKILL the actor process of a run that has just started (after one finished)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with Store(db) as store:
+                rows = store.rows()
+        except (sqlite3.OperationalError, FileNotFoundError):
+            rows = []
+        for r in rows:
+            if r["status"] == "running" and any(x["status"] == "done" for x in rows) \
+                    and time.time() - r["started_at"] < 0.5 and (r["worker"] or "").startswith("ray:"):
+                pid = int(r["worker"].rsplit(":", 1)[1].split("/")[0])  # ray:HOST:PID/aN
+                os.kill(pid, signal.SIGKILL)
+                killed.update(run=r["run_hash"], pid=pid)
+                return
+        time.sleep(0.05)
+
+
+def _study_killing_a_worker(env: dict, recipe: Path, db: Path, *extra: str) -> tuple[int, dict]:
+    killed: dict = {}
+    watcher = threading.Thread(target=_kill_a_worker_mid_run, args=(db, killed), daemon=True)
+    watcher.start()
+    rc = main(_ray_args(env, recipe, db, *extra))
+    watcher.join()
+    assert killed, "the study never reached the middle of a run"
+    return rc, killed
 
 
 def test_worker_killed_mid_run_is_retried_elsewhere(env, cluster, tmp_path, monkeypatch, capsys):
@@ -107,35 +138,26 @@ def test_worker_killed_mid_run_is_retried_elsewhere(env, cluster, tmp_path, monk
     planned = {r.key for r in parse_recipe_text(rtn_recipe(env)).runs}
     db = tmp_path / "kill_worker.db"
     monkeypatch.setenv("PTQLAB_STUDY_DELAY", "1.5")  # each run sleeps inside the actor: a window to kill it
-    killed: dict = {}
-
-    def killer() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            try:
-                with Store(db) as store:
-                    rows = store.rows()
-            except (sqlite3.OperationalError, FileNotFoundError):
-                rows = []
-            for r in rows:  # a run that started less than 0.5 s ago, after another one finished
-                if r["status"] == "running" and any(x["status"] == "done" for x in rows) \
-                        and time.time() - r["started_at"] < 0.5 and (r["worker"] or "").startswith("ray:"):
-                    pid = int(r["worker"].rsplit(":", 1)[1].split("/")[0])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.update(run=r["run_hash"], pid=pid)
-                    return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=killer, daemon=True)
-    watcher.start()
-    assert main(_ray_args(env, recipe, db)) == 0
-    watcher.join()
-    assert killed, "the study never reached the middle of a run"
+    rc, killed = _study_killing_a_worker(env, recipe, db)
+    assert rc == 0
     rows = _assert_complete(db, planned)
     assert rows[killed["run"]]["attempts"] == 2  # died once, done by another worker
     assert f":{killed['pid']}/" not in rows[killed["run"]]["worker"]
     assert all(r["attempts"] == 1 for h, r in rows.items() if h != killed["run"])
     assert "worker died" in capsys.readouterr().out
+
+
+def test_retries_are_bounded(env, cluster, tmp_path, monkeypatch):
+    text = rtn_recipe(env).replace("wbits: [3, 4, 8]", "wbits: 4")  # the FP16 baseline and one RTN run
+    recipe = _write(tmp_path / "r.yaml", text)
+    db = tmp_path / "bounded.db"
+    monkeypatch.setenv("PTQLAB_STUDY_DELAY", "1.5")
+    rc, killed = _study_killing_a_worker(env, recipe, db, "--max-attempts", "1", "--workers", "1")
+    assert rc == 1
+    rows = _by_hash(db)
+    assert rows[killed["run"]]["status"] == "failed" and rows[killed["run"]]["attempts"] == 1
+    assert "the worker process died 1 times" in rows[killed["run"]]["error"]
+    assert all(r["status"] == "done" for h, r in rows.items() if h != killed["run"])
 
 
 def test_driver_killed_and_rerun_finishes_only_what_was_left(env, cluster, tmp_path):
