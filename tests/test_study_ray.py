@@ -78,7 +78,7 @@ def test_ray_rows_match_the_local_executor_and_failures_are_reported(env, cluste
     out = capsys.readouterr()
     assert "ray: 2 workers (cpu" in out.out
     assert "study: 7 done, 1 failed" in out.out and "done 7, running 0, failed 1" in out.err  # summary and the bar
-    planned = {r.key for r in parse_recipe_text(_failing_ci_recipe(env)).runs}
+    planned = {r.key for r in parse_recipe_text(_failing_ci_recipe(env), data_dir=env["data"]).runs}
     local, remote = _by_hash(local_db), _by_hash(ray_db)
     assert local.keys() == remote.keys() == planned
     for h, r in remote.items():
@@ -135,7 +135,7 @@ def _study_killing_a_worker(env: dict, recipe: Path, db: Path, *extra: str) -> t
 
 def test_worker_killed_mid_run_is_retried_elsewhere(env, cluster, tmp_path, monkeypatch, capsys):
     recipe = _write(tmp_path / "r.yaml", rtn_recipe(env))
-    planned = {r.key for r in parse_recipe_text(rtn_recipe(env)).runs}
+    planned = {r.key for r in parse_recipe_text(rtn_recipe(env), data_dir=env["data"]).runs}
     db = tmp_path / "kill_worker.db"
     monkeypatch.setenv("PTQLAB_STUDY_DELAY", "1.5")  # each run sleeps inside the actor: a window to kill it
     rc, killed = _study_killing_a_worker(env, recipe, db)
@@ -162,7 +162,7 @@ def test_retries_are_bounded(env, cluster, tmp_path, monkeypatch):
 
 def test_driver_killed_and_rerun_finishes_only_what_was_left(env, cluster, tmp_path):
     recipe = _write(tmp_path / "r.yaml", rtn_recipe(env))
-    planned = {r.key for r in parse_recipe_text(rtn_recipe(env)).runs}
+    planned = {r.key for r in parse_recipe_text(rtn_recipe(env), data_dir=env["data"]).runs}
     db = tmp_path / "kill_driver.db"
     code = "import sys; from ptqlab.cli import main; sys.exit(main(sys.argv[1:]))"
     environ = {**os.environ, "PTQLAB_STUDY_DELAY": "1.0", "PYTHONUNBUFFERED": "1"}
