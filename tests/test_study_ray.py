@@ -180,7 +180,7 @@ def test_driver_killed_and_rerun_finishes_only_what_was_left(env, cluster, tmp_p
     interrupted = [h for h, r in rows.items() if r["status"] == "running"]
     assert len(interrupted) == 1  # the dead driver's claim
 
-    assert main(_ray_args(env, recipe, db)) == 0
+    assert main(_ray_args(env, recipe, db, "--workers", "1")) == 0  # one actor: a start less on 2 cores
     rows = _assert_complete(db, planned)
     for h, finished in done_before.items():  # not redone
         assert rows[h]["finished_at"] == finished and rows[h]["attempts"] == 1
@@ -203,3 +203,15 @@ def test_ray_options_are_checked(env, tmp_path, capsys):
         plan_actors({"CPU": 2.0}, "cuda", RayOptions())
     with pytest.raises(ValueError, match="fits no worker"):
         plan_actors({"CPU": 2.0}, None, RayOptions(cpus_per_worker=4))
+
+
+def test_idle_actors_spread_over_the_models():
+    from ptqlab.study.ray_executor import choose_model
+
+    pending = {"a": 5, "b": 3, "c": 0}
+    assert choose_model("b", ["a"], pending) == "b"  # its own model while runs of it are left
+    assert choose_model(None, [None, None], pending) == "a"  # the most pending runs first
+    assert choose_model(None, ["a"], pending) == "b"  # a model no other actor holds
+    assert choose_model("c", ["a", "b"], pending) == "a"  # its model is done: least held, then most pending
+    assert choose_model("c", ["a", "a", "b"], pending) == "b"
+    assert choose_model(None, [], {}) is None

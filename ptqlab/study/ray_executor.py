@@ -212,6 +212,18 @@ class _Bar:
         self.bar.close()
 
 
+def choose_model(current: str | None, held: list[str | None], pending: dict[str, int]) -> str | None:
+    """The model an idle actor should work on next: its own while runs of it are pending, else the pending
+    model the fewest other actors hold (most pending runs first), so that actors spread over the models
+    instead of all loading each model in turn."""
+    if current is not None and pending.get(current, 0) > 0:
+        return current
+    candidates = [m for m, n in pending.items() if n > 0]
+    if not candidates:
+        return current
+    return min(candidates, key=lambda m: (held.count(m), -pending[m], m))
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
@@ -245,12 +257,14 @@ def _drive(ray, store: Store, pool: _Pool, opts: WorkerOptions, ray_opts: RayOpt
             # every ready idle actor gets a run, of the model it holds first
             for slot in pool.slots:
                 if slot.ready_ref is None and slot.claim is None and not queue_empty:
-                    claim = store.claim(slot.name, prefer_model=slot.model, stale_after=opts.stale_after,
+                    held = [s.model for s in pool.slots if s is not slot]
+                    prefer = choose_model(slot.model, held, store.pending_by_model())
+                    claim = store.claim(slot.name, prefer_model=prefer, stale_after=opts.stale_after,
                                         host=host, pid=pid)
                     if claim is None:
                         queue_empty = True
                         break
-                    slot.claim = claim
+                    slot.claim, slot.model = claim, claim.model  # the actor's session will hold this model
                     inflight[slot.actor.run.remote(claim.spec)] = slot
             bar.running = len(inflight)
             bar.show()
@@ -291,7 +305,6 @@ def _drive(ray, store: Store, pool: _Pool, opts: WorkerOptions, ray_opts: RayOpt
                     bar.bar.write(f"stopping: {type(out['environment']).__name__}: {out['environment']} "
                                   f"({claim.name} goes back to the queue)")
                     raise out["environment"]
-                slot.model = claim.spec["model"]  # its session holds this model now
                 if "error" in out:
                     store.fail(claim, out["error"])
                     first = out["error"].splitlines()[0]
