@@ -26,9 +26,22 @@ def _worker_options(a: argparse.Namespace, db: str):
 def _run_queue(a: argparse.Namespace, db: str) -> int:
     from .runner import run_workers
 
-    if a.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {a.workers}")
-    return run_workers(_worker_options(a, db), a.workers, a.device)
+    if a.executor == "ray":
+        from .ray_executor import RayOptions, run_ray
+
+        ray_opts = RayOptions(address=a.ray_address, workers=a.workers,
+                              gpus_per_worker=1.0 if a.gpus_per_worker is None else a.gpus_per_worker,
+                              cpus_per_worker=1.0 if a.cpus_per_worker is None else a.cpus_per_worker,
+                              max_attempts=3 if a.max_attempts is None else a.max_attempts)
+        return run_ray(_worker_options(a, db), a.device, ray_opts)
+    given = [f"--{k.replace('_', '-')}" for k in ("ray_address", "gpus_per_worker", "cpus_per_worker", "max_attempts")
+             if getattr(a, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+    workers = 1 if a.workers is None else a.workers
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    return run_workers(_worker_options(a, db), workers, a.device)
 
 
 def _summary(store, keys: list[str]) -> tuple[dict, list[dict]]:
@@ -164,9 +177,23 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; worker i uses cuda:i)")
     g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
-    g.add_argument("--workers", type=int, default=1, help="local worker processes (one per GPU)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local: worker processes (one per GPU; default 1); ray: actors (default: as many as the "
+                        "cluster fits)")
     g.add_argument("--stale-after", type=float, default=300.0,
                    help="seconds without a heartbeat after which another worker takes a run over (default 300)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: worker processes on this host; ray: actors on a Ray cluster, the database stays "
+                        "with this process (pip install 'ptqlab[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="ray: the cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
+                   help="ray: GPUs per actor (default 1; 0.5 puts two small-model actors on a GPU)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, metavar="F",
+                   help="ray: CPUs (torch threads) per actor (default 1); on a cluster without GPUs, "
+                        "one actor per F CPUs")
+    g.add_argument("--max-attempts", type=int, default=None,
+                   help="ray: tries of a run whose worker process died before it is recorded as failed (default 3)")
     g.add_argument("--progress", action="store_true", help="progress bars inside each run")
     g.add_argument("--calib-batch", type=int, default=8, help="windows per block forward while calibrating")
     g.add_argument("--calib-offload", action="store_true", help="keep calibration hidden states in CPU memory")
@@ -180,7 +207,10 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study", help="run a sweep (YAML recipe or --grid) into a study database; resumable, parallel",
         description="Expand a recipe into runs, queue them in the study database and work through the queue. "
-                    "Re-running resumes; several processes or hosts can work on one database. Without a recipe "
+                    "Re-running resumes. Several GPUs of one host: --workers N. Several hosts: --executor ray "
+                    "(the database stays on this host). Pointing processes on several hosts at one database "
+                    "on a shared filesystem still works but is discouraged: SQLite's locking is unreliable "
+                    "on many network filesystems and a broken lock can corrupt the file. Without a recipe "
                     "or --grid, work on the runs already queued in --db.")
     p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/ and ptqlab/study/README.md)")
     p.add_argument("--grid", default=None, help='shorthand for one cross, e.g. "method=rtn,gptq wbits=3,4,8 wgroup=0,128"')

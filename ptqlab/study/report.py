@@ -184,7 +184,7 @@ class Section:
     rows: list[list[str]]
     level: int = 2
     cells: dict = field(default_factory=dict)  # (row label, column label) -> Result (for tests/tools)
-    kind: str = "quant"  # "model" (heading), "quant", "recommendations", "sensitivity"
+    kind: str = "quant"  # "model" (heading), "quant", "recommendations", "sensitivity", "failures"
 
 
 def _signed(x: float) -> str:
@@ -293,6 +293,21 @@ def recommendations(model: str, quant: list[Result], thresholds: tuple[float, ..
         ["within", "method", "precision", "bits/w", "mean PPL", "dPPL"], rows, level=3, kind="recommendations")
 
 
+def failures_section(results: list[Result]) -> Section | None:
+    """The failed runs with the first line of their error (``None`` when nothing failed)."""
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return None
+    rows = []
+    for r in failed:
+        err = (r.row.get("error") or "").strip().splitlines()
+        rows.append([r.model, r.row["name"], str(r.row["attempts"]), r.row.get("worker") or "", err[0] if err else "?"])
+    return Section(f"Failed runs ({len(failed)})",
+                   ["a run that raised, or whose worker died too often; the full traceback is in the database "
+                    "(runs.error, or --format csv); rerun them with ptqlab study ... --retry-failed"],
+                   ["model", "run", "attempts", "worker", "error"], rows, level=2, kind="failures")
+
+
 # ---------------------------------------------------------------- renderers
 
 
@@ -391,6 +406,9 @@ def report(db: str, fmt: str = "markdown", per_dataset: bool = False,
     if fmt == "csv":
         return render_csv(results, thresholds, per_dataset)
     sections = build_sections(results, thresholds, per_dataset, top)
+    failures = failures_section(results)
+    if failures is not None:
+        sections.append(failures)
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -76,6 +76,38 @@ def execute(spec: dict, session, progress: bool = False) -> dict:
     return run(run_spec(spec), session, progress=progress)
 
 
+class SessionCache:
+    """A worker's one :class:`~ptqlab.experiment.ModelSession`, kept across the runs of its model."""
+
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self._session = None
+        self._key: tuple | None = None
+
+    @property
+    def model(self) -> str | None:
+        return self._key[0] if self._key else None
+
+    def get(self, spec: dict):
+        """The session for a run dict: the held one when its model and dtype match, else a new one (the old one
+        is freed first, so two models never share the device; callers keep no reference of their own)."""
+        import torch
+
+        from ..experiment import ModelSession
+
+        key = (spec["model"], spec.get("dtype", "auto"))
+        if self._key != key:
+            self._session = self._key = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            o = self.opts
+            self._session = ModelSession(key[0], o.device, key[1], o.data_dir, o.progress,
+                                         calib_batch=o.calib_batch, calib_offload=o.calib_offload)
+            self._key = key
+        return self._session
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, db: str, every: float, parent_pid: int | None) -> None:
         super().__init__(daemon=True, name="ptqlab-study-heartbeat")
@@ -121,8 +153,6 @@ def work(opts: WorkerOptions) -> dict[str, int]:
     """Run claimed runs until none is left; returns what this worker did."""
     import torch
 
-    from ..experiment import ModelSession
-
     if opts.threads:
         torch.set_num_threads(opts.threads)
     host, pid = hostname(), os.getpid()
@@ -136,10 +166,10 @@ def work(opts: WorkerOptions) -> dict[str, int]:
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     old_int = signal.getsignal(signal.SIGINT) if main_thread else None
     done = {"done": 0, "failed": 0, "lost": 0}
-    session, session_key = None, None
+    sessions = SessionCache(opts)
     try:
         while not (beat.orphaned or (opts.parent_pid is not None and os.getppid() != opts.parent_pid)):
-            claim = store.claim(worker, prefer_model=session_key[0] if session_key else None,
+            claim = store.claim(worker, prefer_model=sessions.model,
                                 stale_after=opts.stale_after, host=host, pid=pid)
             if claim is None:
                 break
@@ -152,16 +182,7 @@ def work(opts: WorkerOptions) -> dict[str, int]:
                 t0 = time.perf_counter()
                 if delay:
                     time.sleep(delay)
-                key = (claim.spec["model"], claim.spec.get("dtype", "auto"))
-                if session_key != key:
-                    session = session_key = None
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    session = ModelSession(key[0], opts.device, key[1], opts.data_dir, opts.progress,
-                                           calib_batch=opts.calib_batch, calib_offload=opts.calib_offload)
-                    session_key = key
-                record = execute(claim.spec, session, opts.progress)
+                record = execute(claim.spec, sessions.get(claim.spec), opts.progress)
                 finished = store.finish(claim, record)
             except ENVIRONMENT_ERRORS as err:
                 # the model or the data is not there: not the run's fault; give it back and stop

@@ -368,6 +368,11 @@ class Store:
                 return r
         return None
 
+    def pending_by_model(self) -> dict[str, int]:
+        """Pending runs per model (the Ray driver spreads its actors over the models with this)."""
+        rows = self._conn.execute("SELECT model, COUNT(*) FROM runs WHERE status = 'pending' GROUP BY model")
+        return {model: n for model, n in rows.fetchall()}
+
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None or math.isnan(seconds):
