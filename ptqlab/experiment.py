@@ -19,6 +19,7 @@ from . import __version__
 from .config import QuantConfig, config_hash
 from .data import DataError, calibration_windows, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
+from .export import save_quantized, stored_bits_per_weight
 from .models import get_adapter, load_model
 from .pipeline import quantize_model
 
@@ -147,8 +148,9 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
-        progress: bool = True) -> dict:
-    """Run one experiment and return its JSON-ready record."""
+        progress: bool = True, save: str | None = None) -> dict:
+    """Run one experiment and return its JSON-ready record; ``save``: also write the quantized model there
+    (compressed-tensors folder, :func:`ptqlab.export.save_quantized`)."""
     start = time.perf_counter()
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
     if session.name != spec.model or resolve_dtype(spec.dtype, session.device) != session.dtype:
@@ -180,19 +182,19 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     for name, (tokens, _) in eval_data.items():
         ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
     eval_time = time.perf_counter() - t0
-    del model
 
     config = spec.result_config()
     config["seqlen"] = seqlen
     if spec.config.needs_calibration:
         config["calib_seqlen"] = calib_seqlen
     config["dtype"] = str(session.dtype).replace("torch.", "")
-    return {
+    record = {
         "config": config,
         "config_hash": config_hash(config),
         "name": spec.config.name(),
         "ppl": ppl,
         "bits_per_weight": report.bits_per_weight,
+        "stored_bits_per_weight": stored_bits_per_weight(model),
         "time_s": time.perf_counter() - start,
         "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time, **report.timings},
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
@@ -201,3 +203,8 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload},
     }
+    if save:
+        model.to("cpu")
+        record["saved_to"] = str(save)
+        save_quantized(model, session.tokenizer, save, record)
+    return record
