@@ -9,7 +9,8 @@ exactly: ``q - zp = u - z``, and a symmetric grid gets ``zp = 0`` (which is why
 the format can drop it).
 
 Sub-byte packing (``bits`` bits each, 32 codes to ``bits`` int32 words, along
-the last dimension; zero points along the first) is compressed-tensors' own
+the last dimension; zero points along the first; the words hold the signed
+values shifted back by ``2**(bits-1)``, i.e. ptqlab's unsigned codes) is compressed-tensors' own
 ``pack_to_int32`` / ``unpack_from_int32``, so what is written is byte for byte
 what its decompressor, transformers and vLLM read.
 """
