@@ -147,8 +147,7 @@ def _quant_linear(name: str, module: nn.Module, scheme, fmt: str, tensors: dict,
     bias = tensors.pop(f"{name}.bias", (None, None))[0]
     layer = QuantLinear(weight.to(dtype), None if bias is None else bias.to(dtype), name)
     layer.weight_spec = spec
-    layer.weight_scale = scale.contiguous()
-    layer.weight_zero = zero.contiguous()
+    layer.set_weight_qparams(scale.contiguous(), zero.contiguous())
     if scheme.input_activations is not None:
         if not scheme.input_activations.dynamic:
             raise LoadError(f"{config_path}: {name} has static input activation scales; ptqlab quantizes "

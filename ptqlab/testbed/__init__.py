@@ -10,6 +10,10 @@ CALIBRATION_TEXT = TESTBED_DIR / "calibration.txt"  # training-corpus text: the 
 HELDOUT_TEXT = TESTBED_DIR / "heldout.txt"  # held-out corpus text: the testbed's in-domain evaluation set
 
 
+def is_testbed_model(name: str) -> bool:
+    return name in TESTBED_MODELS
+
+
 def resolve_model_path(name: str) -> str:
     """Map ``testbed-opt`` / ``testbed-bloom`` to their folder; anything else is returned as given."""
     if name in TESTBED_MODELS:
