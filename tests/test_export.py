@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -10,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptqlab import QuantConfig, QuantSpec, quantize_
+from ptqlab import LayerFilter, QuantConfig, QuantSpec, quantize_
 from ptqlab.cli import main
 from ptqlab.experiment import ModelSession, RunSpec, run
 from ptqlab.export import ExportError, LoadError, load_quantized, save_quantized, stored_bits_per_weight
 from ptqlab.export.checkpoint import compress_layer, format_for, scheme_for
 from ptqlab.export.evaluate_saved import evaluate_saved
 from ptqlab.export.load import _quant_linear
+from ptqlab.evaluate import perplexity
 from ptqlab.export.pack import pack_codes, pack_zero_points, unpack_codes, unpack_zero_points
 from ptqlab.models import QuantLinear, load_model
 from ptqlab.quantizers import dequantize, quantize
@@ -129,15 +131,16 @@ def _spec(model: str, config: QuantConfig) -> RunSpec:
 
 CONFIGS = {
     "rtn": QuantConfig(method="rtn", weight=W4G128),
-    "gptq": QuantConfig(method="gptq", weight=W4G128),
-    "gptq-lorc": QuantConfig(method="gptq", weight=W4G128, lorc_rank=8),
     "w8a8": QuantConfig(method="rtn", weight=QuantSpec(8, True, 0), act=A8),
 }
+GPTQ_LORC = QuantConfig(method="gptq", weight=W4G128, lorc_rank=8)
+# BLOOM: one block only (CPU time), which also saves a model with quantized and full-precision linears
+GPTQ_LORC_PARTIAL = dataclasses.replace(GPTQ_LORC, layers=LayerFilter.parse("block:2"))
 
 
 @pytest.mark.parametrize("model", ["testbed-opt", "testbed-bloom"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_save_then_reload_gives_the_recorded_ppl(model, name, sessions, tmp_path):
+def test_run_save_then_reload_gives_the_recorded_ppl(model, name, sessions, tmp_path):
     out = tmp_path / "saved"
     record = run(_spec(model, CONFIGS[name]), sessions[model], progress=False, save=str(out))
     reloaded = evaluate_saved(str(out), ("heldout",), max_eval_windows=WINDOWS, progress=False)
@@ -148,8 +151,42 @@ def test_save_then_reload_gives_the_recorded_ppl(model, name, sessions, tmp_path
     assert saved["ptqlab"]["record"]["config"]["method"] == CONFIGS[name].method
     expected_format = "int-quantized" if name == "w8a8" else "pack-quantized"
     assert saved["quantization_config"]["format"] == expected_format
-    assert (out / "adapter" / "adapter_config.json").is_file() == (name == "gptq-lorc")
+    assert not (out / "adapter").exists()
     assert record["stored_bits_per_weight"] == pytest.approx(saved["ptqlab"]["storage"]["stored_bits_per_weight"])
+
+
+def _heldout_ppl(model, session) -> float:
+    tokens, _ = session.eval_tokens("heldout", SEQLEN)
+    return perplexity(model, tokens, SEQLEN, "cpu", WINDOWS, progress=False)
+
+
+@pytest.fixture(scope="module", params=["testbed-opt", "testbed-bloom"])
+def gptq_lorc(request, tmp_path_factory, sessions):
+    """A testbed model quantized GPTQ W4 g128 + LoRC 8 in memory, saved, with its PPLs with and without LoRC."""
+    session = sessions[request.param]
+    model, _ = load_model(request.param, torch.float32)
+    windows, _ = session.calibration(str(CALIBRATION_TEXT), NSAMPLES, SEQLEN, 0)
+    quantize_(model, GPTQ_LORC if request.param == "testbed-opt" else GPTQ_LORC_PARTIAL, windows, progress=False)
+    out = tmp_path_factory.mktemp("export") / request.param
+    stats = save_quantized(model, session.tokenizer, out)
+    with_lorc = _heldout_ppl(model, session)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    factors = [(m.lorc_u, m.lorc_v) for m in layers]
+    for m in layers:
+        m.set_lorc(None, None)
+    without = _heldout_ppl(model, session)
+    for m, (u, v) in zip(layers, factors):
+        m.set_lorc(u, v)
+    return {"model": model, "out": out, "stats": stats, "ppl": with_lorc, "ppl_gptq": without, "session": session}
+
+
+def test_gptq_and_lorc_reload_with_the_ppl_measured(gptq_lorc):
+    """The base alone is the GPTQ model, base + adapter the GPTQ+LoRC model: both reload at their PPL."""
+    loaded, _, _ = load_quantized(gptq_lorc["out"])
+    assert _heldout_ppl(loaded, gptq_lorc["session"]) == pytest.approx(gptq_lorc["ppl"], rel=1e-3)
+    base, _, _ = load_quantized(gptq_lorc["out"], adapter=False)
+    assert _heldout_ppl(base, gptq_lorc["session"]) == pytest.approx(gptq_lorc["ppl_gptq"], rel=1e-3)
+    assert gptq_lorc["ppl"] != gptq_lorc["ppl_gptq"]  # the adapter is there and changes the model
 
 
 def _safetensors_bytes(path: Path) -> dict[str, int]:
@@ -163,20 +200,8 @@ def _safetensors_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
-@pytest.fixture(scope="module")
-def gptq_lorc_opt(tmp_path_factory, sessions):
-    """testbed-opt quantized GPTQ W4 g128 + LoRC 8 in memory, and saved."""
-    session = sessions["testbed-opt"]
-    model, _ = load_model("testbed-opt", torch.float32)
-    windows, _ = session.calibration(str(CALIBRATION_TEXT), NSAMPLES, SEQLEN, 0)
-    quantize_(model, CONFIGS["gptq-lorc"], windows, progress=False)
-    out = tmp_path_factory.mktemp("export") / "opt-gptq-lorc"
-    stats = save_quantized(model, session.tokenizer, out)
-    return model, out, stats
-
-
-def test_stored_bits_per_weight_is_what_the_files_hold(gptq_lorc_opt):
-    model, out, stats = gptq_lorc_opt
+def test_stored_bits_per_weight_is_what_the_files_hold(gptq_lorc):
+    model, out, stats = gptq_lorc["model"], gptq_lorc["out"], gptq_lorc["stats"]
     base = _safetensors_bytes(out / "model.safetensors")
     adapter = _safetensors_bytes(out / "adapter" / "adapter_model.safetensors")
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -192,12 +217,12 @@ def test_stored_bits_per_weight_is_what_the_files_hold(gptq_lorc_opt):
     assert weight_bytes <= 0.3 * 2 * params
 
 
-def test_transformers_and_peft_load_the_saved_folder(gptq_lorc_opt):
+def test_transformers_and_peft_load_the_saved_folder(gptq_lorc):
     """transformers (through compressed-tensors) runs the base with ptqlab's weights; PEFT adds LoRC exactly."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, out, _ = gptq_lorc_opt
+    model, out = gptq_lorc["model"], gptq_lorc["out"]
     ids = torch.randint(4, 8000, (1, 64), generator=torch.Generator().manual_seed(0))
     base_ptqlab, _, _ = load_quantized(out, adapter=False)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -240,8 +265,8 @@ def test_saving_an_unquantized_or_unsupported_model_is_a_clear_error(tmp_path, s
     assert stored_bits_per_weight(model) is None
 
 
-def test_an_interrupted_save_leaves_nothing(gptq_lorc_opt, tmp_path, monkeypatch):
-    model, _, _ = gptq_lorc_opt
+def test_an_interrupted_save_leaves_nothing(gptq_lorc, tmp_path):
+    model = gptq_lorc["model"]
 
     class Tokenizer:
         def save_pretrained(self, path):
@@ -263,8 +288,8 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_broken_folders_are_clear_errors_naming_the_file(gptq_lorc_opt, tmp_path):
-    _, out, _ = gptq_lorc_opt
+def test_broken_folders_are_clear_errors_naming_the_file(gptq_lorc, tmp_path):
+    out = gptq_lorc["out"]
     missing = _copy(out, tmp_path / "missing")
     (missing / "model.safetensors").unlink()
     with pytest.raises(LoadError, match=r"missing/model\.safetensors: file missing"):
