@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
@@ -133,9 +132,10 @@ CONFIGS = {
     "rtn": QuantConfig(method="rtn", weight=W4G128),
     "w8a8": QuantConfig(method="rtn", weight=QuantSpec(8, True, 0), act=A8),
 }
-GPTQ_LORC = QuantConfig(method="gptq", weight=W4G128, lorc_rank=8)
-# BLOOM: one block only (CPU time), which also saves a model with quantized and full-precision linears
-GPTQ_LORC_PARTIAL = dataclasses.replace(GPTQ_LORC, layers=LayerFilter.parse("block:2"))
+# One block only (CI time: GPTQ's column loop on all six blocks is minutes on 2 CPU cores); the saved model then
+# mixes quantized and full-precision linears. The whole-model round trip is measured in ptqlab/export/README.md.
+GPTQ_LORC = {m: QuantConfig(method="gptq", weight=W4G128, lorc_rank=8, layers=LayerFilter.parse(f"block:{b}"))
+             for m, b in (("testbed-opt", 1), ("testbed-bloom", 2))}
 
 
 @pytest.mark.parametrize("model", ["testbed-opt", "testbed-bloom"])
@@ -166,7 +166,7 @@ def gptq_lorc(request, tmp_path_factory, sessions):
     session = sessions[request.param]
     model, _ = load_model(request.param, torch.float32)
     windows, _ = session.calibration(str(CALIBRATION_TEXT), NSAMPLES, SEQLEN, 0)
-    quantize_(model, GPTQ_LORC if request.param == "testbed-opt" else GPTQ_LORC_PARTIAL, windows, progress=False)
+    quantize_(model, GPTQ_LORC[request.param], windows, progress=False)
     out = tmp_path_factory.mktemp("export") / request.param
     stats = save_quantized(model, session.tokenizer, out)
     with_lorc = _heldout_ppl(model, session)
@@ -220,21 +220,24 @@ def test_stored_bits_per_weight_is_what_the_files_hold(gptq_lorc):
 def test_transformers_and_peft_load_the_saved_folder(gptq_lorc):
     """transformers (through compressed-tensors) runs the base with ptqlab's weights; PEFT adds LoRC exactly."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model, out = gptq_lorc["model"], gptq_lorc["out"]
     ids = torch.randint(4, 8000, (1, 64), generator=torch.Generator().manual_seed(0))
     base_ptqlab, _, _ = load_quantized(out, adapter=False)
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    compressed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # decompresses on first forward
+    # PEFT wraps nn.Linear weights, which a compressed module only has once decompressed
+    dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-        hf_base = hf(input_ids=ids).logits
-        assert torch.allclose(hf_base, base_ptqlab(input_ids=ids).logits, atol=1e-3 * reference.abs().max())
-        peft = PeftModel.from_pretrained(hf, str(out / "adapter"))
-        with_lorc = peft(input_ids=ids).logits
-    tol = 2e-3 * float(reference.abs().max())  # fp16 scales and fp16 LoRC factors on disk
-    assert float((with_lorc - reference).abs().max()) < tol
-    assert float((hf_base - reference).abs().max()) > 10 * tol  # LoRC matters: the check above is not vacuous
+        hf_base = compressed(input_ids=ids).logits
+        tol = 1e-4 * float(reference.abs().max())
+        assert float((hf_base - base_ptqlab(input_ids=ids).logits).abs().max()) < tol
+        with_lorc = PeftModel.from_pretrained(dense, str(out / "adapter"))(input_ids=ids).logits
+    # the adapter's factors are fp16 on disk (the scales are exact)
+    assert float((with_lorc - reference).abs().max()) < 20 * tol
+    assert float((hf_base - reference).abs().max()) > 100 * tol  # LoRC matters: the check above is not vacuous
 
 
 def test_run_save_and_run_model_dir_from_the_command_line(tmp_path, capsys):

@@ -261,13 +261,20 @@ def _config_groups(layers: dict[str, QuantLinear], model: nn.Module) -> tuple[di
 
 
 def _float_state(model: nn.Module, layers: dict[str, QuantLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor outside the quantized linears' weights, in the save dtype."""
+    """Every tensor outside the quantized linears' weights, in the save dtype; tied weights (embeddings and
+    LM head) once, as transformers stores them."""
     skip = {f"{n}.{p}" for n in layers for p in ("weight", "bias", "lorc_u", "lorc_v")}
     skip |= {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for p in ("lorc_u", "lorc_v")}
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
         if key in skip:
             continue
+        if value.is_floating_point() and value.numel() and value.data_ptr() in seen:
+            if not getattr(model.config, "tie_word_embeddings", False):
+                raise ExportError(f"{key} and {seen[value.data_ptr()]} share memory but the config does not tie them")
+            continue
+        seen[value.data_ptr()] = key
         value = value.detach().cpu()
         if value.is_floating_point():
             cast = value.to(dtype)
@@ -312,6 +319,14 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _readable(folder: Path) -> None:
+    """mkdtemp makes a private folder (0700); the saved model gets the usual permissions under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, record: dict | None = None,
                    overwrite: bool = False, scale_dtype: torch.dtype | None = None) -> dict:
     """Write ``model`` (quantized by ptqlab) to ``directory`` in the compressed-tensors format.
@@ -349,17 +364,6 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
         fmt = format_for(layer.weight_spec, layer.act_spec)
         quantized_bytes += _tensor_bytes({k: tensors[k] for k in weight_tensor_names(fmt, layer.weight_spec.symmetric)})
         state.update({f"{name}.{k}": (v.to(dtype) if k == "bias" else v) for k, v in tensors.items()})
-    # tied weights (embeddings and LM head) are stored once, as transformers does
-    seen: dict[int, str] = {}
-    for key in list(state):
-        ptr = state[key].data_ptr()
-        if ptr in seen and state[key].is_floating_point():
-            if not getattr(model.config, "tie_word_embeddings", False):
-                raise ExportError(f"{key} and {seen[ptr]} share memory but the config does not tie them")
-            del state[key]
-        else:
-            seen[ptr] = key
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -381,6 +385,7 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
