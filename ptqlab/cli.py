@@ -130,6 +130,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.model and is_quantized_folder(a.model):
         return _run_saved(a, device)
     spec = spec_from_args(a, a.model or "testbed-opt")
+    if a.save:  # fail before the run, not after it
+        from .export import ExportError
+
+        if not spec.config.weight.enabled:
+            raise ExportError(f"--save: {spec.config.name()} leaves the weights unquantized; there is no quantized "
+                              f"model to save")
+        if Path(a.save).exists() and (not Path(a.save).is_dir() or any(Path(a.save).iterdir())):
+            raise ValueError(f"--save: {a.save} already exists and is not empty")
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
     record = run(spec, session, progress=not a.no_progress, save=a.save)

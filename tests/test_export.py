@@ -252,6 +252,10 @@ def test_run_save_and_run_model_dir_from_the_command_line(tmp_path, capsys):
     assert "when saved" in capsys.readouterr().out
     assert main(["run", "--model", str(out), "--wbits", "4", *common]) == 2  # already quantized
     assert "already quantized" in capsys.readouterr().err
+    assert main(["run", "--model", "testbed-bloom", "--method", "rtn", "--wbits", "4", "--save", str(out), *common]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err  # refused before quantizing
+    assert main(["run", "--model", "testbed-bloom", "--abits", "8", "--save", str(tmp_path / "x"), *common]) == 2
+    assert "no quantized model to save" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bad input
