@@ -63,7 +63,8 @@ def test_pack_matches_a_bit_stream_reference_and_round_trips(bits, shape):
     assert torch.equal(unpack_zero_points(packed_z, bits, shape), zeros)
 
 
-def _quantized_layer(out_f: int, in_f: int, spec: QuantSpec, act: QuantSpec = QuantSpec(), seed: int = 0) -> QuantLinear:
+def _quantized_layer(out_f: int, in_f: int, spec: QuantSpec, act: QuantSpec = QuantSpec(), seed: int = 0):
+    """A QuantLinear holding RTN codes of a random weight, with its grid (the pipeline's contract), and the codes."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g) * 0.05
     w[0, :3] = torch.tensor([0.0, 0.3, -0.3])  # an outlier row and an exact zero
@@ -101,7 +102,8 @@ def test_layer_round_trip_through_the_format_is_exact(bits, symmetric, group):
     assert torch.equal(loaded.weight_zero, layer.weight_zero)
     stored_scale = layer.weight_scale.half().float()
     assert torch.equal(loaded.weight_scale, stored_scale)
-    expected = (q.codes.float() - layer.weight_zero.repeat_interleave(step, 1)) * stored_scale.repeat_interleave(step, 1)
+    z, s = layer.weight_zero.repeat_interleave(step, 1), stored_scale.repeat_interleave(step, 1)
+    expected = (q.codes.float() - z) * s
     assert torch.equal(loaded.weight, expected)
     assert loaded.weight_spec == spec and loaded.act_spec == act
     assert torch.allclose(loaded.weight, layer.weight, rtol=2e-3, atol=0)  # only the fp16 rounding of the scales
@@ -252,7 +254,7 @@ def test_run_save_and_run_model_dir_from_the_command_line(tmp_path, capsys):
     assert "when saved" in capsys.readouterr().out
     assert main(["run", "--model", str(out), "--wbits", "4", *common]) == 2  # already quantized
     assert "already quantized" in capsys.readouterr().err
-    assert main(["run", "--model", "testbed-bloom", "--method", "rtn", "--wbits", "4", "--save", str(out), *common]) == 2
+    assert main(["run", "--model", "testbed-bloom", "--wbits", "4", "--save", str(out), *common]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err  # refused before quantizing
     assert main(["run", "--model", "testbed-bloom", "--abits", "8", "--save", str(tmp_path / "x"), *common]) == 2
     assert "no quantized model to save" in capsys.readouterr().err

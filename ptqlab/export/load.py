@@ -102,7 +102,8 @@ def _quant_linear(name: str, module: nn.Module, scheme, fmt: str, tensors: dict,
     """One quantized linear from its stored tensors, checked against the module's shape and the scheme."""
     spec = _spec(scheme.weights, "weights", config_path)
     if spec.group_size != PER_ROW and spec.group_size != PER_TENSOR and module.in_features % spec.group_size:
-        raise LoadError(f"{config_path}: group size {spec.group_size} does not divide {name}'s {module.in_features} inputs")
+        raise LoadError(f"{config_path}: group size {spec.group_size} does not divide {name}'s "
+                        f"{module.in_features} inputs")
     out_f, in_f = module.out_features, module.in_features
     groups = in_f // spec.group_size if spec.group_size > 0 else 1
     scale, where = _take(tensors, f"{name}.weight_scale", config_path, files)
@@ -211,7 +212,8 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.floa
 
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, (v, _) in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) \
+        else set()
     missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in quantized]
     if unexpected:
         raise LoadError(f"{tensors[unexpected[0]][1]}: tensor '{unexpected[0]}' belongs to no layer of the model or "
