@@ -6,6 +6,22 @@ from .config import GPTQOptions, LayerFilter, QuantConfig, RunSpec, ZQOptions  #
 from .quantizers import QuantSpec, QuantizationError, dequantize, fake_quantize, quantize  # noqa: E402
 
 
+def save_quantized(model, tokenizer, directory, record: dict | None = None, overwrite: bool = False) -> dict:
+    """Save a ptqlab-quantized model in the compressed-tensors format (see :mod:`ptqlab.export`)."""
+    from .export import save_quantized as _save
+
+    return _save(model, tokenizer, directory, record, overwrite)
+
+
+def load_quantized(directory, dtype=None):
+    """Load a saved quantized folder as a model of ptqlab QuantLinears: ``(model, tokenizer, ptqlab entry)``."""
+    import torch
+
+    from .export import load_quantized as _load
+
+    return _load(directory, dtype or torch.float32)
+
+
 def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu", progress: bool = False,
               batch_size: int = 8, offload_activations: bool = False):
     """Quantize ``model`` in place according to ``config``; returns the :class:`~ptqlab.pipeline.QuantReport`."""
@@ -15,4 +31,4 @@ def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu
 
 
 __all__ = ["GPTQOptions", "LayerFilter", "QuantConfig", "RunSpec", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",
-           "fake_quantize", "quantize", "quantize_", "__version__"]
+           "fake_quantize", "load_quantized", "quantize", "quantize_", "save_quantized", "__version__"]

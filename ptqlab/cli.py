@@ -129,16 +129,48 @@ def _append_jsonl(path: str | None, record: dict) -> None:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .experiment import ModelSession, run
+    from .export import is_quantized_folder
 
     device = _default_device(a.device)
+    if a.model and is_quantized_folder(a.model):
+        return _run_saved(a, device)
     spec = spec_from_args(a, a.model or "testbed-opt")
+    if a.save:  # fail before the run, not after it
+        from .export import ExportError
+
+        if not spec.config.weight.enabled:
+            raise ExportError(f"--save: {spec.config.name()} leaves the weights unquantized; there is no quantized "
+                              f"model to save")
+        if Path(a.save).exists() and (not Path(a.save).is_dir() or any(Path(a.save).iterdir())):
+            raise ValueError(f"--save: {a.save} already exists and is not empty")
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
-    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel)
+    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save)
     _append_jsonl(a.output, record)
     print_table([record])
     if a.output:
         print(f"record appended to {a.output}")
+    if a.save:
+        print(f"quantized model saved to {a.save} (stored bits/weight {record['stored_bits_per_weight']:.3f})")
+    return 0
+
+
+def _run_saved(a: argparse.Namespace, device: str) -> int:
+    """``run --model DIR`` on a saved quantized folder: evaluate it as saved (quantization options do not apply)."""
+    from .export.evaluate_saved import evaluate_saved
+
+    given = [OPTIONS[k].flag for k in OPTIONS
+             if OPTIONS[k].path.startswith("config.") and getattr(a, k) != OPTIONS[k].default]
+    if a.save or given:
+        raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop "
+                         f"{', '.join(given + (['--save'] if a.save else []))}")
+    record = evaluate_saved(a.model, tuple(a.eval), a.seqlen, device, a.dtype, a.max_eval_windows, a.data_dir,
+                            not a.no_progress, a.offload)
+    _append_jsonl(a.output, record)
+    print_table([record])
+    for name, value in record["ppl_at_save"].items():
+        if name in record["ppl"]:
+            print(f"{name}: {record['ppl'][name]:.3f} now, {value:.3f} when saved")
     return 0
 
 
@@ -201,10 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="quantize a model and measure its perplexity")
-    p.add_argument("--model", default=None, help="local folder, hub id, or testbed-opt / testbed-bloom (default testbed-opt)")
+    p.add_argument("--model", default=None, help="local folder, hub id, or testbed-opt / testbed-bloom (default "
+                   "testbed-opt); a folder saved with --save is evaluated as saved")
     add_run_options(p)
     _add_device_args(p, dtype=False)
     p.add_argument("--output", default=None, help="append the JSON record to this .jsonl file")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write the quantized model to DIR (compressed-tensors folder, LoRC as a PEFT adapter)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="FP16 vs RTN, GPTQ and GPTQ+LoRC at W4A16 g128 and W4A8 on a testbed model")

@@ -22,6 +22,7 @@ from . import __version__
 from .config import RunSpec, config_hash
 from .data import TOKENIZATION, DataError, calibration_windows, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
+from .export import save_quantized, stored_bits_per_weight
 from .models import QuantLinear, get_adapter, load_model
 from .pipeline import quantize_model
 from .restore import PristineWeights
@@ -135,13 +136,17 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
-        progress: bool = True, eval_batch: int | None = None, kernel: str = "fake") -> dict:
+        progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None) -> dict:
     """Run one experiment and return its JSON-ready record.
 
     ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
-    ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto.
+    ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto;
+    ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`).
     """
     start = time.perf_counter()
+    if save and kernel != "fake":
+        raise ValueError("--save writes the quantized layers as they are before kernel selection: save with "
+                         "--kernel fake (the default), then evaluate the saved folder with --kernel real")
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
     if session.name != spec.model or resolve_dtype(spec.dtype, session.device) != session.dtype:
         raise ValueError(f"run spec is for {spec.model} ({spec.dtype}) but the session holds {session.name} "
@@ -179,19 +184,19 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     eval_time = time.perf_counter() - t0
     if not offload:
         model.to("cpu")
-    del model
 
     config = spec.to_flat()
     config["seqlen"] = seqlen
     if spec.config.needs_calibration:
         config["calib_seqlen"] = calib_seqlen
     config["dtype"] = str(session.dtype).replace("torch.", "")
-    return {
+    record = {
         "config": config,
         "config_hash": config_hash(config),
         "name": spec.config.name(),
         "ppl": ppl,
         "bits_per_weight": report.bits_per_weight,
+        "stored_bits_per_weight": stored_bits_per_weight(model),
         "time_s": time.perf_counter() - start,
         "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time, **report.timings},
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
@@ -203,3 +208,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
                       **({"eval_batch": eval_batch} if eval_batch is not None else {}),
                       **({"kernels": kernels} if kernel != "fake" else {})},
     }
+    if save:
+        record["saved_to"] = str(save)
+        save_quantized(model, session.tokenizer, save, record)
+    return record

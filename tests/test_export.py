@@ -1,0 +1,328 @@
+"""Deployable quantized models: packing, compressed-tensors folders, the LoRC adapter, reload, interoperability."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptqlab import LayerFilter, QuantConfig, QuantSpec, quantize_
+from ptqlab.cli import main
+from ptqlab.experiment import ModelSession, RunSpec, run
+from ptqlab.export import ExportError, LoadError, load_quantized, save_quantized, stored_bits_per_weight
+from ptqlab.export.checkpoint import compress_layer, format_for, scheme_for
+from ptqlab.export.evaluate_saved import evaluate_saved
+from ptqlab.export.load import _quant_linear
+from ptqlab.evaluate import perplexity
+from ptqlab.export.pack import pack_codes, pack_zero_points, unpack_codes, unpack_zero_points
+from ptqlab.models import QuantLinear, load_model
+from ptqlab.quantizers import dequantize, quantize
+from ptqlab.testbed import CALIBRATION_TEXT
+
+# Short protocol: 4 windows of 128 tokens of the testbed's held-out text, 4 calibration windows.
+SEQLEN, WINDOWS, NSAMPLES = 128, 4, 4
+W4G128 = QuantSpec(4, True, 128)
+A8 = QuantSpec(8, True, 0)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _reference_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dense little-endian bit stream per row: unsigned code j at bits [j*bits, (j+1)*bits) of the row's int32
+    words (compressed-tensors shifts its signed codes by 2**(bits-1) before packing: ptqlab's codes, as they are)."""
+    rows, cols = codes.shape
+    words = math.ceil(cols * bits / 32)
+    out = torch.zeros(rows, words, dtype=torch.int32)
+    for r in range(rows):
+        acc = 0
+        for j, c in enumerate(codes[r].tolist()):
+            acc |= c << (j * bits)
+        for w in range(words):
+            out[r, w] = struct.unpack("<i", struct.pack("<I", (acc >> (32 * w)) & 0xFFFFFFFF))[0]
+    return out
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 33), (5, 96)])
+def test_pack_matches_a_bit_stream_reference_and_round_trips(bits, shape):
+    g = torch.Generator().manual_seed(bits * 100 + shape[1])
+    codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
+    codes[0, 0] = 0  # the edges of the range
+    codes[-1, -1] = 2**bits - 1
+    packed = pack_codes(codes, bits)
+    assert torch.equal(packed, _reference_pack(codes, bits))
+    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+    zeros = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
+    packed_z = pack_zero_points(zeros, bits)  # packed along rows
+    assert torch.equal(packed_z, _reference_pack(zeros.t().contiguous(), bits).t())
+    assert torch.equal(unpack_zero_points(packed_z, bits, shape), zeros)
+
+
+def _quantized_layer(out_f: int, in_f: int, spec: QuantSpec, act: QuantSpec = QuantSpec(), seed: int = 0):
+    """A QuantLinear holding RTN codes of a random weight, with its grid (the pipeline's contract), and the codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[0, :3] = torch.tensor([0.0, 0.3, -0.3])  # an outlier row and an exact zero
+    q = quantize(w, spec)
+    layer = QuantLinear(dequantize(q), torch.randn(out_f, generator=g), "layer")
+    groups = in_f // spec.group_size if spec.group_size > 0 else 1
+    layer.weight_scale = q.scale.reshape(-1, 1).expand(out_f, 1).contiguous() if spec.group_size == -1 else \
+        q.scale.reshape(out_f, groups)
+    layer.weight_zero = q.zero.reshape(-1, 1).expand(out_f, 1).contiguous() if spec.group_size == -1 else \
+        q.zero.reshape(out_f, groups)
+    layer.weight_spec, layer.act_spec = spec, act
+    return layer, q
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [0, 32, -1])
+def test_layer_round_trip_through_the_format_is_exact(bits, symmetric, group):
+    """compressed-tensors' compressor writes ptqlab's codes; ptqlab's reader gives back codes, zero points and
+    the weight decoded with the stored (fp16) scales, for odd row counts and every granularity."""
+    spec = QuantSpec(bits, symmetric, group)
+    act = A8 if bits == 8 and group == 0 else QuantSpec()  # int-quantized; other 8-bit cases pack
+    layer, q = _quantized_layer(37, 96, spec, act, seed=bits)
+    tensors = compress_layer("layer", layer)
+    fmt = format_for(spec, act)
+    linear = torch.nn.Linear(96, 37)
+    loaded = _quant_linear("layer", linear, scheme_for(spec, act, ["Linear"]), fmt,
+                           {f"layer.{k}": (v, Path("x")) for k, v in tensors.items()}, Path("config.json"), "x",
+                           torch.float32)
+    groups = loaded.weight_scale.shape[1]
+    step = 96 // groups
+    codes = torch.round(loaded.weight / loaded.weight_scale.repeat_interleave(step, 1)
+                        + loaded.weight_zero.repeat_interleave(step, 1))
+    assert torch.equal(codes.to(torch.uint8), q.codes)
+    assert torch.equal(loaded.weight_zero, layer.weight_zero)
+    stored_scale = layer.weight_scale.half().float()
+    assert torch.equal(loaded.weight_scale, stored_scale)
+    z, s = layer.weight_zero.repeat_interleave(step, 1), stored_scale.repeat_interleave(step, 1)
+    expected = (q.codes.float() - z) * s
+    assert torch.equal(loaded.weight, expected)
+    assert loaded.weight_spec == spec and loaded.act_spec == act
+    assert torch.allclose(loaded.weight, layer.weight, rtol=2e-3, atol=0)  # only the fp16 rounding of the scales
+
+
+def test_weight_off_its_grid_is_refused():
+    layer, _ = _quantized_layer(8, 64, QuantSpec(4, True, 32))
+    layer.weight.data[3, 5] += 0.4 * layer.weight_scale[3, 0]
+    with pytest.raises(ExportError, match=r"layer: weight \[3, 5\].*not on the grid"):
+        compress_layer("layer", layer)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    torch.manual_seed(0)
+    return {m: ModelSession(m, "cpu", "float32", progress=False) for m in ("testbed-opt", "testbed-bloom")}
+
+
+def _spec(model: str, config: QuantConfig) -> RunSpec:
+    return RunSpec(model=model, config=config, eval=("heldout",), seqlen=SEQLEN, calib=str(CALIBRATION_TEXT),
+                   nsamples=NSAMPLES, max_eval_windows=WINDOWS, dtype="float32")
+
+
+CONFIGS = {
+    "rtn": QuantConfig(method="rtn", weight=W4G128),
+    "w8a8": QuantConfig(method="rtn", weight=QuantSpec(8, True, 0), act=A8),
+}
+# One block only (CI time: GPTQ's column loop on all six blocks is minutes on 2 CPU cores); the saved model then
+# mixes quantized and full-precision linears. The whole-model round trip is measured in ptqlab/export/README.md.
+GPTQ_LORC = {m: QuantConfig(method="gptq", weight=W4G128, lorc_rank=8, layers=LayerFilter.parse(f"block:{b}"))
+             for m, b in (("testbed-opt", 1), ("testbed-bloom", 2))}
+
+
+@pytest.mark.parametrize("model", ["testbed-opt", "testbed-bloom"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_run_save_then_reload_gives_the_recorded_ppl(model, name, sessions, tmp_path):
+    out = tmp_path / "saved"
+    record = run(_spec(model, CONFIGS[name]), sessions[model], progress=False, save=str(out))
+    reloaded = evaluate_saved(str(out), ("heldout",), max_eval_windows=WINDOWS, progress=False)
+    assert reloaded["config"]["seqlen"] == SEQLEN  # the saved run's window, from the ptqlab entry
+    assert reloaded["ppl_at_save"] == record["ppl"]
+    assert reloaded["ppl"]["heldout"] == pytest.approx(record["ppl"]["heldout"], rel=1e-3)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["ptqlab"]["record"]["config"]["method"] == CONFIGS[name].method
+    expected_format = "int-quantized" if name == "w8a8" else "pack-quantized"
+    assert saved["quantization_config"]["format"] == expected_format
+    assert not (out / "adapter").exists()
+    assert record["stored_bits_per_weight"] == pytest.approx(saved["ptqlab"]["storage"]["stored_bits_per_weight"])
+
+
+def _heldout_ppl(model, session) -> float:
+    tokens, _ = session.eval_tokens("heldout", SEQLEN)
+    return perplexity(model, tokens, SEQLEN, "cpu", WINDOWS, progress=False)
+
+
+@pytest.fixture(scope="module", params=["testbed-opt", "testbed-bloom"])
+def gptq_lorc(request, tmp_path_factory, sessions):
+    """A testbed model quantized GPTQ W4 g128 + LoRC 8 in memory, saved, with its PPLs with and without LoRC."""
+    session = sessions[request.param]
+    model, _ = load_model(request.param, torch.float32)
+    windows, _ = session.calibration(str(CALIBRATION_TEXT), NSAMPLES, SEQLEN, 0)
+    quantize_(model, GPTQ_LORC[request.param], windows, progress=False)
+    out = tmp_path_factory.mktemp("export") / request.param
+    stats = save_quantized(model, session.tokenizer, out)
+    with_lorc = _heldout_ppl(model, session)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    factors = [(m.lorc_u, m.lorc_v) for m in layers]
+    for m in layers:
+        m.set_lorc(None, None)
+    without = _heldout_ppl(model, session)
+    for m, (u, v) in zip(layers, factors):
+        m.set_lorc(u, v)
+    return {"model": model, "out": out, "stats": stats, "ppl": with_lorc, "ppl_gptq": without, "session": session}
+
+
+def test_gptq_and_lorc_reload_with_the_ppl_measured(gptq_lorc):
+    """The base alone is the GPTQ model, base + adapter the GPTQ+LoRC model: both reload at their PPL."""
+    loaded, _, _ = load_quantized(gptq_lorc["out"])
+    assert _heldout_ppl(loaded, gptq_lorc["session"]) == pytest.approx(gptq_lorc["ppl"], rel=1e-3)
+    base, _, _ = load_quantized(gptq_lorc["out"], adapter=False)
+    assert _heldout_ppl(base, gptq_lorc["session"]) == pytest.approx(gptq_lorc["ppl_gptq"], rel=1e-3)
+    assert gptq_lorc["ppl"] != gptq_lorc["ppl_gptq"]  # the adapter is there and changes the model
+
+
+def _safetensors_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor, from the file's own header (not through ptqlab)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+    assert 8 + n + sum(sizes.values()) == len(raw)  # nothing else in the file
+    return sizes
+
+
+def test_stored_bits_per_weight_is_what_the_files_hold(gptq_lorc):
+    model, out, stats = gptq_lorc["model"], gptq_lorc["out"], gptq_lorc["stats"]
+    base = _safetensors_bytes(out / "model.safetensors")
+    adapter = _safetensors_bytes(out / "adapter" / "adapter_model.safetensors")
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    weight_bytes = sum(b for k, b in base.items() if k.rpartition(".")[0] in quantized and ".weight" in k)
+    params = sum(m.weight.numel() for n, m in model.named_modules() if n in quantized)
+    assert stats["quantized_linear_bytes"] == weight_bytes
+    assert stats["adapter_bytes"] == sum(adapter.values())
+    assert stats["stored_bits_per_weight"] == pytest.approx(8 * (weight_bytes + sum(adapter.values())) / params)
+    assert stored_bits_per_weight(model) == pytest.approx(stats["stored_bits_per_weight"])  # from shapes alone
+    # W4 g128: 4 bits + a scale per 128 weights; int32 words hold 8 codes each exactly here
+    scale_bits = {"float16": 16, "float32": 32}[stats["scale_dtype"]]
+    assert 8 * weight_bytes / params == pytest.approx(4 + scale_bits / 128, abs=1e-3)
+    assert weight_bytes <= 0.3 * 2 * params
+
+
+def test_transformers_and_peft_load_the_saved_folder(gptq_lorc):
+    """transformers (through compressed-tensors) runs the base with ptqlab's weights; PEFT adds LoRC exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model, out = gptq_lorc["model"], gptq_lorc["out"]
+    ids = torch.randint(4, 8000, (1, 64), generator=torch.Generator().manual_seed(0))
+    base_ptqlab, _, _ = load_quantized(out, adapter=False)
+    compressed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # decompresses on first forward
+    # PEFT wraps nn.Linear weights, which a compressed module only has once decompressed
+    dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        hf_base = compressed(input_ids=ids).logits
+        tol = 1e-4 * float(reference.abs().max())
+        assert float((hf_base - base_ptqlab(input_ids=ids).logits).abs().max()) < tol
+        with_lorc = PeftModel.from_pretrained(dense, str(out / "adapter"))(input_ids=ids).logits
+    # the adapter's factors are fp16 on disk (the scales are exact)
+    assert float((with_lorc - reference).abs().max()) < 20 * tol
+    assert float((hf_base - reference).abs().max()) > 100 * tol  # LoRC matters: the check above is not vacuous
+
+
+def test_run_save_and_run_model_dir_from_the_command_line(tmp_path, capsys):
+    out, jsonl = tmp_path / "out", tmp_path / "r.jsonl"
+    common = ["--eval", "heldout", "--seqlen", str(SEQLEN), "--max-eval-windows", str(WINDOWS), "--no-progress",
+              "--device", "cpu", "--output", str(jsonl)]
+    assert main(["run", "--model", "testbed-bloom", "--method", "rtn", "--wbits", "3", "--wgroup", "64", "--wasym",
+                 "--save", str(out), *common]) == 0
+    assert main(["run", "--model", str(out), *common]) == 0
+    saved, loaded = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert loaded["ppl"]["heldout"] == pytest.approx(saved["ppl"]["heldout"], rel=1e-3)
+    assert "when saved" in capsys.readouterr().out
+    assert main(["run", "--model", str(out), "--wbits", "4", *common]) == 2  # already quantized
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["run", "--model", "testbed-bloom", "--wbits", "4", "--save", str(out), *common]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err  # refused before quantizing
+    assert main(["run", "--model", "testbed-bloom", "--abits", "8", "--save", str(tmp_path / "x"), *common]) == 2
+    assert "no quantized model to save" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_saving_an_unquantized_or_unsupported_model_is_a_clear_error(tmp_path, sessions):
+    model, tok = load_model("testbed-opt", torch.float32)
+    with pytest.raises(ExportError, match="no quantized weights"):
+        save_quantized(model, tok, tmp_path / "a")
+    quantize_(model, QuantConfig(method="rtn", act=A8))
+    with pytest.raises(ExportError, match=r"W16A8.*no integer activation-only scheme"):
+        save_quantized(model, tok, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert stored_bits_per_weight(model) is None
+
+
+def test_an_interrupted_save_leaves_nothing(gptq_lorc, tmp_path):
+    model = gptq_lorc["model"]
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, Tokenizer(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_quantized(model, None, tmp_path / "full")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_broken_folders_are_clear_errors_naming_the_file(gptq_lorc, tmp_path):
+    out = gptq_lorc["out"]
+    missing = _copy(out, tmp_path / "missing")
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match=r"missing/model\.safetensors: file missing"):
+        load_quantized(missing)
+
+    truncated = _copy(out, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match=r"truncated/model\.safetensors: not a readable safetensors file"):
+        load_quantized(truncated)
+
+    for field, value, message in [("group_size", 64, r"weight_scale has shape"),
+                                  ("num_bits", 3, r"packed codes of shape"),
+                                  ("symmetric", False, r"no tensor '.*weight_zero_point'")]:
+        wrong = _copy(out, tmp_path / f"wrong-{field}")
+        config = json.loads((wrong / "config.json").read_text())
+        config["quantization_config"]["config_groups"]["group_0"]["weights"][field] = value
+        (wrong / "config.json").write_text(json.dumps(config))
+        with pytest.raises(LoadError, match=rf"wrong-{field}/(model\.safetensors|config\.json).*{message}"):
+            load_quantized(wrong)
+
+    bad_adapter = _copy(out, tmp_path / "adapter-rank")
+    config = json.loads((bad_adapter / "adapter" / "adapter_config.json").read_text())
+    config["r"] = 4
+    (bad_adapter / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"adapter_model\.safetensors.*rank 8/8 but adapter_config\.json says 4"):
+        load_quantized(bad_adapter)
