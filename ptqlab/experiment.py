@@ -21,6 +21,7 @@ from .data import DataError, calibration_windows, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
 from .models import get_adapter, load_model
 from .pipeline import quantize_model
+from .testbed import is_testbed_model
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class ModelSession:
         key = (dataset, seqlen)
         if key not in self._tokens:
             text = load_text(dataset, "eval", self.data_dir)
-            if text.name in ("heldout", "calibration") and self.name not in ("testbed-opt", "testbed-bloom"):
+            if text.name in ("heldout", "calibration") and not is_testbed_model(self.name):
                 warnings.warn(f"'{dataset}' is the testbed models' own held-out text; {self.name} was not trained on its corpus")
             self._tokens[key] = (eval_tokens(self.tokenizer, text, seqlen), text.source)
         return self._tokens[key]
