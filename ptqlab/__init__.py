@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import GPTQOptions, QuantConfig, ZQOptions  # noqa: E402
+from .config import GPTQOptions, LayerFilter, QuantConfig, RunSpec, ZQOptions  # noqa: E402
 from .quantizers import QuantSpec, QuantizationError, dequantize, fake_quantize, quantize  # noqa: E402
 
 
@@ -14,5 +14,5 @@ def quantize_(model, config: "QuantConfig", calibration=None, device: str = "cpu
     return quantize_model(model, config, calibration, device, progress, batch_size, offload_activations)
 
 
-__all__ = ["GPTQOptions", "QuantConfig", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",
+__all__ = ["GPTQOptions", "LayerFilter", "QuantConfig", "RunSpec", "QuantSpec", "QuantizationError", "ZQOptions", "dequantize",
            "fake_quantize", "quantize", "quantize_", "__version__"]

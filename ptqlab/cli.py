@@ -5,51 +5,86 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .config import METHODS, GPTQOptions, QuantConfig, ZQOptions
+from .config import OPTIONS, QuantConfig, RunSpec, from_flat
 from .quantizers import QuantSpec
 
 
-def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("quantization")
-    g.add_argument("--method", choices=METHODS, default="rtn")
-    g.add_argument("--wbits", type=int, default=16, help="weight bits, 2..8 (16: not quantized)")
-    g.add_argument("--wgroup", type=int, default=0, help="weight group size along the input dim (0: per row, -1: per tensor)")
-    g.add_argument("--wsym", dest="wsym", action="store_true", default=True, help="symmetric weights (default)")
-    g.add_argument("--wasym", dest="wsym", action="store_false", help="asymmetric weights")
-    g.add_argument("--abits", type=int, default=16, help="activation bits, 2..8 (16: not quantized)")
-    g.add_argument("--agroup", type=int, default=0, help="activation group size (0: per token, -1: per tensor)")
-    g.add_argument("--asym", dest="asym", action="store_true", default=True, help="symmetric activations (default)")
-    g.add_argument("--aasym", dest="asym", action="store_false", help="asymmetric activations")
-    g.add_argument("--lorc-rank", type=int, default=0, help="LoRC rank (0: off)")
-    g.add_argument("--lorc-bits", type=int, default=8, help="bits of the LoRC factors (16: full precision)")
-    g.add_argument("--lorc-aware", action="store_true", help="activation-aware LoRC (SVD of E scaled by the Hessian)")
-    g.add_argument("--quantize-head", action="store_true", help="also quantize the LM head (RTN)")
-    g.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block size")
-    g.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
-    g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
-    g.add_argument("--zq-steps", type=int, default=None, help="ZQ-Local/Global optimisation steps")
-    g.add_argument("--zq-lr", type=float, default=None, help="ZQ learning rate, relative to the weight RMS")
-    g.add_argument("--zq-batch", type=int, default=8, help="ZQ-Global batch size (windows)")
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a boolean flag: sets the value and warns once."""
+
+    def __init__(self, option_strings, dest, const=None, new_flag="", **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, const=const, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warnings.warn(f"{option_string} is deprecated and will be removed in the next release: use {self.new_flag}",
+                      FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.const)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--eval", default="wikitext2,ptb",
-                   help="comma-separated: wikitext2, ptb, c4, heldout (the testbed's in-domain text) or text file paths")
-    g.add_argument("--seqlen", type=int, default=None, help="evaluation window (default: the model's maximum)")
-    g.add_argument("--calib", default="c4", help="calibration: wikitext2|ptb|c4 (train split) or a text file")
-    g.add_argument("--nsamples", type=int, default=128)
-    g.add_argument("--calib-seqlen", type=int, default=None, help="calibration window (default: --seqlen)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
-    g.add_argument("--max-eval-windows", type=int, default=None, help="evaluate only this many windows (a prefix)")
+def _cli_value(option):
+    """argparse ``type=``: a command-line string checked as the option checks recipe values."""
+
+    def convert(text: str):
+        value = text if option.key in ("eval", "calib", "layers") else _scalar(text)
+        try:
+            return option.check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+    convert.__name__ = option.key  # argparse names it in "invalid ... value"
+    return convert
 
 
-def _add_device_args(p: argparse.ArgumentParser) -> None:
+def _scalar(text: str) -> object:
+    """``null``/``none`` -> None, integers, then floats; anything else stays text."""
+    if text.strip().lower() in ("null", "none", ""):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """One ``--key`` per :data:`ptqlab.config.OPTIONS` entry, with the config's defaults and help."""
+    groups = {name: p.add_argument_group(name) for name in ("quantization", "data")}
+    for option in OPTIONS.values():
+        g = groups[option.group]
+        default = option.default
+        if option.is_bool:
+            g.add_argument(option.flag, dest=option.key, action="store_true", default=default,
+                           help=option.help + (" (default)" if default else ""))
+            if option.negative:
+                g.add_argument(option.negative, dest=option.key, action="store_false", help=f"not {option.flag}")
+            if option.deprecated:
+                on, off = option.deprecated
+                g.add_argument(on, dest=option.key, action=DeprecatedFlag, const=True, new_flag=option.flag,
+                               help=argparse.SUPPRESS)
+                g.add_argument(off, dest=option.key, action=DeprecatedFlag, const=False, new_flag=option.negative,
+                               help=argparse.SUPPRESS)
+            continue
+        shown = ",".join(default) if isinstance(default, list) else default
+        g.add_argument(option.flag, dest=option.key, type=_cli_value(option), default=default,
+                       help=option.help + ("" if default is None else f" (default: {shown})"))
+    groups["data"].add_argument("--data-dir", default=None,
+                                help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
+
+
+def spec_from_args(a: argparse.Namespace, model: str) -> RunSpec:
+    """The :class:`RunSpec` of parsed ``ptqlab run`` options."""
+    return from_flat({"model": model, **{key: getattr(a, key) for key in OPTIONS}})
+
+
+def _add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    if dtype:  # ``ptqlab run`` has it among the run options
+        p.add_argument("--dtype", default="auto", help=OPTIONS["dtype"].help)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--offload", action="store_true", default=None,
                    help="evaluate one block at a time on the device (default: only if the model does not fit)")
@@ -57,26 +92,6 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="windows per block forward while calibrating (lower it if the GPU runs out of memory)")
     p.add_argument("--calib-offload", action="store_true",
                    help="keep the calibration hidden states in CPU memory, one batch at a time on the GPU")
-
-
-def config_from_args(a: argparse.Namespace) -> QuantConfig:
-    zq = ZQOptions()
-    if a.zq_steps is not None:
-        zq = ZQOptions(**{**zq.__dict__, "local_steps": a.zq_steps, "global_steps": a.zq_steps})
-    if a.zq_lr is not None:
-        zq = ZQOptions(**{**zq.__dict__, "local_lr": a.zq_lr, "global_lr": a.zq_lr})
-    zq = ZQOptions(**{**zq.__dict__, "global_batch_size": a.zq_batch})
-    return QuantConfig(
-        method=a.method,
-        weight=QuantSpec(a.wbits, a.wsym, a.wgroup),
-        act=QuantSpec(a.abits, a.asym, a.agroup),
-        lorc_rank=a.lorc_rank,
-        lorc_bits=a.lorc_bits,
-        lorc_aware=a.lorc_aware,
-        quantize_head=a.quantize_head,
-        gptq=GPTQOptions(a.blocksize, a.percdamp, a.act_order),
-        zq=zq,
-    )
 
 
 def _default_device(requested: str | None) -> str:
@@ -108,15 +123,10 @@ def _append_jsonl(path: str | None, record: dict) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .experiment import ModelSession, RunSpec, run
+    from .experiment import ModelSession, run
 
     device = _default_device(a.device)
-    config = config_from_args(a)
-    spec = RunSpec(
-        model=a.model or "testbed-opt", config=config, eval=tuple(x for x in a.eval.split(",") if x),
-        seqlen=a.seqlen, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed,
-        max_eval_windows=a.max_eval_windows, dtype=a.dtype,
-    )
+    spec = spec_from_args(a, a.model or "testbed-opt")
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
     record = run(spec, session, progress=not a.no_progress)
@@ -127,14 +137,26 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from .experiment import ModelSession, RunSpec, run
-    from .testbed import CALIBRATION_TEXT
+def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, runs, table
+    from .data import DataError
+    from .experiment import ModelSession, run
 
     device = _default_device(a.device)
     max_windows = None if a.full or device != "cpu" else a.max_eval_windows
     session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
+    datasets, skipped = [], []
+    for name in (x.strip() for x in a.eval.split(",") if x.strip()):
+        try:
+            session.eval_tokens(name, session.seqlen(a.seqlen))
+            datasets.append(name)
+        except DataError:
+            skipped.append(name)
+    if skipped:
+        print(f"skipped {', '.join(skipped)}: not found here; add them with --data-dir DIR or PTQLAB_DATA=DIR "
+              f"(layout of shared/data/README.md), or pip install -e \".[hub]\" with Hugging Face hub access")
+    if not datasets:
+        raise DataError(f"none of the evaluation sets ({a.eval}) is available")
     w4 = QuantSpec(4, True, 128)
     a8 = QuantSpec(8, True, 0)
     configs = [
@@ -148,9 +170,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     ]
     records = []
     for config in configs:
-        spec = RunSpec(model=a.model, config=config, eval=tuple(a.eval.split(",")), seqlen=a.seqlen,
-                       calib=str(CALIBRATION_TEXT), nsamples=a.nsamples, max_eval_windows=max_windows,
-                       dtype=a.dtype)
+        spec = RunSpec(model=a.model, config=config, eval=tuple(datasets), seqlen=a.seqlen, calib="testbed",
+                       nsamples=a.nsamples, max_eval_windows=max_windows, dtype=a.dtype)
         record = run(spec, session, progress=not a.no_progress)
         _append_jsonl(a.output, record)
         records.append(record)
@@ -176,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="quantize a model and measure its perplexity")
     p.add_argument("--model", default=None, help="local folder, hub id, or testbed-opt / testbed-bloom (default testbed-opt)")
-    _add_quant_args(p)
-    _add_data_args(p)
-    _add_device_args(p)
+    add_run_options(p)
+    _add_device_args(p, dtype=False)
     p.add_argument("--output", default=None, help="append the JSON record to this .jsonl file")
     p.set_defaults(func=cmd_run)
 
@@ -212,14 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse already explained
+        return int(done.code or 0)
     from .data import DataError
     from .models import UnsupportedModelError
     from .quantizers import QuantizationError
+    from .study.store import StoreError
 
     try:
         return a.func(a)
-    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
+    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

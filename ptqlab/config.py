@@ -1,14 +1,37 @@
-"""What to do to a model: one frozen config per quantization run."""
+"""What to do to a model: one frozen description of a run, and its flat form.
+
+The dataclasses here are the single source of truth for a run:
+:class:`QuantConfig` (what quantization does: a method, a weight spec, an
+activation spec, LoRC, which layers) and :class:`RunSpec` (the model, the
+data and the evaluation around it).  Every other form is derived from them
+through :data:`OPTIONS`, one entry per flat key with its path into the
+dataclasses, its help text and its check:
+
+* ``ptqlab run``'s options (``cli.py`` builds its parser from the table),
+* recipe keys and ``--grid``/``--set`` assignments (``study/recipe.py``),
+* the ``config`` of every record and the key of every study run
+  (:meth:`RunSpec.to_flat`), read back with :func:`from_flat`.
+
+Defaults are the dataclass field defaults; a new option is one field plus
+one :class:`Option` row.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from .methods.registry import METHODS, get_method
 from .quantizers import QuantizationError, QuantSpec
 
-METHODS = ("fp16", "rtn", "gptq", "zq-local", "zq-global")
+TESTBED_CALIBRATION = "testbed"  # calibration alias: the text shipped with the testbed models
+AUTO_CALIBRATION = "auto"  # the testbed text for the testbed models, C4 for any other model
+DTYPE_NAMES = {"auto": "auto", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float32": "float32", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -20,16 +43,67 @@ class GPTQOptions:
 
 @dataclass(frozen=True)
 class ZQOptions:
-    local_steps: int = 100  # measured: 100 and 300 steps tie on the testbed (bench/README.md)
-    local_lr: float = 1e-3  # relative to each weight's RMS
-    global_steps: int = 100  # measured on both testbed models: the best worst case (bench/README.md)
-    global_lr: float = 1e-3
-    global_batch_size: int = 8
+    # measured on both testbed models (bench/README.md): 100 steps at lr 1e-3 is the best worst case for
+    # ZQ-Global and ties 300 steps for ZQ-Local, so both methods share one setting
+    steps: int = 100
+    lr: float = 1e-3  # relative to each weight's RMS
+    batch_size: int = 8  # ZQ-Global: windows per distillation step
+
+
+LAYER_GRANULARITIES = ("all", "module", "block", "layer")
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """Which linear layers of the decoder blocks a run quantizes (the others stay in full precision).
+
+    Text form: ``all``; ``module:NAME`` (that module in every block, e.g. ``module:fc1``,
+    ``module:self_attn.q_proj``); ``block:N`` (every linear of block N); ``layer:N:NAME``.
+    """
+
+    granularity: str = "all"
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in LAYER_GRANULARITIES:
+            raise QuantizationError(f"layer filter: unknown granularity '{self.granularity}'; "
+                                    f"choose all, module:NAME, block:N or layer:N:NAME")
+        if (self.granularity == "all") != (self.target == ""):
+            raise QuantizationError(f"layer filter '{self}': 'all' takes no target, the others need one")
+        if self.granularity in ("block", "layer"):
+            index = self.target.split(":", 1)[0]
+            if not index.isdigit() or (self.granularity == "layer" and ":" not in self.target):
+                raise QuantizationError(f"layer filter '{self}': expected block:N or layer:N:NAME")
+
+    @classmethod
+    def parse(cls, text: str) -> LayerFilter:
+        if not isinstance(text, str) or not text.strip():
+            raise QuantizationError("layer filter: expected all, module:NAME, block:N or layer:N:NAME")
+        granularity, _, target = text.strip().partition(":")
+        return cls(granularity, target)
+
+    def __str__(self) -> str:
+        return self.granularity if self.granularity == "all" else f"{self.granularity}:{self.target}"
+
+    @property
+    def everything(self) -> bool:
+        return self.granularity == "all"
+
+    def selects(self, block_index: int, name: str) -> bool:
+        """Whether the linear ``name`` (its path inside the block) of block ``block_index`` is quantized."""
+        if self.granularity == "all":
+            return True
+        if self.granularity == "module":
+            return name == self.target
+        if self.granularity == "block":
+            return str(block_index) == self.target
+        index, _, module = self.target.partition(":")
+        return str(block_index) == index and name == module
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A weight method, a weight spec, an activation spec and LoRC: the whole recipe for one run."""
+    """A weight method, a weight spec, an activation spec, LoRC and the layers: what one run does to a model."""
 
     method: str = "rtn"
     weight: QuantSpec = field(default_factory=QuantSpec)
@@ -38,17 +112,19 @@ class QuantConfig:
     lorc_bits: int = 8
     lorc_aware: bool = False  # beyond the paper: SVD of the error scaled by the input statistics
     quantize_head: bool = False
+    layers: LayerFilter = field(default_factory=LayerFilter)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     zq: ZQOptions = field(default_factory=ZQOptions)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QuantizationError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
-        if self.method == "fp16" and (self.weight.enabled or self.act.enabled or self.lorc_rank):
+        method = get_method(self.method)
+        if not method.quantizes_weights and (self.weight.enabled or self.act.enabled or self.lorc_rank):
             raise QuantizationError(
-                "method 'fp16' leaves the model unquantized: use --method rtn for W16A8 and the like"
+                f"method '{self.method}' leaves the model unquantized: use --method rtn for W16A8 and the like"
             )
-        if self.method in ("gptq", "zq-local", "zq-global") and not self.weight.enabled:
+        if method.needs_calibration and not self.weight.enabled:
             raise QuantizationError(f"method '{self.method}' quantizes weights: give --wbits between 2 and 8")
         if self.lorc_rank < 0:
             raise QuantizationError(f"lorc_rank must be >= 0, got {self.lorc_rank}")
@@ -56,10 +132,12 @@ class QuantConfig:
             raise QuantizationError("LoRC compensates the weight quantization error: it needs --wbits below 16")
         if not (2 <= self.lorc_bits <= 8 or self.lorc_bits == 16):
             raise QuantizationError(f"lorc_bits must be in 2..8 or 16, got {self.lorc_bits}")
+        if self.quantize_head and not self.layers.everything:
+            raise QuantizationError("--quantize-head quantizes the LM head: it needs --layers all")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "zq-local", "zq-global") or (self.lorc_rank > 0 and self.lorc_aware)
+        return get_method(self.method).needs_calibration or (self.lorc_rank > 0 and self.lorc_aware)
 
     @property
     def lorc_spec(self) -> QuantSpec:
@@ -78,7 +156,318 @@ class QuantConfig:
             parts.append("act-order")
         if self.lorc_rank:
             parts.append(f"lorc{self.lorc_rank}" + ("-aware" if self.lorc_aware else ""))
+        if not self.layers.everything:
+            parts.append(f"only {self.layers}")
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A whole run: the model, what quantization does to it, the calibration and the evaluation."""
+
+    model: str
+    config: QuantConfig = field(default_factory=QuantConfig)
+    eval: tuple[str, ...] = ("wikitext2", "ptb")
+    seqlen: int | None = None  # None: the model's maximum (2048 where it has none)
+    calib: str = AUTO_CALIBRATION  # a dataset (train split), 'testbed', a text file, or 'auto'
+    nsamples: int = 128
+    calib_seqlen: int | None = None  # None: same as seqlen
+    seed: int = 0
+    max_eval_windows: int | None = None  # evaluate a prefix only (quick checks)
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eval", tuple(self.eval))
+        if self.calib == AUTO_CALIBRATION:
+            from .testbed import is_testbed_model
+
+            object.__setattr__(self, "calib", TESTBED_CALIBRATION if is_testbed_model(self.model) else "c4")
+
+    def to_flat(self) -> dict:
+        """The canonical flat dict: every option that can affect this run's numbers, none that cannot.
+
+        Options a run does not read are left out (calibration for RTN, GPTQ's
+        options for ZQ, groups of 16-bit specs, ...), so two spellings of one
+        experiment give one dict, one record ``config`` and one study key.
+        """
+        flat = {"model": self.model}
+        for option in OPTIONS.values():
+            if option.relevant(self):
+                flat[option.key] = option.get(self)
+        return flat
+
+
+# ---------------------------------------------------------------- the flat form
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bits(v: object) -> int:
+    if not _is_int(v) or not (2 <= v <= 8 or v == 16):
+        raise ValueError("must be an integer in 2..8, or 16 for full precision")
+    return v
+
+
+def _group(v: object) -> int:
+    if not _is_int(v) or v < -1:
+        raise ValueError("must be 0 (per row/token), -1 (per tensor) or a positive group size")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _int_min(lo: int, optional: bool = False) -> Callable[[object], int | None]:
+    def check(v: object) -> int | None:
+        if v is None and optional:
+            return None
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"must be an integer >= {lo}" + (" or null" if optional else ""))
+        return v
+
+    return check
+
+
+def _pos_float(v: object) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)  # YAML 1.1 reads 1e-3 as text
+        except ValueError:
+            pass
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+def _method(v: object) -> str:
+    if v not in METHODS:
+        raise ValueError(f"must be one of {', '.join(METHODS)}")
+    return v
+
+
+def _eval(v: object) -> list[str]:
+    from .data import EVAL_DATASETS
+
+    names = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    if isinstance(names, tuple):
+        names = list(names)
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"must be a dataset name, a comma-separated string or a list of {', '.join(EVAL_DATASETS)} "
+                         f"or text files")
+    bad = [x for x in names if x not in EVAL_DATASETS and not Path(x).expanduser().is_file()]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is neither a dataset ({', '.join(EVAL_DATASETS)}) nor an existing text file")
+    if len(set(names)) != len(names):
+        raise ValueError("lists a dataset twice")
+    return names
+
+
+def _calib(v: object) -> str:
+    from .data import EVAL_DATASETS
+
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a dataset name (wikitext2, ptb, c4), 'testbed', 'auto' or a text file path")
+    if v not in (*EVAL_DATASETS, TESTBED_CALIBRATION, AUTO_CALIBRATION) and not Path(v).expanduser().is_file():
+        if Path(v).suffix or "/" in v:
+            raise ValueError(f"calibration file {v} does not exist")
+        raise ValueError(f"{v!r} is neither a dataset (wikitext2, ptb, c4), 'testbed', 'auto', nor an existing "
+                         f"text file")
+    return v
+
+
+def _dtype(v: object) -> str:
+    if v not in DTYPE_NAMES:
+        raise ValueError(f"must be one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[v]
+
+
+def _layers(v: object) -> str:
+    try:
+        return str(LayerFilter.parse(v))  # type: ignore[arg-type]
+    except QuantizationError as err:
+        raise ValueError(str(err).removeprefix("layer filter: ")) from None
+
+
+def _always(spec: RunSpec) -> bool:
+    return True
+
+
+def _weights(spec: RunSpec) -> bool:
+    return spec.config.weight.enabled
+
+
+def _acts(spec: RunSpec) -> bool:
+    return spec.config.act.enabled
+
+
+def _lorc(spec: RunSpec) -> bool:
+    return spec.config.lorc_rank > 0
+
+
+def _calibrates(spec: RunSpec) -> bool:
+    return spec.config.needs_calibration
+
+
+def _method_reads(key: str) -> Callable[[RunSpec], bool]:
+    def relevant(spec: RunSpec) -> bool:
+        if key == "percdamp" and spec.config.lorc_rank and spec.config.lorc_aware:
+            return True  # activation-aware LoRC damps the Hessian too
+        return key in get_method(spec.config.method).options
+
+    return relevant
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flat key: a recipe key, a record ``config`` key, and ``ptqlab run --key``."""
+
+    key: str
+    path: str  # attribute path inside a RunSpec, e.g. "config.weight.bits"
+    check: Callable[[object], object]  # validates a parsed value (ValueError with the reason)
+    help: str
+    relevant: Callable[[RunSpec], bool] = _always  # whether the value can affect the run's numbers
+    group: str = "quantization"  # the CLI's option group
+    negative: str | None = None  # for booleans: the flag that sets False (``--wasym``)
+    deprecated: tuple[str, str] | None = None  # old (true flag, false flag) spellings, warned about
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.default, bool)
+
+    @property
+    def default(self) -> object:
+        return self.get(_DEFAULT_SPEC)
+
+    def get(self, spec: RunSpec) -> object:
+        value = _get_path(spec, self.path)
+        if isinstance(value, tuple):
+            return list(value)
+        if isinstance(value, LayerFilter):
+            return str(value)
+        return value
+
+
+def _get_path(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+OPTIONS: dict[str, Option] = {o.key: o for o in [
+    Option("method", "config.method", _method, "weight method: " + ", ".join(METHODS)),
+    Option("wbits", "config.weight.bits", _bits, "weight bits, 2..8 (16: not quantized)"),
+    Option("wgroup", "config.weight.group_size", _group,
+           "weight group size along the input dim (0: per row, -1: per tensor)", _weights),
+    Option("wsym", "config.weight.symmetric", _bool, "symmetric weights", _weights, negative="--wasym"),
+    Option("abits", "config.act.bits", _bits, "activation bits, 2..8 (16: not quantized)"),
+    Option("agroup", "config.act.group_size", _group,
+           "activation group size along the hidden dim (0: per token, -1: per tensor)", _acts),
+    Option("act_sym", "config.act.symmetric", _bool, "symmetric activations", _acts,
+           negative="--act-asym", deprecated=("--asym", "--aasym")),
+    Option("lorc_rank", "config.lorc_rank", _int_min(0), "LoRC rank (0: off)"),
+    Option("lorc_bits", "config.lorc_bits", _bits, "bits of the LoRC factors (16: full precision)", _lorc),
+    Option("lorc_aware", "config.lorc_aware", _bool, "activation-aware LoRC (SVD of E scaled by the Hessian)", _lorc),
+    Option("quantize_head", "config.quantize_head", _bool, "also quantize the LM head (RTN)", _weights),
+    Option("layers", "config.layers", _layers,
+           "which linears to quantize: all, module:NAME, block:N or layer:N:NAME (the rest stay full precision)"),
+    Option("blocksize", "config.gptq.blocksize", _int_min(1), "GPTQ lazy-update block size",
+           _method_reads("blocksize")),
+    Option("percdamp", "config.gptq.percdamp", _pos_float,
+           "GPTQ dampening, fraction of the mean Hessian diagonal", _method_reads("percdamp")),
+    Option("act_order", "config.gptq.act_order", _bool, "GPTQ: columns by decreasing Hessian diagonal",
+           _method_reads("act_order")),
+    Option("zq_steps", "config.zq.steps", _int_min(1), "ZQ-Local/Global optimisation steps",
+           _method_reads("zq_steps")),
+    Option("zq_lr", "config.zq.lr", _pos_float, "ZQ learning rate, relative to the weight RMS",
+           _method_reads("zq_lr")),
+    Option("zq_batch", "config.zq.batch_size", _int_min(1), "ZQ-Global batch size (windows)",
+           _method_reads("zq_batch")),
+    Option("calib", "calib", _calib,
+           "calibration text: wikitext2|ptb|c4 (train split), testbed, a text file, or auto (testbed text for the "
+           "testbed models, else c4)", _calibrates, group="data"),
+    Option("nsamples", "nsamples", _int_min(1), "calibration windows", _calibrates, group="data"),
+    Option("calib_seqlen", "calib_seqlen", _int_min(2, optional=True), "calibration window (default: --seqlen)",
+           _calibrates, group="data"),
+    Option("seed", "seed", _int_min(0), "calibration sampling seed", _calibrates, group="data"),
+    Option("eval", "eval", _eval,
+           "comma-separated: wikitext2, ptb, c4, heldout (the testbed's in-domain text) or text file paths",
+           group="data"),
+    Option("seqlen", "seqlen", _int_min(2, optional=True), "evaluation window (default: the model's maximum)",
+           group="data"),
+    Option("max_eval_windows", "max_eval_windows", _int_min(1, optional=True),
+           "evaluate only this many windows (a prefix)", group="data"),
+    Option("dtype", "dtype", _dtype, "auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32", group="data"),
+]}
+DEPRECATED_KEYS = {"asym": "act_sym"}  # old recipe keys, read with a warning for one release
+
+
+def from_flat(flat: dict) -> RunSpec:
+    """The :class:`RunSpec` of a flat dict (``model`` required; missing keys take the field defaults).
+
+    Values are checked with each option's check; an unknown key is an error.
+    """
+    flat = dict(flat)
+    if "model" not in flat:
+        raise QuantizationError("a run needs a model")
+    model = flat.pop("model")
+    unknown = [k for k in flat if k not in OPTIONS]
+    if unknown:
+        raise QuantizationError(f"unknown option '{unknown[0]}'; known: {', '.join(OPTIONS)}")
+    values = {k: OPTIONS[k].default for k in OPTIONS}
+    for key, value in flat.items():
+        try:
+            values[key] = OPTIONS[key].check(value)
+        except ValueError as err:
+            raise QuantizationError(f"{key}: bad value {value!r}: {err}") from None
+    nested: dict = {}
+    for key, value in values.items():
+        node = nested
+        *parents, leaf = OPTIONS[key].path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    c = nested["config"]
+    config = QuantConfig(
+        method=c["method"], weight=QuantSpec(**c["weight"]), act=QuantSpec(**c["act"]), lorc_rank=c["lorc_rank"],
+        lorc_bits=c["lorc_bits"], lorc_aware=c["lorc_aware"], quantize_head=c["quantize_head"],
+        layers=LayerFilter.parse(c["layers"]), gptq=GPTQOptions(**c["gptq"]), zq=ZQOptions(**c["zq"]),
+    )
+    top = {k: v for k, v in nested.items() if k != "config"}
+    top["eval"] = tuple(top["eval"])
+    return RunSpec(model=model, config=config, **top)
+
+
+def _check_table() -> None:
+    """Every dataclass field is reachable through exactly one option (a drift guard, run at import)."""
+    paths = {o.path for o in OPTIONS.values()}
+    expected = set()
+
+    def walk(obj: object, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            path = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value) and not isinstance(value, (LayerFilter,)):
+                walk(value, path + ".")
+            elif path != "model":
+                expected.add(path)
+
+    walk(_DEFAULT_SPEC, "")
+    if paths != expected:
+        raise AssertionError(f"config options and fields disagree: {sorted(paths ^ expected)}")
+
+
+_DEFAULT_SPEC = RunSpec(model="", calib="c4")
+object.__setattr__(_DEFAULT_SPEC, "calib", AUTO_CALIBRATION)  # the default as given, before a model resolves it
+_check_table()
 
 
 def config_hash(record_config: dict) -> str:

@@ -8,6 +8,7 @@ Without one, the same splits are loaded through ``datasets``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -24,6 +25,11 @@ _LOCAL_FILES = {
     "ptb": ("ptb/ptb.test.txt", "ptb/ptb.train.txt"),
     "c4": ("c4/c4-validation.00000-of-00008.json.gz", "c4/c4-train.00000-of-01024.json.gz"),
 }
+
+
+# Which tokens the evaluation stream holds; recorded in every record. The GPTQ reference code
+# tokenizes each joined split with the tokenizer's defaults, so OPT's leading </s> is part of the stream.
+TOKENIZATION = "tokenizer defaults (special tokens added, as in the GPTQ reference code)"
 
 
 class DataError(ValueError):
@@ -85,25 +91,51 @@ def _read_hub(name: str, split: str) -> Text:
     return Text(name, list(ds["text"]), f"hub:allenai/c4/{shard}")
 
 
+def _shipped_text(name: str) -> Path | None:
+    """``heldout`` and ``testbed`` (calibration) are texts shipped with the testbed models."""
+    from .testbed import CALIBRATION_TEXT, HELDOUT_TEXT
+
+    return {"heldout": HELDOUT_TEXT, "testbed": CALIBRATION_TEXT}.get(name)
+
+
+def _text_file(name: str) -> Path | None:
+    """The plain-text file ``name`` stands for (a shipped text or a path), or None for a named dataset."""
+    shipped = _shipped_text(name)
+    if shipped is not None:
+        return shipped
+    if name in _LOCAL_FILES:
+        return None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix or os.sep in name:
+        raise DataError(f"text file {path} does not exist")
+    raise DataError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} or give a text file path")
+
+
+def _local_copy(name: str, split: str, data: str | Path | None) -> Path | None:
+    root = data_dir(data)
+    if root is None:
+        return None
+    path = root / _LOCAL_FILES[name][0 if split == "eval" else 1]
+    return path if path.exists() else None
+
+
 def load_text(name: str, split: str = "eval", data: str | Path | None = None) -> Text:
     """Load the evaluation (``split='eval'``) or calibration (``'calib'``) text of a named dataset.
 
     ``name`` may also be ``heldout`` (the testbed models' held-out text, shipped with
-    ptqlab) or the path of a plain-text file, which is used as it is.
+    ptqlab), ``testbed`` (their calibration text) or the path of a plain-text file,
+    which is used as it is.
     """
-    from .testbed import HELDOUT_TEXT
-
-    path = HELDOUT_TEXT if name == "heldout" else Path(name).expanduser()
-    if name == "heldout" or (name not in _LOCAL_FILES and path.is_file()):
-        return Text(name if name == "heldout" else path.stem, path.read_text(encoding="utf-8"), f"file:{path}")
-    if name not in _LOCAL_FILES:
-        raise DataError(f"unknown dataset '{name}'; choose from {', '.join(EVAL_DATASETS)} or give a text file path")
+    path = _text_file(name)
+    if path is not None:
+        label = name if _shipped_text(name) else path.stem
+        return Text(label, path.read_text(encoding="utf-8"), f"file:{path}")
     local_rel = _LOCAL_FILES[name][0 if split == "eval" else 1]
-    root = data_dir(data)
-    if root is not None:
-        path = root / local_rel
-        if path.exists():
-            return _read_local(name, path, split)
+    path = _local_copy(name, split, data)
+    if path is not None:
+        return _read_local(name, path, split)
     hub_split = {"eval": "validation" if name == "c4" else "test", "calib": "train"}[split]
     try:
         return _read_hub(name, hub_split)
@@ -111,10 +143,40 @@ def load_text(name: str, split: str = "eval", data: str | Path | None = None) ->
         raise DataError(_how_to_provide(name, local_rel) + f" (hub attempt failed: {type(err).__name__}: {err})") from err
 
 
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+def data_fingerprint(name: str, split: str = "eval", data: str | Path | None = None) -> str:
+    """A content hash of the text a dataset name resolves to (the study keys its runs with it).
+
+    Local copies and text files are hashed (cached by path, size and mtime), so
+    regenerated or edited data gives new keys instead of reusing stale results;
+    a hub dataset is named by its hub id, which pins its content.
+    """
+    path = _text_file(name)
+    if path is None:
+        path = _local_copy(name, split, data)
+    if path is None:
+        return f"hub:{name}:{split}"
+    return f"sha256:{_file_sha256(path)}"
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as a 1-D tensor, without special tokens added."""
+    """Token ids of ``text`` as a 1-D tensor, with the tokenizer's default special tokens (:data:`TOKENIZATION`)."""
     # verbose=False: a whole split is longer than the model's window on purpose; it is cut into windows later
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
     return ids.reshape(-1)
 
 

@@ -78,7 +78,7 @@ def perplexity_offloaded(
     end the final norm and LM head, are on the device at once.
     """
     from .models import get_adapter
-    from .pipeline import capture_block_inputs, run_block
+    from .blockio import capture_block_inputs, run_block
 
     device = torch.device(device)
     adapter = get_adapter(model)

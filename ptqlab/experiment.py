@@ -1,52 +1,33 @@
 """One quantization run end to end: load, calibrate, quantize, evaluate, record.
 
 A :class:`ModelSession` keeps what is shared by every run on one model (the
-full-precision weights, tokenized evaluation splits, calibration windows and
-the FP16 baseline), so sweeps pay for them once per model.
+full-precision weights, tokenized evaluation splits and calibration windows),
+so sweeps pay for them once per model.  The model is held once: a run
+quantizes it in place and the session restores the pristine weights of the
+layers it replaced before the next run, reading them back from the
+checkpoint's safetensors files (memory-mapped), so a study of N runs needs
+the model's size in host memory, not twice that.
 """
 
 from __future__ import annotations
 
-import copy
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from . import __version__
-from .config import QuantConfig, config_hash
-from .data import DataError, calibration_windows, eval_tokens, load_text
+from .config import RunSpec, config_hash
+from .data import TOKENIZATION, DataError, calibration_windows, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
-from .models import get_adapter, load_model
+from .models import QuantLinear, get_adapter, load_model
 from .pipeline import quantize_model
+from .restore import PristineWeights
 from .testbed import is_testbed_model
 
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything besides the quantization config that affects a result."""
-
-    model: str
-    config: QuantConfig = field(default_factory=QuantConfig)
-    eval: tuple[str, ...] = ("wikitext2", "ptb")
-    seqlen: int | None = None  # None: the model's maximum (2048 where it has none)
-    calib: str = "c4"
-    nsamples: int = 128
-    calib_seqlen: int | None = None  # None: same as seqlen
-    seed: int = 0
-    max_eval_windows: int | None = None  # evaluate a prefix only (quick checks)
-    dtype: str = "auto"
-
-    def result_config(self) -> dict:
-        """The record's ``config``: every option that affects the numbers."""
-        out = asdict(self)
-        out["eval"] = list(self.eval)
-        if not self.config.needs_calibration:
-            for key in ("calib", "nsamples", "calib_seqlen", "seed"):
-                out.pop(key)
-        return out
+__all__ = ["ModelSession", "RunSpec", "run"]
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -103,7 +84,9 @@ class ModelSession:
             hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_model(model, self.dtype)
+        self.pristine = PristineWeights(self.model, model)
         self.load_time = time.perf_counter() - t0
+        self._dirty = False
         self.adapter = get_adapter(self.model)
         self._tokens: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
         self._calib: dict[tuple, tuple[torch.Tensor, str]] = {}
@@ -133,8 +116,13 @@ class ModelSession:
             self._calib[key] = calibration_windows(self.tokenizer, source, nsamples, seqlen, seed, self.data_dir)
         return self._calib[key]
 
-    def fresh_model(self) -> torch.nn.Module:
-        return copy.deepcopy(self.model)
+    def fresh_model(self) -> nn.Module:
+        """The model with its pristine weights, for one run to quantize in place."""
+        if self._dirty:
+            self.model.to("cpu")  # runs expect the model in host memory (one block at a time on the device)
+            self.pristine.restore(self.model)
+        self._dirty = True
+        return self.model
 
 
 def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]) -> None:
@@ -181,9 +169,11 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     for name, (tokens, _) in eval_data.items():
         ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress)
     eval_time = time.perf_counter() - t0
+    if not offload:
+        model.to("cpu")
     del model
 
-    config = spec.result_config()
+    config = spec.to_flat()
     config["seqlen"] = seqlen
     if spec.config.needs_calibration:
         config["calib_seqlen"] = calib_seqlen
@@ -199,6 +189,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
         "layers": report.layers,
         "versions": versions(session.device),
+        "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload},
     }

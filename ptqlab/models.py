@@ -97,26 +97,56 @@ class QuantLinear(nn.Module):
     ``y = Q_a(x) @ (W_q + U V)^T + b`` where ``W_q`` is stored dequantized in the
     model dtype, ``Q_a`` is dynamic per-token activation quantization and
     ``U [out, r]``, ``V [r, in]`` are the (quantized) low-rank compensation.
+    Once its weight is quantized, ``weight_scale``/``weight_zero`` ``[out, n_groups]``
+    (float32) give the grid it lies on: its integer codes are
+    ``quantizers.weight_codes(weight, weight_scale, weight_zero, weight_spec)``.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "linear") -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "linear",
+                 share: bool = False) -> None:
+        """``share``: take ``weight``/``bias`` (Parameters) as they are instead of copying them."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if share:
+            self.weight, self.bias = weight, bias
+        else:
+            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.name = name
         self.act_spec = QuantSpec()
         self.weight_spec = QuantSpec()
         self.lorc_u: nn.Parameter | None = None
         self.lorc_v: nn.Parameter | None = None
+        self.weight_scale: torch.Tensor | None = None
+        self.weight_zero: torch.Tensor | None = None
 
     @classmethod
-    def from_module(cls, module: nn.Module, name: str) -> "QuantLinear":
+    def from_module(cls, module: nn.Module, name: str, share: bool = True) -> "QuantLinear":
+        """Wrap a linear layer. With ``share`` (nn.Linear only) the weight and bias *Parameters* are
+        the module's own, so quantizing changes them in place and no second copy of the model's
+        linears exists (:class:`~ptqlab.experiment.ModelSession` restores them between runs)."""
         if isinstance(module, QuantLinear):
             return module
-        if _is_conv1d(module):
-            return cls(module.weight.t(), module.bias, name)
-        return cls(module.weight, module.bias, name)
+        if _is_conv1d(module):  # its weight is [in, out]: the transposed copy cannot share
+            q = cls(module.weight.t(), module.bias, name)
+        else:
+            q = cls(module.weight, module.bias, name, share=share)
+        q.original = module  # kept out of the module tree (a plain attribute), to put back on restore
+        return q
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "original":  # not a submodule: it must not show in state_dict() or .to()
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def set_weight_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Record the grid the (already quantized) weight lies on: ``[out, n_groups]`` each."""
+        if scale.shape != zero.shape or scale.dim() != 2 or scale.shape[0] != self.out_features:
+            raise ValueError(f"{self.name}: scale/zero must be [out={self.out_features}, n_groups], "
+                             f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
+        self.weight_scale = scale.detach().float().cpu()
+        self.weight_zero = zero.detach().float().cpu()
 
     def set_lorc(self, u: torch.Tensor | None, v: torch.Tensor | None) -> None:
         if u is None or v is None:
@@ -148,10 +178,13 @@ class QuantLinear(nn.Module):
         )
 
 
-def wrap_linears(block: nn.Module, prefix: str = "") -> dict[str, QuantLinear]:
-    """Replace every linear layer of ``block`` by a :class:`QuantLinear` (in place)."""
+def wrap_linears(block: nn.Module, prefix: str = "", select=None) -> dict[str, QuantLinear]:
+    """Replace the linear layers of ``block`` (those ``select(name)`` accepts; default all) by
+    :class:`QuantLinear` (in place)."""
     wrapped: dict[str, QuantLinear] = {}
     for name, module in list(ModelAdapter.linear_layers(block).items()):
+        if select is not None and not select(name):
+            continue
         full = f"{prefix}{name}"
         q = QuantLinear.from_module(module, full)
         if q is not module:
@@ -169,6 +202,12 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
     from .testbed import resolve_model_path
 
     path = resolve_model_path(str(name_or_path))
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"could not load model '{name_or_path}': no model in {folder} (a model folder holds "
+                                f"config.json, the weights (*.safetensors) and the tokenizer files)")
+    if not folder.exists() and (str(name_or_path).startswith((".", "/", "~")) or Path(path).suffix):
+        raise FileNotFoundError(f"could not load model '{name_or_path}': model folder {folder} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -178,6 +217,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
             f"a Hugging Face hub id (needs network), or a testbed model (testbed-opt, testbed-bloom, testbed-opt-2m, ...; see ptqlab/testbed/MODEL_CARD.md)."
         ) from err
     model.eval()
+    model.requires_grad_(False)  # post-training only: no autograd state on the weights
     model.config.use_cache = False
     get_adapter(model)  # fail early on unsupported architectures
     return model, tokenizer

@@ -165,6 +165,31 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tor
     return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
 
 
+def weight_qparams(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[out, n_groups]`` (float32) of a weight ``[out, in]`` on its own range.
+
+    ``n_groups`` is ``in / group_size`` for groups and 1 per row; a per-tensor
+    pair is repeated over the rows, so every spec stores the same shape.
+    """
+    scale, zero = scale_and_zero(_grouped(weight, spec, name), spec)
+    scale, zero = scale[..., 0], zero[..., 0]
+    if spec.group_size == PER_TENSOR:
+        scale, zero = scale.expand(weight.shape[0], 1), zero.expand(weight.shape[0], 1)
+    return scale.contiguous(), zero.contiguous()
+
+
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The integer codes (uint8) of a weight that lies on the grid of ``scale``/``zero`` ``[out, n_groups]``.
+
+    Exact for a dequantized weight even in fp16: the nearest code is at most
+    2**-3 of a step away after fp16 rounding, far from a rounding tie.
+    """
+    group = weight.shape[1] // scale.shape[1]
+    s = scale.repeat_interleave(group, dim=1)
+    z = zero.repeat_interleave(group, dim=1)
+    return quantize_codes(weight.float(), s, z, spec.maxq).to(torch.uint8)
+
+
 def storage_bits_per_weight(spec: QuantSpec, in_features: int, out_features: int = 1) -> float:
     """Average storage bits per weight, scales (fp16) and zero points (``bits`` each, asym only) included."""
     if not spec.enabled:

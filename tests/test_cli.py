@@ -20,9 +20,12 @@ def test_run_w4a8_rtn_g128_writes_a_record(arch, tiny_models, data_dir, tmp_path
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     r = records[0]
-    assert r["config"]["config"]["weight"] == {"bits": 4, "symmetric": True, "group_size": 128}
-    assert r["config"]["config"]["act"] == {"bits": 8, "symmetric": True, "group_size": 0}
-    assert r["config"]["seqlen"] == 128 and r["config"]["model"] == str(tiny_models[arch])
+    c = r["config"]
+    assert (c["method"], c["wbits"], c["wsym"], c["wgroup"]) == ("rtn", 4, True, 128)
+    assert (c["abits"], c["act_sym"], c["agroup"]) == (8, True, 0)
+    assert "calib" not in c and "percdamp" not in c  # options RTN does not read are not part of its config
+    assert c["seqlen"] == 128 and c["model"] == str(tiny_models[arch])
+    assert r["eval_protocol"]["tokenization"].startswith("tokenizer defaults")
     assert set(r["ppl"]) == {"wikitext2", "ptb"} and all(v > 1 for v in r["ppl"].values())
     assert r["bits_per_weight"] == pytest.approx(4 + 16 / 128)
     assert r["time_s"] > 0
@@ -47,9 +50,9 @@ def test_make_tiny_then_run(tmp_path, data_dir):
     "extra, message",
     [
         (["--wbits", "4", "--wgroup", "100"], "group size 100 does not divide"),
-        (["--wbits", "9"], "bits must be an integer in 2..8"),
+        (["--wbits", "9"], "must be an integer in 2..8"),
         (["--method", "gptq"], "give --wbits between 2 and 8"),
-        (["--method", "gptq", "--wbits", "4", "--nsamples", "0", "--calib", "ptb"], "nsamples must be at least 1"),
+        (["--method", "gptq", "--wbits", "4", "--nsamples", "0", "--calib", "ptb"], "must be an integer >= 1"),
         (["--seqlen", "100000"], "beyond the maximum"),
         (["--calib-batch", "0"], "calibration batch must be at least 1"),
     ],

@@ -21,7 +21,22 @@ from reference_quant import single_thread  # noqa: F401  (module-scoped autouse 
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
 from ptqlab.models import QuantLinear
-from ptqlab.quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, fake_quantize, scale_and_zero
+from ptqlab.quantizers import (
+    PER_ROW,
+    PER_TENSOR,
+    QuantizationError,
+    QuantSpec,
+    fake_quantize,
+    scale_and_zero,
+    weight_codes,
+)
+
+
+def dequantize_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(codes - zero) * scale`` with the codes of ``w`` on the grid ``scale``/``zero`` [out, n_groups]."""
+    group = w.shape[1] // scale.shape[1]
+    codes = weight_codes(w, scale, zero, spec).float()
+    return (codes - zero.repeat_interleave(group, 1)) * scale.repeat_interleave(group, 1)
 
 TIE_TOL = 1e-4
 
@@ -504,7 +519,9 @@ def test_local_objective_is_output_error():
 @pytest.mark.parametrize("spec", [QuantSpec(3, True, PER_ROW), QuantSpec(3, False, 16), QuantSpec(4, True, 16)])
 def test_zq_local_improves_on_rtn_and_stays_on_grid(spec):
     W, X, H = layer(16, 32, seed=13)
-    Q, history = zq_local_quantize(W, H, spec, steps=80, lr=1e-3)
+    res = zq_local_quantize(W, H, spec, steps=80, lr=1e-3)
+    Q, history = res.weight, res.history
+    torch.testing.assert_close(Q, dequantize_on_grid(Q, res.scale, res.zero, spec), rtol=0, atol=1e-6)  # on its grid
     assert len(history) == 81
     rtn = rtn_quantize(W, spec)
     rtn_obj = output_error(X, W, rtn) / X.shape[0]
@@ -523,10 +540,11 @@ def test_zq_local_improves_on_rtn_and_stays_on_grid(spec):
 def test_zq_local_keeps_dtype_and_zero_steps_is_rtn():
     W, X, H = layer(8, 16, seed=14)
     spec = QuantSpec(4, False, PER_ROW)
-    Q, history = zq_local_quantize(W, H, spec, steps=0)
+    res = zq_local_quantize(W, H, spec, steps=0)
+    Q, history = res.weight, res.history
     assert len(history) == 1
     torch.testing.assert_close(Q, rtn_quantize(W, spec), rtol=0, atol=1e-6)
-    Qh, _ = zq_local_quantize(W.half(), H, spec, steps=3)
+    Qh = zq_local_quantize(W.half(), H, spec, steps=3).weight
     assert Qh.dtype == torch.float16
 
 
@@ -566,7 +584,11 @@ def test_zq_global_beats_rtn(spec):
 
     block = copy.deepcopy(fp)
     linears = {"0": block[0], "2": block[2]}
-    history = zq_global_block(block, linears, spec, run_block, inputs, targets, steps=100, lr=1e-3, batch_size=4)
+    history, qparams = zq_global_block(block, linears, spec, run_block, inputs, targets, steps=100, lr=1e-3,
+                                       batch_size=4)
+    for name, (scale, zero) in qparams.items():  # every learned weight lies on the grid it reports
+        w = linears[name].weight.detach().float()
+        torch.testing.assert_close(w, dequantize_on_grid(w, scale, zero, spec), rtol=0, atol=1e-6)
     # [RTN-start MSE, 100 training losses, final full-batch MSE]
     assert len(history) == 102 and all(h == h for h in history)
     assert history[0] == pytest.approx(rtn_mse, rel=1e-5)
@@ -592,7 +614,7 @@ def test_zq_global_restores_dtype():
         targets = fp(inputs)
     block = copy.deepcopy(fp).to(torch.bfloat16)
     spec = QuantSpec(4, False, PER_ROW)
-    history = zq_global_block(block, {"0": block[0], "2": block[2]}, spec, run_block, inputs, targets, steps=3)
+    history, _ = zq_global_block(block, {"0": block[0], "2": block[2]}, spec, run_block, inputs, targets, steps=3)
     assert len(history) == 3 + 2  # start MSE, 3 steps, final MSE
     assert all(p.dtype == torch.bfloat16 for p in block.parameters())
     assert not parametrize.is_parametrized(block[0])

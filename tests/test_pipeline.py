@@ -92,7 +92,8 @@ def test_sequential_pipeline_equals_whole_model_reference(arch, tiny_models, dat
 
 
 def test_batched_calibration_gives_the_same_hessians(tiny_models, data_dir):
-    from ptqlab.pipeline import _HessianCollector, capture_block_inputs, run_block
+    from ptqlab.blockio import capture_block_inputs, run_block
+    from ptqlab.hessian import HessianCollector
 
     model, tok = load_model(tiny_models["bloom"], torch.float32)
     adapter = get_adapter(model)
@@ -101,7 +102,7 @@ def test_batched_calibration_gives_the_same_hessians(tiny_models, data_dir):
     hessians = []
     for batch_size in (1, 4):  # 4 does not divide 6: the last two windows go one at a time
         inputs = capture_block_inputs(model, adapter, windows, torch.device("cpu"), batch_size)
-        collector = _HessianCollector(linears)
+        collector = HessianCollector(linears)
         out = run_block(adapter.blocks[0], inputs.hidden, inputs)
         collector.close()
         hessians.append(({k: collector.hessian(k) for k in collector.groups()}, out))
@@ -134,7 +135,7 @@ def test_offloaded_activations_give_the_same_model(method, tiny_models, data_dir
     # block's device, targets allocated beside the hidden states); bench/gpu_check.py checks it on the GPU.
     config = QuantConfig(method=method, weight=W4G32)
     if method == "zq-global":
-        config = QuantConfig(method=method, weight=W4G32, zq=ZQOptions(global_steps=3))
+        config = QuantConfig(method=method, weight=W4G32, zq=ZQOptions(steps=3))
     models = []
     for offload in (False, True):
         model, tok = load_model(tiny_models["bloom"], torch.float32)
@@ -257,11 +258,11 @@ class _TwoInputs(torch.nn.Module):
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_hessians_are_shared_by_tensor_identity_not_address(in_place):
-    from ptqlab.pipeline import _HessianCollector
+    from ptqlab.hessian import HessianCollector
 
     torch.manual_seed(0)
     toy = _TwoInputs(in_place)
-    collector = _HessianCollector(wrap_linears(toy))
+    collector = HessianCollector(wrap_linears(toy))
     xs = [torch.randn(4, 8, 16) for _ in range(3)]
     with torch.no_grad():
         for x in xs:
@@ -274,7 +275,8 @@ def test_hessians_are_shared_by_tensor_identity_not_address(in_place):
 
 
 def test_real_blocks_share_exactly_the_expected_hessians(tiny_models, data_dir):
-    from ptqlab.pipeline import _HessianCollector, capture_block_inputs, forward_only
+    from ptqlab.blockio import capture_block_inputs, forward_only
+    from ptqlab.hessian import HessianCollector
 
     expected = {
         "opt": {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -288,7 +290,7 @@ def test_real_blocks_share_exactly_the_expected_hessians(tiny_models, data_dir):
         adapter = get_adapter(model)
         inputs = capture_block_inputs(model, adapter, _windows(tok, data_dir, n=6), torch.device("cpu"), 2)
         for block in adapter.blocks:
-            collector = _HessianCollector(wrap_linears(block))
+            collector = HessianCollector(wrap_linears(block))
             with torch.no_grad():
                 forward_only(block, inputs.hidden, inputs)
             collector.close()

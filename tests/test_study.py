@@ -25,6 +25,7 @@ from ptqlab.cli import main
 from ptqlab.config import config_hash
 from ptqlab.study.recipe import (
     RecipeError,
+    layer_target,
     method_label,
     parse_grid,
     parse_recipe_text,
@@ -126,7 +127,7 @@ def study_db(env) -> Path:
 
 
 def test_recipe_runs_and_db_rows(env, study_db, capsys):
-    plan = parse_recipe_text(ci_recipe(env))
+    plan = parse_recipe_text(ci_recipe(env), data_dir=env["data"])
     # rtn W4, rtn W8, gptq W4, rtn W4 LoRC2/4, rtn W16A8, plus the FP16 baseline added automatically (first)
     assert len(plan.runs) == 7
     assert plan.runs[0].spec["method"] == "fp16"
@@ -135,7 +136,7 @@ def test_recipe_runs_and_db_rows(env, study_db, capsys):
     ppl_rows = Store(study_db).ppl_rows()
     for r in rows:
         assert r["status"] == "done" and r["attempts"] == 1 and r["worker"]
-        assert r["run_hash"] == run_key(r["spec"]) == config_hash(r["spec"])
+        assert r["run_hash"] == run_key(r["spec"], env["data"]) != config_hash(r["spec"])  # data contents keyed too
         assert r["record_hash"] == config_hash(r["config"])  # the record's own hash, stored alongside
         assert r["config"]["seqlen"] == 64 and r["config"]["max_eval_windows"] == 2
         assert set(r["ppl"]) == {"wikitext2", "ptb"}
@@ -303,7 +304,7 @@ def _wait_mid_run(proc: subprocess.Popen, db: Path, timeout: float = 180.0) -> N
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_study_resumes_without_redoing_or_duplicating(env, tmp_path, sig, capsys):
     recipe = _write(tmp_path / "r.yaml", rtn_recipe(env))
-    planned = {r.key for r in parse_recipe_text(rtn_recipe(env)).runs}
+    planned = {r.key for r in parse_recipe_text(rtn_recipe(env), data_dir=env["data"]).runs}
     db = tmp_path / "kill.db"
     proc = _spawn_study(env, recipe, db, delay=1.0)
     _wait_mid_run(proc, db)
@@ -444,7 +445,7 @@ def test_class_thresholds_through_the_store(tmp_path):
     with Store(db) as store:
         store.add_runs([P(spec) for spec, _ in runs.values()])
         while (claim := store.claim("w")) is not None:
-            ppl = next(p for spec, p in runs.values() if run_key(spec) == claim.run_hash)
+            ppl = next(p for spec, p in runs.values() if run_key(spec) == claim.run_hash)  # noqa: B023
             store.finish(claim, _record({"wikitext2": ppl}))
     table = list(csv.DictReader(io.StringIO(render_csv(load_results(str(db))))))
     classes = {int(r["wbits"]): int(r["class"]) for r in table}
@@ -569,7 +570,7 @@ def test_sensitivity_rows(env, study_db):
     rows = [r for r in _rows(study_db) if r["kind"] == "sensitivity"]
     assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
     for r in rows:
-        module = r["spec"]["target"]
+        module = layer_target(r["spec"])[1]
         assert [entry["layer"] for entry in r["layers"]] == [f"blocks.0.{module}", f"blocks.1.{module}"]
         assert 4 < r["bits_per_weight"] < 16  # only that module type is quantized
         assert r["record_hash"] == config_hash(r["config"])
@@ -577,18 +578,21 @@ def test_sensitivity_rows(env, study_db):
 
 def test_sensitivity_block_and_layer_selection(env):
     from ptqlab.experiment import ModelSession
-    from ptqlab.study.sensitivity import run_sensitivity, sensitivity_spec, targets
+    from ptqlab.study.runner import execute
+    from ptqlab.study.sensitivity import sensitivity_spec, targets
 
     assert targets(env["model"], "block") == ["0", "1"]
     assert len(targets(env["model"], "layer")) == 12
     session = ModelSession(env["model"], "cpu", "auto", env["data"], progress=False)
     common = dict(wbits=3, seqlen=64, eval=["ptb"], max_eval_windows=1)
-    block = run_sensitivity(sensitivity_spec(env["model"], "block", "1", **common), session)
+    block = execute(sensitivity_spec(env["model"], "block", "1", **common), session)
     assert [e["layer"] for e in block["layers"]] == [f"blocks.1.{n}" for n in
                                                    ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
                                                     "self_attn.out_proj", "fc1", "fc2")]
-    layer = run_sensitivity(sensitivity_spec(env["model"], "layer", "0:fc2", abits=8, **common), session)
+    layer = execute(sensitivity_spec(env["model"], "layer", "0:fc2", abits=8, **common), session)
     assert [e["layer"] for e in layer["layers"]] == ["blocks.0.fc2"]
-    assert session.model.model.decoder.layers[0].fc2.__class__.__name__ == "Linear"  # the session's copy is untouched
+    assert layer["config"]["layers"] == "layer:0:fc2" and layer["config"]["method"] == "rtn"
+    pristine = session.fresh_model()  # the next run gets the original modules back
+    assert pristine.model.decoder.layers[0].fc2.__class__.__name__ == "Linear"
     with pytest.raises(RecipeError):
         sensitivity_spec(env["model"], "block", "0", wbits=16, abits=16)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
+from .registry import Method, WeightResult, register
 
 
 @dataclass
@@ -187,3 +188,15 @@ def gptq_quantize(
     if not grouped:
         scales, zeros = scales[:, :1], zeros[:, :1]
     return GPTQResult(Q.to(weight.dtype), scales, zeros, damp, float(loss.sum()))
+
+
+def _solve(W: torch.Tensor, H: torch.Tensor | None, config, name: str) -> WeightResult:
+    o = config.gptq
+    res = gptq_quantize(W, H, config.weight, o.blocksize, o.percdamp, o.act_order, name)
+    rows = W.shape[0]
+    # per-tensor GPTQ keeps one pair; store it per row like every other spec
+    return WeightResult(res.weight, res.scale.expand(rows, -1).contiguous(), res.zero.expand(rows, -1).contiguous())
+
+
+register(Method("gptq", "GPTQ (Frantar et al., 2022): column-wise with inverse-Hessian error feedback",
+                needs_calibration=True, solve_layer=_solve, options=("blocksize", "percdamp", "act_order")))

@@ -18,12 +18,14 @@ quantizer, with a straight-through estimator for the rounding
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..quantizers import QuantSpec, fake_quantize
+from ..quantizers import QuantSpec, fake_quantize, weight_qparams
+from .registry import BlockProblem, Method, WeightResult, register
 
 
 def ste_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -37,18 +39,26 @@ def local_objective(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tens
     return (D @ H * D).sum() / 2
 
 
+@dataclass
+class ZQLocalResult:
+    weight: torch.Tensor  # quantized, dequantized, in the input dtype
+    scale: torch.Tensor  # [out, n_groups]
+    zero: torch.Tensor
+    history: list[float]  # the objective per step (the first entry is the RTN start)
+
+
 def zq_local_quantize(
     weight: torch.Tensor,
     H: torch.Tensor,
     spec: QuantSpec,
     steps: int = 200,
     lr: float = 1e-3,
-) -> tuple[torch.Tensor, list[float]]:
+) -> "ZQLocalResult":
     """ZQ-Local: learn ``W'`` so that ``Q(W')`` reproduces the layer's outputs.
 
     ``lr`` is relative to the RMS of the weight, so one default serves layers
     of any scale.  Returns the quantized weight and the objective per step
-    (the first entry is the RTN start).
+    (the first entry is the RTN start), with the grid it lies on.
     """
     W = weight.detach().float()
     H = H.detach().float()
@@ -57,6 +67,7 @@ def zq_local_quantize(
     opt = torch.optim.Adam([latent], lr=lr * float(scale))
     losses = []
     best = fake_quantize(W, spec)
+    best_latent = W.clone()
     best_loss = torch.tensor(float("inf"), device=W.device)
     with torch.enable_grad():  # callers (the pipeline) run under no_grad
         for _ in range(steps + 1):
@@ -66,11 +77,13 @@ def zq_local_quantize(
             # keep the best iterate (Adam on a rounded objective is not monotone), without a device sync
             better = loss.detach() < best_loss
             best = torch.where(better, q.detach(), best)
+            best_latent = torch.where(better, latent.detach(), best_latent)
             best_loss = torch.where(better, loss.detach(), best_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return best.to(weight.dtype), torch.stack(losses).tolist()
+    scale, zero = weight_qparams(best_latent, spec)  # the grid that best was rounded onto
+    return ZQLocalResult(best.to(weight.dtype), scale, zero, torch.stack(losses).tolist())
 
 
 class _STEWeight(nn.Module):
@@ -93,7 +106,7 @@ def zq_global_block(
     lr: float = 1e-3,
     batch_size: int = 8,
     seed: int = 0,
-) -> list[float]:
+) -> tuple[list[float], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """ZQ-Global (layer-wise distillation) of one block, in place.
 
     ``run_block(block, x)`` runs the block on a batch of hidden states;
@@ -102,7 +115,8 @@ def zq_global_block(
     quantized.  Training runs in float32 whatever the model dtype; the block
     is returned in its original dtype.  If the learned weights end with a
     higher full-batch MSE than the RTN start, the RTN start is kept.
-    Returns ``[start MSE, training loss per step..., final MSE]``.
+    Returns ``[start MSE, training loss per step..., final MSE]`` and, per
+    linear, the scale/zero ``[out, n_groups]`` of the grid its weight is on.
     """
     dtype = next(block.parameters()).dtype
     block.float()
@@ -147,6 +161,7 @@ def zq_global_block(
                 for p, p0 in zip(params, start):
                     p.copy_(p0)
                 end_mse = start_mse
+        qparams = {name: weight_qparams(p.detach().float(), weight_spec) for name, p in zip(linears, params)}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for module in linears.values():
@@ -154,4 +169,24 @@ def zq_global_block(
             module.weight.requires_grad_(False)
         block.to(dtype)
     history = [float(start_mse), *torch.stack(losses).tolist(), float(end_mse)] if losses else [float(start_mse)]
-    return history
+    return history, qparams
+
+
+def _solve_local(W: torch.Tensor, H: torch.Tensor | None, config, name: str) -> WeightResult:
+    res = zq_local_quantize(W, H, config.weight, config.zq.steps, config.zq.lr)
+    return WeightResult(res.weight, res.scale, res.zero)
+
+
+def _solve_global(problem: BlockProblem) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    o = problem.config.zq
+    # The latent weights start at W, so the first step's forward is exactly RTN.
+    history, qparams = zq_global_block(problem.block, problem.linears, problem.config.weight, problem.run_block,
+                                       problem.hidden, problem.targets, o.steps, o.lr, o.batch_size)
+    return qparams, {"layer": problem.label, "zq_global_mse": [history[0], history[-1]] if history else []}
+
+
+register(Method("zq-local", "ZeroQuant-Local: each linear's output error, STE + Adam from RTN",
+                needs_calibration=True, solve_layer=_solve_local, options=("zq_steps", "zq_lr")))
+register(Method("zq-global", "ZeroQuant-Global: block-wise distillation, STE + Adam from RTN",
+                needs_calibration=True, solve_block=_solve_global, needs_targets=True,
+                options=("zq_steps", "zq_lr", "zq_batch")))

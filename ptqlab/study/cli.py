@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import DeprecatedFlag
+
 
 def _models(values: list[str] | None) -> list[str] | None:
     if not values:
@@ -57,10 +59,10 @@ def cmd_study(a: argparse.Namespace) -> int:
     if a.recipe and a.grid:
         raise ValueError("give a recipe file or --grid, not both")
     if a.recipe:
-        plan = load_recipe(a.recipe, models, overrides)
+        plan = load_recipe(a.recipe, models, overrides, a.data_dir)
         db = a.db or f"{Path(a.recipe).stem}.db"
     elif a.grid:
-        plan = parse_grid(a.grid, models or [DEFAULT_MODELS[0]], overrides)
+        plan = parse_grid(a.grid, models or [DEFAULT_MODELS[0]], overrides, a.data_dir)
         db = a.db or "study.db"
     else:
         if not a.db:
@@ -127,7 +129,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     def bits_list(text: str, key: str) -> list[int]:
         return parse_assignments(f"{key}={text}", f"--{key}", as_axes=True)[key]
 
-    precisions = [dict(wbits=w, wgroup=a.wgroup, wsym=a.wsym, abits=b, agroup=a.agroup, asym=a.asym)
+    precisions = [dict(wbits=w, wgroup=a.wgroup, wsym=a.wsym, abits=b, agroup=a.agroup, act_sym=a.act_sym)
                   for w in bits_list(a.wbits, "wbits") for b in bits_list(a.abits, "abits") if (w, b) != (16, 16)]
     if not precisions:
         raise ValueError("sensitivity needs --wbits or --abits below 16")
@@ -137,7 +139,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
         "max_eval_windows": _check_value("max_eval_windows", a.max_eval_windows, "--max-eval-windows"),
         "dtype": _check_value("dtype", a.dtype, "--dtype"),
     }
-    runs = plan_sensitivity(a.model, a.granularity, precisions, eval_settings)
+    runs = plan_sensitivity(a.model, a.granularity, precisions, eval_settings, a.data_dir)
     print(f"sensitivity of {a.model} per {a.granularity}: {len(runs) - 1} runs + the FP16 baseline")
     with Store(a.db) as store:
         changed = store.add_runs(runs, force=a.force, retry_failed=a.retry_failed)
@@ -211,8 +213,12 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wasym", dest="wsym", action="store_false")
     p.add_argument("--abits", default="16", help="activation bits, comma-separated for several (16: not quantized)")
     p.add_argument("--agroup", type=int, default=0)
-    p.add_argument("--asym", dest="asym", action="store_true", default=True)
-    p.add_argument("--aasym", dest="asym", action="store_false")
+    p.add_argument("--act-sym", dest="act_sym", action="store_true", default=True)
+    p.add_argument("--act-asym", dest="act_sym", action="store_false")
+    p.add_argument("--asym", dest="act_sym", action=DeprecatedFlag, const=True, new_flag="--act-sym",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--aasym", dest="act_sym", action=DeprecatedFlag, const=False, new_flag="--act-asym",
+                   help=argparse.SUPPRESS)
     p.add_argument("--eval", default="wikitext2,ptb")
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--max-eval-windows", type=int, default=None)

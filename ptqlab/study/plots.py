@@ -178,25 +178,25 @@ def _heatmap(ax, matrix: list[list[float]], rows: list[str], cols: list[str], fi
 def plot_sensitivity(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
     paths = []
     sens = [r for r in group if r.kind == "sensitivity" and r.delta() is not None]
-    for granularity in sorted({r.spec["granularity"] for r in sens}):
-        part = [r for r in sens if r.spec["granularity"] == granularity]
+    for granularity in sorted({r.granularity for r in sens}):
+        part = [r for r in sens if r.granularity == granularity]
         precisions = sorted({precision_label(r.spec): precision_sort_key(r.spec) for r in part}.items(),
                             key=lambda kv: kv[1])
         precisions = [p for p, _ in precisions]
         if granularity == "layer":
-            blocks = sorted({int(r.spec["target"].split(":", 1)[0]) for r in part})
-            modules = list(dict.fromkeys(r.spec["target"].split(":", 1)[1] for r in part))
+            blocks = sorted({int(r.target.split(":", 1)[0]) for r in part})
+            modules = list(dict.fromkeys(r.target.split(":", 1)[1] for r in part))
             fig = _figure(max(4.5, 0.7 * len(modules) + 2.5) * len(precisions), max(3, 0.35 * len(blocks) + 2))
             axes = fig.subplots(1, len(precisions), squeeze=False)[0]
             deltas = [r.delta() for r in part]  # one colour scale for every panel
             for ax, p in zip(axes, precisions):
-                cell = {r.spec["target"]: r.delta() for r in part if precision_label(r.spec) == p}
+                cell = {r.target: r.delta() for r in part if precision_label(r.spec) == p}
                 matrix = [[cell.get(f"{b}:{m}") for m in modules] for b in blocks]
                 _heatmap(ax, matrix, [f"block {b}" for b in blocks], modules, fig, min(deltas), max(deltas))
                 ax.set_title(p, fontsize=9)
         else:
-            tgts = list(dict.fromkeys(r.spec["target"] for r in part))
-            cell = {(precision_label(r.spec), r.spec["target"]): r.delta() for r in part}
+            tgts = list(dict.fromkeys(r.target for r in part))
+            cell = {(precision_label(r.spec), r.target): r.delta() for r in part}
             matrix = [[cell.get((p, t)) for t in tgts] for p in precisions]
             fig = _figure(max(5, 0.6 * len(tgts) + 3), max(2.5, 0.4 * len(precisions) + 2))
             ax = fig.subplots()

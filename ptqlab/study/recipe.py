@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import warnings
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,43 +43,15 @@ from pathlib import Path
 
 import yaml
 
-from ..config import METHODS, GPTQOptions, QuantConfig, ZQOptions, config_hash
-from ..data import EVAL_DATASETS
-from ..quantizers import QuantizationError, QuantSpec
+from ..config import DEPRECATED_KEYS, OPTIONS, config_hash, from_flat
+from ..methods import get_method
+from ..data import data_fingerprint
+from ..quantizers import QuantizationError
 
 DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
-CALIB_ALIASES = ("testbed",)  # "testbed": the calibration text shipped with the testbed models
-DTYPES = {"auto": "auto", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float32": "float32", "fp32": "float32"}
 
-# Every key a run dict can hold, with its default (the defaults of ``ptqlab run``).
-DEFAULTS: dict[str, object] = {
-    "method": "rtn",
-    "wbits": 16,
-    "wgroup": 0,
-    "wsym": True,
-    "abits": 16,
-    "agroup": 0,
-    "asym": True,
-    "lorc_rank": 0,
-    "lorc_bits": 8,
-    "lorc_aware": False,
-    "quantize_head": False,
-    "calib": "c4",
-    "nsamples": 128,
-    "calib_seqlen": None,
-    "seed": 0,
-    "seqlen": None,
-    "eval": ["wikitext2", "ptb"],
-    "max_eval_windows": None,
-    "dtype": "auto",
-    "blocksize": 128,
-    "percdamp": 0.01,
-    "act_order": False,
-    "zq_steps": None,
-    "zq_lr": None,
-    "zq_batch": 4,
-}
+# Every key a run dict can hold, with its default: the config's options (ptqlab.config.OPTIONS).
+DEFAULTS: dict[str, object] = {key: option.default for key, option in OPTIONS.items()}
 # What identifies the evaluation a run is compared under (its baseline shares these).
 EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype")
 TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude")
@@ -88,118 +61,16 @@ class RecipeError(ValueError):
     """A malformed recipe or grid; the message names the key and, for YAML, the line."""
 
 
-# ---------------------------------------------------------------- value checks
+VALIDATORS = {key: option.check for key, option in OPTIONS.items()}
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _bits(v: object) -> int:
-    if not _is_int(v) or not (2 <= v <= 8 or v == 16):
-        raise ValueError("must be an integer in 2..8, or 16 for full precision")
-    return v
-
-
-def _group(v: object) -> int:
-    if not _is_int(v) or v < -1:
-        raise ValueError("must be 0 (per row/token), -1 (per tensor) or a positive group size")
-    return v
-
-
-def _bool(v: object) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-def _int_min(lo: int, optional: bool = False):
-    def check(v: object):
-        if v is None and optional:
-            return None
-        if not _is_int(v) or v < lo:
-            raise ValueError(f"must be an integer >= {lo}" + (" or null" if optional else ""))
-        return v
-
-    return check
-
-
-def _pos_float(optional: bool = False):
-    def check(v: object):
-        if v is None and optional:
-            return None
-        if isinstance(v, str):
-            try:
-                v = float(v)  # YAML 1.1 reads 1e-3 as text
-            except ValueError:
-                pass
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise ValueError("must be a positive number" + (" or null" if optional else ""))
-        return float(v)
-
-    return check
-
-
-def _method(v: object) -> str:
-    if v not in METHODS:
-        raise ValueError(f"must be one of {', '.join(METHODS)}")
-    return v
-
-
-def _eval(v: object) -> list[str]:
-    names = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
-        raise ValueError(f"must be a dataset name, a comma-separated string or a list of {', '.join(EVAL_DATASETS)}")
-    bad = [x for x in names if x not in EVAL_DATASETS]
-    if bad:
-        raise ValueError(f"unknown dataset {bad[0]!r}; choose from {', '.join(EVAL_DATASETS)}")
-    if len(set(names)) != len(names):
-        raise ValueError("lists a dataset twice")
-    return list(names)
-
-
-def _calib(v: object) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError("must be a dataset name (wikitext2, ptb, c4), 'testbed' or a text file path")
-    if v not in EVAL_DATASETS and v not in CALIB_ALIASES and not Path(v).expanduser().is_file():
-        raise ValueError(f"{v!r} is neither a dataset (wikitext2, ptb, c4), 'testbed', nor an existing text file")
-    return v
-
-
-def _dtype(v: object) -> str:
-    if v not in DTYPES:
-        raise ValueError(f"must be one of {', '.join(DTYPES)}")
-    return DTYPES[v]
-
-
-VALIDATORS = {
-    "method": _method,
-    "wbits": _bits,
-    "abits": _bits,
-    "lorc_bits": _bits,
-    "wgroup": _group,
-    "agroup": _group,
-    "wsym": _bool,
-    "asym": _bool,
-    "lorc_aware": _bool,
-    "quantize_head": _bool,
-    "act_order": _bool,
-    "lorc_rank": _int_min(0),
-    "calib": _calib,
-    "nsamples": _int_min(1),
-    "calib_seqlen": _int_min(2, optional=True),
-    "seed": _int_min(0),
-    "seqlen": _int_min(2, optional=True),
-    "eval": _eval,
-    "max_eval_windows": _int_min(1, optional=True),
-    "dtype": _dtype,
-    "blocksize": _int_min(1),
-    "percdamp": _pos_float(),
-    "zq_steps": _int_min(1, optional=True),
-    "zq_lr": _pos_float(optional=True),
-    "zq_batch": _int_min(1),
-}
-assert set(VALIDATORS) == set(DEFAULTS)
+def _canonical_key(key: object, where: str) -> object:
+    """A deprecated key's new name (with a warning)."""
+    if key in DEPRECATED_KEYS:
+        warnings.warn(f"{where}: key '{key}' is deprecated and will be removed in the next release: use "
+                      f"'{DEPRECATED_KEYS[key]}'", FutureWarning, stacklevel=3)
+        return DEPRECATED_KEYS[key]
+    return key
 
 
 def _unknown_key_message(key: object, allowed) -> str:
@@ -306,9 +177,21 @@ class Plan:
         return [f"{msg} ({n} run{'s' if n != 1 else ''})" for msg, n in self.notes.items()]
 
 
-def run_key(spec: dict) -> str:
-    """The results-store key of a run: ``config_hash`` of its canonical run dict."""
-    return config_hash(spec)
+def data_fingerprints(spec: dict, data_dir: str | None = None) -> dict[str, str]:
+    """Content hashes of the evaluation and calibration texts a run reads (see :func:`ptqlab.data.data_fingerprint`)."""
+    out = {f"eval:{name}": data_fingerprint(name, "eval", data_dir) for name in spec.get("eval", [])}
+    if "calib" in spec:
+        out["calib"] = data_fingerprint(spec["calib"], "calib", data_dir)
+    return out
+
+
+def run_key(spec: dict, data_dir: str | None = None) -> str:
+    """The results-store key of a run: ``config_hash`` of its canonical run dict and of its data's contents.
+
+    Regenerated or edited data (a new local copy, an edited text file) gives
+    new keys, so a resumed study recomputes instead of reusing stale rows.
+    """
+    return config_hash({**spec, "data": data_fingerprints(spec, data_dir)})
 
 
 def _spec_parts(who: str, group: int, symmetric: bool, group_prefix: str) -> list[str]:
@@ -330,7 +213,7 @@ def precision_label(spec: dict) -> str:
     if w != 16:
         parts += _spec_parts("w", spec.get("wgroup", 0), spec.get("wsym", True), "g")
     if a != 16:
-        parts += _spec_parts("a", spec.get("agroup", 0), spec.get("asym", True), "ag")
+        parts += _spec_parts("a", spec.get("agroup", 0), spec.get("act_sym", True), "ag")
     return " ".join(parts)
 
 
@@ -347,68 +230,43 @@ def method_label(spec: dict) -> str:
     return label
 
 
+def layer_target(spec: dict) -> tuple[str, str]:
+    """``(granularity, target)`` of a run's layer filter: ``("module", "fc1")``, ``("all", "")``."""
+    granularity, _, target = spec.get("layers", "all").partition(":")
+    return granularity, target
+
+
 def run_name(spec: dict) -> str:
     if spec.get("kind") == "sensitivity":
-        return f"{spec['model']} sensitivity {spec['granularity']}={spec['target']} {precision_label(spec)}"
+        granularity, target = layer_target(spec)
+        return f"{spec['model']} sensitivity {granularity}={target} {precision_label(spec)}"
     return f"{spec['model']} {method_label(spec)} {precision_label(spec)}"
 
 
 def canonical_run(raw: dict) -> tuple[dict | None, str | None]:
-    """Normalise one crossed run; ``(None, why)`` drops it, ``(dict, note)`` keeps it (note may be None)."""
+    """Normalise one crossed run; ``(None, why)`` drops it, ``(dict, note)`` keeps it (note may be None).
+
+    The study's own merges come first (fp16 means W16A16, 16-bit weights with
+    quantized activations is activation-only RTN); the rest is the config's
+    canonical flat form (:meth:`ptqlab.config.RunSpec.to_flat`).
+    """
     r = {**DEFAULTS, **raw}
     note = None
     if r["method"] == "fp16" and r["wbits"] != 16:
         note = "method fp16 keeps weights in full precision: its wbits is ignored (deduplicated)"
         r["wbits"] = 16
     if r["wbits"] == 16:
-        if r["method"] in ("gptq", "zq-local", "zq-global"):
+        if get_method(r["method"]).needs_calibration:
             return None, f"dropped {r['method']} with wbits 16: the method quantizes weights"
         if r["lorc_rank"]:
             return None, "dropped LoRC with wbits 16: nothing to compensate"
         r["method"] = "fp16" if r["abits"] == 16 else "rtn"  # activation-only quantization is RTN
-        r["wgroup"], r["wsym"], r["quantize_head"] = DEFAULTS["wgroup"], DEFAULTS["wsym"], False
-    if r["abits"] == 16:
-        r["agroup"], r["asym"] = DEFAULTS["agroup"], DEFAULTS["asym"]
-    if not r["lorc_rank"]:
-        r["lorc_bits"], r["lorc_aware"] = DEFAULTS["lorc_bits"], DEFAULTS["lorc_aware"]
-    config = quant_config(r)
-    drop: list[str] = []
-    if not config.needs_calibration:
-        drop += ["calib", "nsamples", "calib_seqlen", "seed"]
-    if r["method"] != "gptq":
-        drop += ["blocksize", "act_order"] + ([] if r["lorc_aware"] else ["percdamp"])  # aware LoRC damps H
-    if r["method"] not in ("zq-local", "zq-global"):
-        drop += ["zq_steps", "zq_lr", "zq_batch"]
-    elif r["method"] == "zq-local":
-        drop.append("zq_batch")
-    for k in drop:
-        r.pop(k, None)
-    return {"kind": "quant", **{k: r[k] for k in ("model", *DEFAULTS) if k in r}}, note
-
-
-def quant_config(r: dict) -> QuantConfig:
-    """The :class:`QuantConfig` of a run dict (missing keys take :data:`DEFAULTS`)."""
-    r = {**DEFAULTS, **r}
-    zq = ZQOptions()
-    if r["zq_steps"] is not None:
-        zq = ZQOptions(**{**zq.__dict__, "local_steps": r["zq_steps"], "global_steps": r["zq_steps"]})
-    if r["zq_lr"] is not None:
-        zq = ZQOptions(**{**zq.__dict__, "local_lr": r["zq_lr"], "global_lr": r["zq_lr"]})
-    zq = ZQOptions(**{**zq.__dict__, "global_batch_size": r["zq_batch"]})
-    return QuantConfig(
-        method=r["method"],
-        weight=QuantSpec(r["wbits"], r["wsym"], r["wgroup"]),
-        act=QuantSpec(r["abits"], r["asym"], r["agroup"]),
-        lorc_rank=r["lorc_rank"],
-        lorc_bits=r["lorc_bits"],
-        lorc_aware=r["lorc_aware"],
-        quantize_head=r["quantize_head"],
-        gptq=GPTQOptions(r["blocksize"], r["percdamp"], r["act_order"]),
-        zq=zq,
-    )
+        r["quantize_head"] = False
+    return {"kind": "quant", **from_flat(r).to_flat()}, note
 
 
 def baseline_spec(model: str, eval_settings: dict) -> dict:
+    """The FP16 run every run of ``model`` under ``eval_settings`` is compared with."""
     spec, _ = canonical_run({"model": model, "method": "fp16", **{k: eval_settings[k] for k in EVAL_KEYS}})
     return spec
 
@@ -418,7 +276,8 @@ def _matches(run: dict, rule: dict) -> bool:
     return all(run.get(key) in options for key, options in rule.items())
 
 
-def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: list[dict], name: str = "study") -> Plan:
+def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: list[dict], name: str = "study",
+           data_dir: str | None = None) -> Plan:
     """Cross the axes, apply settings and exclusions, normalise, dedupe, add baselines."""
     plan = Plan(name=name)
     seen: set[str] = set()
@@ -442,7 +301,7 @@ def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: li
                     continue
                 if note:
                     plan.notes[note] += 1
-                key = run_key(spec)
+                key = run_key(spec, data_dir)
                 if key in seen:
                     plan.notes["duplicate after normalisation (kept once)"] += 1
                     continue
@@ -455,7 +314,7 @@ def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: li
         baselines = []
         for ctx in contexts[model] or [{k: settings.get(k, DEFAULTS[k]) for k in EVAL_KEYS}]:
             spec = baseline_spec(model, ctx)
-            key = run_key(spec)
+            key = run_key(spec, data_dir)
             if key in seen:
                 # already in the grid: move it to the front so the baseline runs first
                 run = next(r for r in by_model[model] if r.key == key)
@@ -492,6 +351,7 @@ def _parse_mapping_of_values(d: object, source: str, path: str, as_axes: bool, l
     out = {}
     for key, value in d.items():
         kline = d.key_lines.get(key) if isinstance(d, _LDict) else None
+        key = _canonical_key(key, _loc(source, kline, f"{path}.{key}"))
         if key == "model" or key == "models":
             raise RecipeError(f"{_loc(source, kline, f'{path}.{key}')}: give models in the top-level 'models' list")
         if key not in VALIDATORS:
@@ -529,6 +389,7 @@ def _parse_exclude(rules: object, source: str) -> list[dict]:
         for key, value in rule.items():
             kline = rule.key_lines.get(key) if isinstance(rule, _LDict) else line
             where = _loc(source, kline, f"exclude[{i}].{key}")
+            key = _canonical_key(key, where)
             if key == "model":
                 vals = value if isinstance(value, list) else [value]
                 if not all(isinstance(v, str) for v in vals):
@@ -553,7 +414,7 @@ def _parse_models(value: object, source: str, line: int | None) -> list[str]:
 
 
 def parse_recipe_text(text: str, source: str = "<recipe>", models: list[str] | None = None,
-                      overrides: dict | None = None) -> Plan:
+                      overrides: dict | None = None, data_dir: str | None = None) -> Plan:
     """Parse and expand a YAML recipe; ``models`` replaces its models, ``overrides`` its settings."""
     try:
         doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
@@ -596,14 +457,15 @@ def parse_recipe_text(text: str, source: str = "<recipe>", models: list[str] | N
         settings = {**settings, **overrides}
         axes_list = [{k: v for k, v in axes.items() if k not in overrides} for axes in axes_list]
     name = doc.get("name") or Path(source).stem
-    return expand(models or recipe_models, settings, axes_list, exclude, name)
+    return expand(models or recipe_models, settings, axes_list, exclude, name, data_dir)
 
 
-def load_recipe(path: str | Path, models: list[str] | None = None, overrides: dict | None = None) -> Plan:
+def load_recipe(path: str | Path, models: list[str] | None = None, overrides: dict | None = None,
+                data_dir: str | None = None) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    return parse_recipe_text(path.read_text(encoding="utf-8"), str(path), models, overrides)
+    return parse_recipe_text(path.read_text(encoding="utf-8"), str(path), models, overrides, data_dir)
 
 
 def _scalar(text: str) -> object:
@@ -629,7 +491,7 @@ def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
     out: dict = {}
     for item in shlex.split(text):
         key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = _canonical_key(key.strip().replace("-", "_"), what)
         if not eq or not key:
             raise RecipeError(f"{what}: '{item}' is not KEY=VALUE[,VALUE...]")
         if key not in VALIDATORS:
@@ -639,7 +501,7 @@ def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
         raw_values = value.split(",") if as_axes and key != "eval" else [value]
         values: list = []
         for v in raw_values:
-            parsed = v if key in ("eval", "calib") else _scalar(v)
+            parsed = v if key in ("eval", "calib", "layers") else _scalar(v)
             checked = _check_value(key, parsed, f"{what}: {key}")
             if checked not in values:
                 values.append(checked)
@@ -647,14 +509,14 @@ def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
     return out
 
 
-def parse_grid(grid: str, models: list[str], overrides: dict | None = None) -> Plan:
+def parse_grid(grid: str, models: list[str], overrides: dict | None = None, data_dir: str | None = None) -> Plan:
     """The ``--grid "method=rtn,gptq wbits=3,4,8 wgroup=0,128"`` shorthand (one cross)."""
     axes = parse_assignments(grid, "--grid", as_axes=True)
     if not axes:
         raise RecipeError("--grid: give at least one KEY=VALUES, e.g. --grid \"method=rtn,gptq wbits=4,8\"")
     overrides = overrides or {}
     axes = {k: v for k, v in axes.items() if k not in overrides}
-    return expand(models, overrides, [axes], [], "grid")
+    return expand(models, overrides, [axes], [], "grid", data_dir)
 
 
 def describe_plan(plan: Plan) -> str:

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from ..config import METHODS
-from .recipe import EVAL_KEYS, method_label, precision_label
+from .recipe import EVAL_KEYS, layer_target, method_label, precision_label
 from .store import Store
 
 DEFAULT_THRESHOLDS = (0.1, 0.5)
 EPS = 1e-9
 FORMATS = ("markdown", "csv", "latex")
 _EXTRA_KEYS = ("calib", "nsamples", "calib_seqlen", "seed", "blocksize", "percdamp", "act_order", "zq_steps",
-               "zq_lr", "zq_batch", "quantize_head")
+               "zq_lr", "zq_batch", "quantize_head", "layers")
 
 
 def classify(delta: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> int:
@@ -97,6 +98,14 @@ class Result:
         return tuple(tuple(self.spec.get(k)) if k == "eval" else self.spec.get(k) for k in EVAL_KEYS)
 
     @property
+    def granularity(self) -> str:
+        return layer_target(self.spec)[0]
+
+    @property
+    def target(self) -> str:
+        return layer_target(self.spec)[1]
+
+    @property
     def is_baseline(self) -> bool:
         s = self.spec
         return self.kind == "quant" and s.get("method") == "fp16" and s.get("wbits") == 16 and s.get("abits") == 16
@@ -112,8 +121,16 @@ class Result:
 
 
 def load_results(db: str) -> list[Result]:
+    """The runs of a study database. A run computed again on changed data (a new store key for the same
+    run dict) replaces the older row, so the report never shows a stale result beside the new one."""
     with Store(db) as store:
-        results = [Result(r) for r in store.rows()]
+        latest: dict[str, Result] = {}
+        for r in (Result(row) for row in store.rows()):
+            same = json.dumps(r.spec, sort_keys=True)
+            old = latest.get(same)
+            if old is None or (r.done, r.row.get("finished_at") or 0) >= (old.done, old.row.get("finished_at") or 0):
+                latest[same] = r
+        results = list(latest.values())
     baselines = {(r.model, r.context): r for r in results if r.is_baseline and r.done}
     for r in results:
         r.baseline = baselines.get((r.model, r.context))
@@ -136,12 +153,13 @@ def _group_order(g: int) -> float:
 
 def precision_sort_key(spec: dict) -> tuple:
     return (-spec.get("abits", 16), -spec.get("wbits", 16), _group_order(spec.get("wgroup", 0)),
-            not spec.get("wsym", True), _group_order(spec.get("agroup", 0)), not spec.get("asym", True))
+            not spec.get("wsym", True), _group_order(spec.get("agroup", 0)), not spec.get("act_sym", True))
 
 
 def _method_sort_key(spec: dict) -> tuple:
     method = spec.get("method", "rtn")
-    return (METHODS.index(method) if method in METHODS else len(METHODS), spec.get("lorc_rank", 0),
+    order = list(METHODS)
+    return (order.index(method) if method in order else len(order), spec.get("lorc_rank", 0),
             spec.get("lorc_bits", 8), bool(spec.get("lorc_aware")))
 
 
@@ -240,10 +258,10 @@ def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAUL
                     [f"cells: PPL (dPPL vs FP16, class); {_class_legend(thresholds)}"],
                     ["method", *cols], body, level=3, cells=cells))
             sections.append(recommendations(model, quant, thresholds, top))
-        for granularity in sorted({r.spec["granularity"] for r in sens}):
-            part = [r for r in sens if r.spec["granularity"] == granularity]
-            order = {t: i for i, t in enumerate(dict.fromkeys(r.spec["target"] for r in part))}
-            row_of = lambda r: (order[r.spec["target"]], r.spec["target"])  # noqa: E731
+        for granularity in sorted({r.granularity for r in sens}):
+            part = [r for r in sens if r.granularity == granularity]
+            order = {t: i for i, t in enumerate(dict.fromkeys(r.target for r in part))}
+            row_of = lambda r: (order[r.target], r.target)  # noqa: E731
             col_of = lambda r: (*precision_sort_key(r.spec), precision_label(r.spec))  # noqa: E731
             for dataset in [None, *(datasets if per_dataset else [])]:
                 cols, body, cells = _pivot(part, row_of, col_of, lambda k: k, lambda k: k, thresholds, dataset)
@@ -329,7 +347,7 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
     """One line per run (every status), with its baseline, degradation and class."""
     datasets = sorted({d for r in results for d in r.spec.get("eval", [])}) if per_dataset else []
     header = ["model", "kind", "granularity", "target", "method", "lorc_rank", "row", "precision", "wbits", "wgroup",
-              "wsym", "abits", "agroup", "asym", "status", "bits_per_weight", "mean_ppl", "baseline_mean_ppl",
+              "wsym", "abits", "agroup", "act_sym", "status", "bits_per_weight", "mean_ppl", "baseline_mean_ppl",
               "delta_ppl", "class"]
     for d in datasets:
         header += [f"ppl_{d}", f"delta_{d}", f"class_{d}"]
@@ -348,9 +366,10 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
     for r in results:
         s = r.spec
         delta = r.delta()
-        line = [r.model, r.kind, s.get("granularity", ""), s.get("target", ""), s.get("method", ""),
+        line = [r.model, r.kind, r.granularity if r.kind == "sensitivity" else "",
+                r.target if r.kind == "sensitivity" else "", s.get("method", ""),
                 s.get("lorc_rank", 0), labels[id(r)], precision_label(s), s.get("wbits"), s.get("wgroup"),
-                s.get("wsym"), s.get("abits"), s.get("agroup"), s.get("asym"), r.status, num(r.bits_per_weight),
+                s.get("wsym"), s.get("abits"), s.get("agroup"), s.get("act_sym"), r.status, num(r.bits_per_weight),
                 num(r.mean_ppl), num(r.baseline.mean_ppl if r.baseline and r.baseline.done else None), num(delta),
                 "" if delta is None else classify(delta, thresholds)]
         for d in datasets:

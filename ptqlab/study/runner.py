@@ -30,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 
-from .recipe import DEFAULTS, quant_config
+from ..config import from_flat
 from .store import Claim, Store, format_duration, hostname
 
 # Seconds to sleep inside each claimed run before computing it: a test aid
@@ -63,30 +63,14 @@ class WorkerOptions:
     calib_offload: bool = False  # calibration hidden states in CPU memory
 
 
-def resolve_calib(calib: str) -> str:
-    if calib == "testbed":
-        from ..testbed import CALIBRATION_TEXT
-
-        return str(CALIBRATION_TEXT)
-    return calib
-
-
 def run_spec(spec: dict):
-    """The :class:`~ptqlab.experiment.RunSpec` of a canonical quant run dict."""
-    from ..experiment import RunSpec
-
-    get = lambda k: spec.get(k, DEFAULTS[k])  # noqa: E731
-    return RunSpec(model=spec["model"], config=quant_config(spec), eval=tuple(get("eval")), seqlen=get("seqlen"),
-                   calib=resolve_calib(get("calib")), nsamples=get("nsamples"), calib_seqlen=get("calib_seqlen"),
-                   seed=get("seed"), max_eval_windows=get("max_eval_windows"), dtype=get("dtype"))
+    """The :class:`~ptqlab.config.RunSpec` of a planned run dict (its ``kind`` is the study's label)."""
+    return from_flat({k: v for k, v in spec.items() if k != "kind"})
 
 
 def execute(spec: dict, session, progress: bool = False) -> dict:
-    """Run one canonical run dict on ``session``; returns the record."""
-    if spec.get("kind") == "sensitivity":
-        from .sensitivity import run_sensitivity
-
-        return run_sensitivity(spec, session, progress)
+    """Run one planned run dict on ``session``; returns the record (sensitivity runs are ordinary runs
+    with a layer filter)."""
     from ..experiment import run
 
     return run(run_spec(spec), session, progress=progress)

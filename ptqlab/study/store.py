@@ -129,9 +129,19 @@ class Store:
     def __init__(self, path: str | Path, busy_timeout: float = 120.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a folder, not a study database")
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise StoreError(f"{self.path} is not a ptqlab study database (not an SQLite file)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = self._connect()
-        if self._schema_version() != SCHEMA_VERSION:  # only write when the schema is missing (read-only reports)
+        try:
+            version = self._schema_version()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is not a readable study database: {err}") from None
+        if version != SCHEMA_VERSION:  # only write when the schema is missing (read-only reports)
             with self.transaction() as c:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():

@@ -40,7 +40,9 @@ def main() -> None:
         if a.full_records:
             for line in Path(a.full_records).read_text().splitlines():
                 r = json.loads(line)
-                if r["config"]["model"] == model and r["config"]["config"]["method"] == "fp16":
+                cfg = r["config"]
+                method = cfg["method"] if "method" in cfg else cfg["config"]["method"]  # flat, or before issue 12
+                if cfg["model"] == model and method == "fp16":
                     out[model]["full"] = {"seqlen": r["config"]["seqlen"], "dtype": r["config"]["dtype"],
                                           "device": r["versions"]["device"],
                                           "ppl": {k: round(v, 3) for k, v in r["ppl"].items()}}

@@ -1,0 +1,76 @@
+"""The Hessians of a block's linear inputs, ``H = 2 X^T X / n``, accumulated during a forward."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import QuantLinear
+from .quantizers import check_finite
+
+
+class HessianCollector:
+    """Accumulates ``X^T X`` of each distinct linear input of a block.
+
+    Linears called one after the other on the very same tensor (q, k, v;
+    gate, up) share one accumulator. "The very same" is object identity and
+    an unchanged version counter, never the data address: a freed
+    activation's memory is soon handed to the next tensor of its size (so
+    OPT's fc1 input can sit where out_proj's input was), and an in-place op
+    changes the data at the same address.
+    """
+
+    def __init__(self, linears: dict[str, QuantLinear]) -> None:
+        self.linears = linears
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
+        # the last linear called and its input; holding the tensor keeps its memory from being reused
+        self._last: tuple[str, torch.Tensor, int] | None = None
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: QuantLinear, args: tuple) -> None:
+            x = args[0]
+            last = self._last
+            same_input = last is not None and last[1] is x and last[2] == x._version
+            owner = self.owner[last[0]] if same_input else name
+            if self.owner.setdefault(name, owner) != owner:
+                raise RuntimeError(
+                    f"{module.name}: reads {'the same' if same_input else 'a different'} input as the linear "
+                    f"before it in one batch but not in another; its Hessian cannot be shared consistently"
+                )
+            self._last = (name, x, x._version)
+            if self.owner[name] != name:
+                return
+            xq = module.quantize_input(x).reshape(-1, x.shape[-1])
+            check_finite(xq, f"{module.name} input")
+            # fp16/bf16 values are exact in TF32 (10-bit mantissa), so tensor cores lose nothing here
+            exact_in_tf32 = xq.is_cuda and xq.dtype in (torch.float16, torch.bfloat16)
+            xq = xq.float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
+                self.tokens[name] = 0
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = exact_in_tf32
+            try:
+                self.sums[name].addmm_(xq.t(), xq)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+            self.tokens[name] += xq.shape[0]
+
+        return hook
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name in self.linears:
+            out.setdefault(self.owner.get(name, name), []).append(name)
+        return out
+
+    def hessian(self, owner: str) -> torch.Tensor:
+        """``H = 2 X^T X / n``, made in place from the accumulator (which it replaces)."""
+        return self.sums.pop(owner).mul_(2 / self.tokens[owner])
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._last = None
