@@ -26,6 +26,7 @@ from .export import save_quantized, stored_bits_per_weight
 from .models import QuantLinear, get_adapter, load_model
 from .pipeline import quantize_model
 from .restore import PristineWeights
+from .testbed import is_testbed_model
 
 __all__ = ["ModelSession", "RunSpec", "run"]
 
@@ -105,7 +106,7 @@ class ModelSession:
         key = (dataset, seqlen)
         if key not in self._tokens:
             text = load_text(dataset, "eval", self.data_dir)
-            if text.name in ("heldout", "calibration") and self.name not in ("testbed-opt", "testbed-bloom"):
+            if text.name in ("heldout", "calibration") and not is_testbed_model(self.name):
                 warnings.warn(f"'{dataset}' is the testbed models' own held-out text; {self.name} was not trained on its corpus")
             self._tokens[key] = (eval_tokens(self.tokenizer, text, seqlen), text.source)
         return self._tokens[key]

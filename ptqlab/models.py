@@ -230,7 +230,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
     except OSError as err:
         raise FileNotFoundError(
             f"could not load model '{name_or_path}': {err}. Give a local folder with config.json and weights, "
-            f"a Hugging Face hub id (needs network), or one of the shipped testbed models (testbed-opt, testbed-bloom)."
+            f"a Hugging Face hub id (needs network), or a testbed model (testbed-opt, testbed-bloom, testbed-opt-2m, ...; see ptqlab/testbed/MODEL_CARD.md)."
         ) from err
     model.eval()
     model.requires_grad_(False)  # post-training only: no autograd state on the weights

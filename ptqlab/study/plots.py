@@ -224,4 +224,63 @@ def make_plots(results: list[Result], out_dir: str | Path) -> list[Path]:
         paths += plot_ppl_vs_bits(model, context, group, out_dir, stem("ppl_vs_bits"))
         paths += plot_ppl_vs_lorc_rank(model, context, group, out_dir, stem("ppl_vs_lorc_rank"))
         paths += plot_sensitivity(model, context, group, out_dir, stem("sensitivity"))
+    paths += plot_size_trends(results, out_dir)  # nothing unless 2+ sizes of a testbed family
+    return paths
+
+
+def plot_size_trends(results: list[Result], out_dir: str | Path, dataset: str | None = None) -> list[Path]:
+    """``<family>_dppl_vs_size``: dPPL against parameter count (log), one panel per precision, one line per
+    method, for every testbed family with two or more sizes in the results (``report.size_trend_groups``).
+    dPPL is on a symmetric-log axis: it spans from a few hundredths to hundreds between W8 and W3."""
+    from .report import _method_sort_key, size_trend_groups
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    groups = size_trend_groups(results)
+    per_family: dict[str, int] = {}
+    for index, ((family, context), by_size) in enumerate(groups.items()):
+        ds = dataset or context[1][0]
+        series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        order: dict[str, tuple] = {}
+        morder: dict[str, tuple] = {}
+        for params, runs in by_size.items():
+            for r in runs:
+                d = r.delta(ds)
+                if d is None:
+                    continue
+                pl, ml = precision_label(r.spec), method_label(r.spec)
+                order[pl], morder[ml] = precision_sort_key(r.spec), _method_sort_key(r.spec)
+                series.setdefault(pl, {}).setdefault(ml, []).append((params, d))
+        if not series:
+            continue
+        precisions = sorted(series, key=order.get)
+        ncol = min(4, len(precisions))
+        nrow = math.ceil(len(precisions) / ncol)
+        fig = _figure(3.4 * ncol, 2.8 * nrow)
+        axes = fig.subplots(nrow, ncol, squeeze=False)
+        methods = sorted({m for s in series.values() for m in s}, key=morder.get)
+        for i, pl in enumerate(precisions):
+            ax = axes[i // ncol][i % ncol]
+            for j, ml in enumerate(methods):
+                pts = sorted(series[pl].get(ml, []))
+                if pts:
+                    ax.plot([p for p, _ in pts], [d for _, d in pts], marker=_MARKERS[j % len(_MARKERS)],
+                            color=f"C{j}", label=ml)
+            ax.set_xscale("log")
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.axhline(0.1, color="grey", lw=0.6, ls=":")
+            ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+            ax.set_title(pl, fontsize=10)
+            ax.set_xlabel("parameters")
+            ax.set_ylabel(f"dPPL ({ds})")
+            ax.grid(alpha=0.3, which="both")
+        for k in range(len(precisions), nrow * ncol):
+            axes[k // ncol][k % ncol].set_visible(False)
+        seen = {l: h for ax in fig.axes for h, l in zip(*ax.get_legend_handles_labels())}
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(6, len(seen)), fontsize=8)
+        fig.suptitle(f"{family}: dPPL vs size ({context_label(context)}); dotted 0.1 / dashed 0.5 = class bounds",
+                     fontsize=10)
+        n = per_family[family] = per_family.get(family, -1) + 1
+        paths += _save(fig, out_dir, f"{_slug(family)}{f'_ctx{n}' if n else ''}_dppl_vs_size")
     return paths

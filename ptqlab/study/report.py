@@ -406,6 +406,7 @@ def report(db: str, fmt: str = "markdown", per_dataset: bool = False,
     if fmt == "csv":
         return render_csv(results, thresholds, per_dataset)
     sections = build_sections(results, thresholds, per_dataset, top)
+    sections += size_trend_sections(results, thresholds)  # empty unless 2+ sizes of a testbed family
     failures = failures_section(results)
     if failures is not None:
         sections.append(failures)
@@ -414,3 +415,125 @@ def report(db: str, fmt: str = "markdown", per_dataset: bool = False,
         counts[r.status] = counts.get(r.status, 0) + 1
     title = f"Study report: {db} ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'empty'})"
     return render_markdown(sections, title) if fmt == "markdown" else render_latex(sections, title)
+
+
+# ---------------------------------------------------------------- size trends (testbed family)
+
+
+def model_size(model: str) -> tuple[str, int] | None:
+    """``(family, parameter count)`` of a testbed family member (``testbed-opt-25m`` -> ("testbed-opt", ...)),
+    None for any other model."""
+    from ..testbed import family_member
+
+    member = family_member(model)
+    return None if member is None else (f"testbed-{member.arch}", member.params)
+
+
+def _size_label(params: int) -> str:
+    return f"{params / 1e6:.1f}M"
+
+
+def _trend_word(values: list[float]) -> str:
+    """How a series moves from the smallest to the largest model: falls / rises / mixed / flat."""
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if len(values) < 2 or all(abs(s) < EPS for s in steps):
+        return "flat"
+    if all(s <= EPS for s in steps):
+        return "falls"
+    if all(s >= -EPS for s in steps):
+        return "rises"
+    return "mixed"
+
+
+def size_trend_groups(results: list[Result]) -> dict[tuple, dict[int, list[Result]]]:
+    """Finished quantization runs of testbed family members with a baseline, by (family, evaluation
+    context) and parameter count; only families with at least two sizes."""
+    groups: dict[tuple, dict[int, list[Result]]] = {}
+    for r in results:
+        fam = model_size(r.model)
+        if fam is None or r.kind != "quant" or r.is_baseline or r.delta() is None:
+            continue
+        groups.setdefault((fam[0], r.context), {}).setdefault(fam[1], []).append(r)
+    return {k: v for k, v in groups.items() if len(v) >= 2}
+
+
+def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+                        dataset: str | None = None) -> list[Section]:
+    """The size study's tables, per family and evaluation setting: dPPL of every configuration against
+    the parameter count (with whether it falls or rises with size), the sensitivity class of each
+    precision per size (best method), and per size the lowest-bit configuration of each class.
+
+    ``dataset`` None: the first evaluation dataset of the setting (``heldout`` in recipes/sizes.yaml).
+    """
+    sections: list[Section] = []
+    for (family, context), by_size in size_trend_groups(results).items():
+        ds = dataset or context[1][0]
+        sizes = sorted(by_size)
+        cols = [_size_label(p) for p in sizes]
+        models = {p: by_size[p][0].model for p in sizes}
+        base = {p: by_size[p][0].baseline.ppl.get(ds) for p in sizes}
+        sections.append(Section(
+            f"Size trends: {family} ({context_label(context)}), {ds} PPL",
+            [f"models: {', '.join(f'{models[p]} ({_size_label(p)} parameters)' for p in sizes)}",
+             "FP16 PPL: " + ", ".join(f"{_size_label(p)} {_fmt(base[p])}" for p in sizes)],
+            [], [], level=2, kind="size-trend"))
+        # 1. dPPL of each configuration against size
+        keyed: dict[tuple, dict[int, Result]] = {}
+        for p in sizes:
+            for r in by_size[p]:
+                key = (*precision_sort_key(r.spec), *_method_sort_key(r.spec), precision_label(r.spec),
+                       method_label(r.spec))
+                keyed.setdefault(key, {})[p] = r
+        rows, cells = [], {}
+        for key in sorted(keyed):
+            per = keyed[key]
+            deltas = [per[p].delta(ds) if p in per else None for p in sizes]
+            known = [d for d in deltas if d is not None]
+            row = [key[-2], key[-1]]
+            for p, d in zip(sizes, deltas):
+                row.append("" if d is None else f"{_signed(d)} C{classify(d, thresholds)}")
+                if d is not None:
+                    cells[(f"{key[-2]} {key[-1]}", _size_label(p))] = per[p]
+            row.append(_trend_word(known) if len(known) == len(sizes) else "incomplete")
+            rows.append(row)
+        sections.append(Section(
+            f"{family}: dPPL vs parameter count ({ds})",
+            [f"cells: dPPL vs the size's own FP16 (class); {_class_legend(thresholds)}; "
+             "trend: how dPPL moves from the smallest to the largest size"],
+            ["precision", "method", *cols, "trend"], rows, level=3, cells=cells, kind="size-trend"))
+        # 2. class of each precision per size, with its best method
+        prec: dict[tuple, dict[int, Result]] = {}
+        for key, per in keyed.items():
+            for p, r in per.items():
+                pk = (*precision_sort_key(r.spec), key[-2])
+                best = prec.setdefault(pk, {}).get(p)
+                if best is None or r.delta(ds) < best.delta(ds):
+                    prec[pk][p] = r
+        rows = []
+        for pk in sorted(prec):
+            row = [pk[-1]]
+            for p in sizes:
+                r = prec[pk].get(p)
+                row.append("" if r is None else
+                           f"Class-{classify(r.delta(ds), thresholds)} ({method_label(r.spec)}, {_signed(r.delta(ds))})")
+            rows.append(row)
+        sections.append(Section(
+            f"{family}: class by size ({ds})", ["cells: the class of the best method at that precision (its dPPL)"],
+            ["precision", *cols], rows, level=3, kind="size-trend"))
+        # 3. per-size recommendation: the fewest bits that stay within each class
+        rows = []
+        for p in sizes:
+            row = [f"{models[p]} ({_size_label(p)})"]
+            for k in range(1, len(thresholds) + 1):
+                fits = [r for r in by_size[p] if r.delta(ds) is not None and classify(r.delta(ds), thresholds) <= k]
+                fits.sort(key=lambda r: (r.bits_per_weight if r.bits_per_weight is not None else 99,
+                                         r.spec.get("abits", 16), r.delta(ds)))
+                row.append("none" if not fits else
+                           f"{precision_label(fits[0].spec)} {method_label(fits[0].spec)} ({_signed(fits[0].delta(ds))})")
+            rows.append(row)
+        sections.append(Section(
+            f"{family}: recommendation per size ({ds})",
+            ["the configuration with the fewest bits per weight (then activation bits) that stays within each class"],
+            ["model", *[f"within Class-{k}" for k in range(1, len(thresholds) + 1)]], rows, level=3,
+            kind="size-trend"))
+    return sections

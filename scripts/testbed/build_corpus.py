@@ -195,6 +195,102 @@ SOURCES = [
     },
 ]
 
+# Sources added for the testbed family (issue 13): processed after SOURCES, de-duplicated against
+# them, split on their own (seed + 1) and written to separate files, so that the base corpus -- the
+# one the shipped ~7M models were trained on -- stays byte-identical and is a subset of the family's.
+DOC = "usr/share/doc"
+EXTRA_SOURCES = [
+    {"package": "rust-doc", "kind": "html",
+     "globs": [f"{DOC}/rust-doc/html/{b}/**/*.html" for b in
+               ("book", "reference", "nomicon", "rust-by-example", "edition-guide", "rustc", "embedded-book",
+                "rustdoc")],
+     "exclude": [r"/print\.html$", r"/404\.html$", r"/toc\.html$"]},
+    {"package": "python-pandas-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-pandas-doc/html/_sources/**/*.rst.txt"],
+     "exclude": [r"/reference/", r"/whatsnew/", r"/generated/"]},
+    {"package": "python-sympy-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-sympy-doc/html/_sources/**/*.rst.txt"],
+     "exclude": [r"/generated/", r"/_sources/(releases|aboutus)"]},
+    {"package": "python-scipy-doc", "kind": "html",
+     "globs": [f"{DOC}/python-scipy-doc/html/tutorial/**/*.html", f"{DOC}/python-scipy-doc/html/dev/**/*.html",
+               f"{DOC}/python-scipy-doc/html/tutorial/*.html"],
+     "exclude": [r"/generated/"]},
+    {"package": "python-statsmodels-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-statsmodels-doc/html/_sources/**/*.rst.txt"],
+     "exclude": [r"/generated/", r"/release/"]},
+    {"package": "python-dask-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-dask-doc/html/_sources/**/*.rst.txt"],
+     "exclude": [r"/generated/", r"/changelog"]},
+    {"package": "python-xarray-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-xarray-doc/html/_sources/**/*.rst.txt"],
+     "exclude": [r"/generated/", r"/whats-new"]},
+    {"package": "python-tornado-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-tornado-doc/html/_sources/**/*.rst.txt"], "exclude": [r"/releases"]},
+    {"package": "python-werkzeug-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-werkzeug-doc/html/_sources/**/*.rst.txt"], "exclude": [r"/changes"]},
+    {"package": "python-setuptools-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-setuptools-doc/html/_sources/**/*.rst.txt"], "exclude": [r"/history"]},
+    {"package": "python-hypothesis-doc", "kind": "rst",
+     "globs": [f"{DOC}/python-hypothesis-doc/html/_sources/**/*.rst.txt"], "exclude": [r"/changes"]},
+    {"package": "python-lxml-doc", "kind": "html",
+     "globs": [f"{DOC}/python-lxml/html/*.html"], "exclude": [r"/changes", r"/index\.html$"]},
+    {"package": "debian-policy", "kind": "rst",
+     "globs": [f"{DOC}/debian-policy/policy.html/_sources/*.rst.txt"], "exclude": []},
+    {"package": "developers-reference", "kind": "rst",
+     "globs": ["usr/share/developers-reference/_sources/*.rst.txt"], "exclude": []},
+    {"package": "debmake-doc", "kind": "html",
+     "globs": [f"{DOC}/debmake-doc/html/*.en.html"], "exclude": [r"/index\.en\.html$"]},
+    {"package": "harden-doc", "kind": "html",
+     "globs": [f"{DOC}/harden-doc/html/en-US/*.html"], "exclude": [r"/index\.html$"]},
+    {"package": "debian-faq", "kind": "html",
+     "globs": [f"{DOC}/debian/FAQ/*.en.html"], "exclude": [r"/index\.en\.html$"]},
+    {"package": "maint-guide", "kind": "html",
+     "globs": [f"{DOC}/maint-guide/html/*.en.html"], "exclude": [r"/index\.en\.html$"]},
+    {"package": "debian-history", "kind": "html",
+     "globs": [f"{DOC}/debian-history/docs/*.en.html"], "exclude": [r"/index\.en\.html$"]},
+    {"package": "libvirt-doc", "kind": "html",
+     "globs": [f"{DOC}/libvirt-doc/html/*.html", f"{DOC}/libvirt-doc/html/kbase/**/*.html",
+               f"{DOC}/libvirt-doc/html/manpages/*.html"],
+     "exclude": [r"/news\.html$", r"/index\.html$", r"/html/html/"]},
+    {"package": "bind9-doc", "kind": "html",
+     "globs": [f"{DOC}/bind9-doc/arm/*.html"], "exclude": [r"/genindex", r"/search\.html", r"/notes\.html",
+                                                           r"/index\.html$", r"/changelog"]},
+    {"package": "nodejs-doc", "kind": "html",
+     "globs": [f"{DOC}/nodejs/api/*.html"], "exclude": [r"/all\.html$", r"/index\.html$"]},
+    {"package": "octave-doc", "kind": "html",
+     "globs": [f"{DOC}/octave/octave.html/*.html"], "exclude": [r"/index\.html$"]},
+    {"package": "postfix-doc", "kind": "html",
+     "globs": [f"{DOC}/postfix/html/*.html"], "exclude": [r"/index\.html$"]},
+    {"package": "gnuplot-doc", "kind": "html",
+     "globs": [f"{DOC}/gnuplot/htmldocs/*.html"], "exclude": [r"/index\.html$"]},
+    # OpenStack's Sphinx manuals (HTML; API autodoc, module sources and indexes left out)
+    *[{"package": f"{pkg}-doc", "kind": "html", "globs": [f"{DOC}/{pkg}-doc/{sub}/**/*.html"],
+       "exclude": [r"/_modules/", r"/_sources/", r"/contributor/api/", r"/html/api/", r"/api-ref/", r"/genindex",
+                   r"/search\.html$", r"/py-modindex", r"/releasenotes/"]}
+      for pkg, sub in (("nova", "html"), ("neutron", "html"), ("keystone", "html"), ("cinder", "html"),
+                       ("ironic", "html"), ("glance", "html"), ("heat", "html"), ("swift", "base"))],
+    {"package": "erlang-doc", "kind": "html",
+     "globs": [f"{DOC}/erlang-doc/**/doc/html/*.html"],
+     "exclude": [r"/wx-", r"/src/", r"/index\.html$", r"_app\.html$", r"/notes\.html$", r"release_notes"]},
+    {"package": "ghc-doc", "kind": "html",
+     "globs": [f"{DOC}/ghc-doc/html/users_guide/**/*.html", f"{DOC}/ghc-doc/html/users_guide/*.html"],
+     "exclude": [r"/genindex", r"/search\.html$", r"/\d+\.\d+\.\d+-notes"]},
+    {"package": "sqlite3-doc", "kind": "html",
+     "globs": [f"{DOC}/sqlite3/*.html", f"{DOC}/sqlite3/**/*.html"],
+     "exclude": [r"/releaselog/", r"/syntax/", r"/changes\.html$", r"/chronology\.html$", r"/index\.html$",
+                 r"/sitemap\.html$", r"/keyword_index\.html$", r"/toc\.html$"]},
+    {"package": "gnome-user-docs", "kind": "html",
+     "globs": ["usr/share/help/C/**/*.page"], "exclude": []},
+    {"package": "python-biopython-doc", "kind": "html",
+     "globs": [f"{DOC}/python-biopython-doc/Doc/Tutorial.html"], "exclude": []},
+    {"package": "maxima-doc", "kind": "html",
+     "globs": [f"{DOC}/maxima-doc/html/*.html"], "exclude": [r"/index\.html$", r"_toc\.html$", r"Index"]},
+    {"package": "grass-doc", "kind": "html",
+     "globs": [f"{DOC}/grass-doc/html/*.html"], "exclude": [r"/index\.html$", r"^.*/(full_index|keywords|topics)"]},
+    {"package": "kicad-doc-en", "kind": "html",
+     "globs": [f"{DOC}/kicad/help/en/**/*.html"], "exclude": []},
+]
+
 FORBIDDEN = re.compile(r"wikitext|wiki\.(train|valid|test)|(?<![a-z])ptb(?![a-z])|treebank", re.I)
 
 # ----------------------------------------------------------------------------
@@ -685,6 +781,74 @@ def fetch_deb(package: str, version: str | None, debs_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def collect_source(src: dict, pins: dict[str, str], debs_dir: Path, tmp: Path, seen: set[bytes],
+                   documents: list[dict], manifest_packages: list[dict], min_doc_chars: int) -> None:
+    """Fetch one package, convert its matching files to paragraphs and append its documents.
+
+    Paragraphs already in ``seen`` (case-insensitive, any earlier source or file) are dropped.
+    """
+    pkg = src["package"]
+    deb = fetch_deb(pkg, pins.get(pkg), debs_dir)
+    version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+    root = tmp / pkg
+    root.mkdir()
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    files: set[Path] = set()
+    for g in src["globs"]:
+        files.update(Path(p) for p in glob.glob(str(root / g), recursive=True))
+    excl = [re.compile(e) for e in src["exclude"]]
+    files = sorted(f for f in files if f.is_file() and not any(e.search(str(f)) for e in excl))
+    convert = CONVERTERS[src["kind"]]
+    n_docs = n_paras = n_bytes = n_dup = 0
+    for f in files:
+        rel = str(f.relative_to(root))
+        if FORBIDDEN.search(rel):
+            raise RuntimeError(f"refusing evaluation-set-like source {rel}")
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        paras = []
+        for p in convert(raw):
+            if not keep_paragraph(p):
+                continue
+            key = hashlib.blake2b(p.lower().encode(), digest_size=16).digest()
+            if key in seen:
+                n_dup += 1
+                continue
+            seen.add(key)
+            paras.append(p)
+        text_len = sum(len(p) + 1 for p in paras)
+        if text_len < min_doc_chars:
+            continue
+        documents.append({"source": pkg, "path": rel, "paras": paras})
+        n_docs += 1
+        n_paras += len(paras)
+        n_bytes += sum(len(p.encode()) + 1 for p in paras)
+    info = {"package": pkg, "version": version, "deb": deb.name, "deb_sha256": sha256_file(deb),
+            "format": src["kind"], "globs": src["globs"], "exclude": src["exclude"],
+            "files_matched": len(files), "documents": n_docs, "paragraphs": n_paras,
+            "duplicate_paragraphs_dropped": n_dup, "text_bytes": n_bytes}
+    manifest_packages.append(info)
+    print(f"{pkg:22s} {version:28s} files={len(files):5d} docs={n_docs:5d} "
+          f"paras={n_paras:7d} bytes={n_bytes:10d} dups={n_dup}", flush=True)
+    shutil.rmtree(root, ignore_errors=True)   # unpacked docs can be hundreds of MB
+
+
+def write_split(out: Path, train: list[dict], held: list[dict], names: tuple[str, str],
+                sources: list[dict]) -> dict:
+    """Write train / held-out documents (one paragraph per line, documents separated by an empty line)."""
+    outputs = {}
+    for name, docs in zip(names, (train, held)):
+        path = out / name
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n\n".join("\n".join(d["paras"]) for d in docs))
+            f.write("\n")
+        outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "documents": len(docs),
+                         "paragraphs": sum(len(d["paras"]) for d in docs),
+                         "by_source": {s["package"]: sum(1 for d in docs if d["source"] == s["package"])
+                                       for s in sources}}
+        print(f"wrote {path}: {outputs[name]['bytes']} bytes, {len(docs)} documents", flush=True)
+    return outputs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("scripts/testbed/build"))
@@ -694,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", type=Path, default=None,
                     help="a previous corpus_manifest.json: fetch exactly the package versions it names")
     ap.add_argument("--no-update", action="store_true", help="skip 'apt-get update'")
+    ap.add_argument("--family", action="store_true",
+                    help="also build the family's extra corpus (EXTRA_SOURCES) into corpus_extra_*.txt")
     args = ap.parse_args(argv)
 
     out: Path = args.out
@@ -704,76 +870,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.pin:
         pins = {p["package"]: p["version"] for p in json.loads(args.pin.read_text())["packages"]}
 
-    need_download = any(not list(debs_dir.glob(f"{s['package']}_*.deb")) for s in SOURCES)
+    all_sources = SOURCES + (EXTRA_SOURCES if args.family else [])
+    need_download = any(not list(debs_dir.glob(f"{s['package']}_*.deb")) for s in all_sources)
     if need_download and not args.no_update:
         print("apt-get update ...", flush=True)
         subprocess.run(["apt-get", "update", "-qq"], check=False)
 
     documents: list[dict] = []   # {"source","path","paras"}
-    manifest_packages = []
+    manifest_packages: list[dict] = []
     seen: set[bytes] = set()
+    extra_documents: list[dict] = []
+    extra_packages: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="testbed-corpus-") as tmpd:
         tmp = Path(tmpd)
         for src in SOURCES:
-            pkg = src["package"]
-            deb = fetch_deb(pkg, pins.get(pkg), debs_dir)
-            version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
-            root = tmp / pkg
-            root.mkdir()
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-            files: set[Path] = set()
-            for g in src["globs"]:
-                files.update(Path(p) for p in glob.glob(str(root / g), recursive=True))
-            excl = [re.compile(e) for e in src["exclude"]]
-            files = sorted(f for f in files if f.is_file() and not any(e.search(str(f)) for e in excl))
-            convert = CONVERTERS[src["kind"]]
-            n_docs = n_paras = n_bytes = n_dup = 0
-            for f in files:
-                rel = str(f.relative_to(root))
-                if FORBIDDEN.search(rel):
-                    raise RuntimeError(f"refusing evaluation-set-like source {rel}")
-                raw = f.read_text(encoding="utf-8", errors="replace")
-                paras = []
-                for p in convert(raw):
-                    if not keep_paragraph(p):
-                        continue
-                    key = hashlib.blake2b(p.lower().encode(), digest_size=16).digest()
-                    if key in seen:
-                        n_dup += 1
-                        continue
-                    seen.add(key)
-                    paras.append(p)
-                text_len = sum(len(p) + 1 for p in paras)
-                if text_len < args.min_doc_chars:
-                    continue
-                documents.append({"source": pkg, "path": rel, "paras": paras})
-                n_docs += 1
-                n_paras += len(paras)
-                n_bytes += sum(len(p.encode()) + 1 for p in paras)
-            info = {"package": pkg, "version": version, "deb": deb.name, "deb_sha256": sha256_file(deb),
-                    "format": src["kind"], "globs": src["globs"], "exclude": src["exclude"],
-                    "files_matched": len(files), "documents": n_docs, "paragraphs": n_paras,
-                    "duplicate_paragraphs_dropped": n_dup, "text_bytes": n_bytes}
-            manifest_packages.append(info)
-            print(f"{pkg:22s} {version:28s} files={len(files):5d} docs={n_docs:5d} "
-                  f"paras={n_paras:7d} bytes={n_bytes:10d} dups={n_dup}", flush=True)
+            collect_source(src, pins, debs_dir, tmp, seen, documents, manifest_packages, args.min_doc_chars)
+        if args.family:
+            # after the base sources, so that the base corpus is unchanged and new text that repeats
+            # a base paragraph is dropped
+            for src in EXTRA_SOURCES:
+                collect_source(src, pins, debs_dir, tmp, seen, extra_documents, extra_packages,
+                               args.min_doc_chars)
 
     rng = random.Random(args.seed)
     rng.shuffle(documents)
     n_held = max(1, round(len(documents) * args.heldout_fraction))
     held, train = documents[:n_held], documents[n_held:]
 
-    outputs = {}
-    for name, docs in (("corpus_train.txt", train), ("corpus_heldout.txt", held)):
-        path = out / name
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n\n".join("\n".join(d["paras"]) for d in docs))
-            f.write("\n")
-        outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "documents": len(docs),
-                         "paragraphs": sum(len(d["paras"]) for d in docs),
-                         "by_source": {s["package"]: sum(1 for d in docs if d["source"] == s["package"])
-                                       for s in SOURCES}}
-        print(f"wrote {path}: {outputs[name]['bytes']} bytes, {len(docs)} documents", flush=True)
+    outputs = write_split(out, train, held, ("corpus_train.txt", "corpus_heldout.txt"), SOURCES)
     (out / "heldout_documents.txt").write_text("".join(f"{d['source']}\t{d['path']}\n" for d in held))
 
     manifest = {
@@ -786,6 +910,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "corpus_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {out / 'corpus_manifest.json'}")
+    if args.family:
+        rng = random.Random(args.seed + 1)
+        rng.shuffle(extra_documents)
+        n_held = max(1, round(len(extra_documents) * args.heldout_fraction))
+        x_held, x_train = extra_documents[:n_held], extra_documents[n_held:]
+        x_outputs = write_split(out, x_train, x_held, ("corpus_extra_train.txt", "corpus_extra_heldout.txt"),
+                                EXTRA_SOURCES)
+        (out / "extra_heldout_documents.txt").write_text(
+            "".join(f"{d['source']}\t{d['path']}\n" for d in x_held))
+        family = {
+            "description": "ptqlab testbed family corpus: the base corpus (corpus_manifest.json, unchanged) "
+                           "plus more Debian documentation packages, de-duplicated against the base and "
+                           "split on their own; family train = base train + extra train, family held-out = "
+                           "base held-out + extra held-out",
+            "recipe": "python scripts/testbed/build_corpus.py --out scripts/testbed/build --family",
+            "seed": args.seed + 1, "heldout_fraction": args.heldout_fraction,
+            "min_doc_chars": args.min_doc_chars, "base_outputs": outputs,
+            "packages": manifest_packages + extra_packages, "extra_packages": [p["package"] for p in extra_packages],
+            "outputs": x_outputs,
+        }
+        (out / "corpus_family_manifest.json").write_text(json.dumps(family, indent=2) + "\n")
+        print(f"wrote {out / 'corpus_family_manifest.json'}")
     return 0
 
 

@@ -25,9 +25,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", required=True)
     p.add_argument("--full-records", default=None)
+    p.add_argument("--models", default="testbed-opt,testbed-bloom",
+                   help="comma-separated; entries of other models already in the file are kept")
     a = p.parse_args()
-    out = {}
-    for model in ("testbed-opt", "testbed-bloom"):
+    path = TESTBED_DIR / "reference_ppl.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    for model in a.models.split(","):
         session = ModelSession(model, "cpu", "float32", a.data_dir, progress=False)
         record = run(RunSpec(model=model, config=QuantConfig("fp16"), eval=DATASETS, seqlen=512,
                              max_eval_windows=PREFIX_WINDOWS, dtype="float32"), session, progress=False)
@@ -43,7 +46,7 @@ def main() -> None:
                     out[model]["full"] = {"seqlen": r["config"]["seqlen"], "dtype": r["config"]["dtype"],
                                           "device": r["versions"]["device"],
                                           "ppl": {k: round(v, 3) for k, v in r["ppl"].items()}}
-    (TESTBED_DIR / "reference_ppl.json").write_text(json.dumps(out, indent=1) + "\n")
+    path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 

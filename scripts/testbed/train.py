@@ -38,22 +38,24 @@ import torch
 import torch.nn.functional as F
 
 
-def build_model(arch: str, vocab_size: int, seq_len: int, dropout: float, bos: int, pad: int):
+def build_model(arch: str, vocab_size: int, seq_len: int, dropout: float, bos: int, pad: int,
+                hidden: int = 256, layers: int = 6, heads: int = 8, ffn: int = 1024):
+    """The testbed architecture; the defaults are the shipped ~7M models (BLOOM's FFN is always 4 x hidden)."""
     from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
 
     common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=bos, pad_token_id=pad,
                   tie_word_embeddings=True, use_cache=True)
     if arch == "opt":
         cfg = OPTConfig(
-            hidden_size=256, num_hidden_layers=6, num_attention_heads=8, ffn_dim=1024,
-            max_position_embeddings=seq_len, word_embed_proj_dim=256, do_layer_norm_before=True,
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+            max_position_embeddings=seq_len, word_embed_proj_dim=hidden, do_layer_norm_before=True,
             activation_function="relu", dropout=dropout, attention_dropout=0.0, layerdrop=0.0,
             enable_bias=True, layer_norm_elementwise_affine=True, init_std=0.02, **common,
         )
         model = OPTForCausalLM(cfg)
     elif arch == "bloom":
         cfg = BloomConfig(
-            hidden_size=256, n_layer=6, n_head=8, hidden_dropout=dropout, attention_dropout=0.0,
+            hidden_size=hidden, n_layer=layers, n_head=heads, hidden_dropout=dropout, attention_dropout=0.0,
             layer_norm_epsilon=1e-5, initializer_range=0.02, apply_residual_connection_post_layernorm=False,
             pretraining_tp=1, slow_but_exact=False, **common,
         )
@@ -72,6 +74,18 @@ def count_params(model) -> dict:
             total += p.numel()
     emb = model.get_input_embeddings().weight.numel()
     return {"total_unique": total, "input_embedding": emb, "non_embedding": total - emb}
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    """uint16 token ids from ``path``, or from ``path.xz`` (the family's token files travel compressed)."""
+    if path.exists():
+        return np.fromfile(path, dtype=np.uint16)
+    xz = path.with_name(path.name + ".xz")
+    if xz.exists():
+        import lzma
+
+        return np.frombuffer(lzma.decompress(xz.read_bytes()), dtype=np.uint16)
+    raise FileNotFoundError(f"no token file {path} (or {xz.name})")
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -118,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output model folder (save_pretrained)")
     ap.add_argument("--log", type=Path, default=None, help="JSONL log (default: OUT.parent/ARCH_train_log.jsonl)")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (the shipped ~7M models: 256)")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--ffn", type=int, default=1024, help="OPT's FFN width (BLOOM's is 4 x hidden)")
+    ap.add_argument("--extra-heldout", type=Path, default=None,
+                    help="another uint16 token file: the saved model's loss on it is added to the summary")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds of training (0 = no limit)")
@@ -154,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = json.loads((args.data / "tokens_meta.json").read_text())
     vocab, bos, pad = meta["vocab_size"], meta["bos_id"], meta["pad_id"]
-    train_np = np.fromfile(args.data / "train.bin", dtype=np.uint16)
-    held_np = np.fromfile(args.data / "heldout.bin", dtype=np.uint16)
+    train_np = load_tokens(args.data / "train.bin")
+    held_np = load_tokens(args.data / "heldout.bin")
     assert train_np.size == meta["files"]["train.bin"]["tokens"], "train.bin does not match tokens_meta.json"
     # whole corpus fits on the device: sample windows there
     train = torch.from_numpy(train_np.astype(np.int64)).to(device)
     held = torch.from_numpy(held_np.astype(np.int64)).to(device)
 
-    model = build_model(args.arch, vocab, args.seq_len, args.dropout, bos, pad).to(device)
+    model = build_model(args.arch, vocab, args.seq_len, args.dropout, bos, pad,
+                        args.hidden, args.layers, args.heads, args.ffn).to(device)
     params = count_params(model)
     model.train()
     fwd = torch.compile(model) if args.compile else model
@@ -330,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(out))
     final_loss, ntok = evaluate(reloaded, held, args.seq_len, args.eval_batch, device, False, eval_windows)
     size = sum(f.stat().st_size for f in out.iterdir())
+    extra = {}
+    if args.extra_heldout is not None:
+        xh = torch.from_numpy(load_tokens(args.extra_heldout).astype(np.int64)).to(device)
+        xl, xn = evaluate(reloaded, xh, args.seq_len, args.eval_batch, device, False)
+        extra = {"extra_heldout": str(args.extra_heldout), "extra_heldout_loss": round(xl, 5),
+                 "extra_heldout_ppl": round(math.exp(xl), 3), "extra_heldout_tokens": xn}
     summary = {
         "event": "summary", "arch": args.arch, "stop_reason": stop_reason, "steps": step,
         "best_step": best[1], "best_heldout_loss_bf16": round(best[0], 5),
@@ -340,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_wall_s": round(train_time, 1), "eval_wall_s": round(t_eval_total, 1),
         "tok_per_s": round(tok_per_s), "total_wall_s": round(time.time() - t_start, 1),
         "params": params, "saved_bytes": size, "saved_files": sorted(f.name for f in out.iterdir()),
-        "tokenizer_len": len(tok), "device": header["device"],
+        "tokenizer_len": len(tok), "device": header["device"], **extra,
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
     log(summary)
