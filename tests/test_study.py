@@ -596,3 +596,24 @@ def test_sensitivity_block_and_layer_selection(env):
     assert pristine.model.decoder.layers[0].fc2.__class__.__name__ == "Linear"
     with pytest.raises(RecipeError):
         sensitivity_spec(env["model"], "block", "0", wbits=16, abits=16)
+
+
+def test_recipe_save_writes_the_chosen_cells_models(env, tmp_path):
+    """``save:`` rules pick the cells whose quantized model the study writes; the folder reloads to the same PPL."""
+    from ptqlab.evaluate import perplexity
+    from ptqlab.export import load_quantized
+
+    recipe = _write(tmp_path / "save.yaml", rtn_recipe(env) + "save:\n  - {wbits: 4}\n")
+    plan = parse_recipe_text(recipe.read_text(), data_dir=env["data"])
+    assert [r.spec.get("save", False) for r in plan.runs] == [False, False, True, False]  # baseline, W3, W4, W8
+    db = tmp_path / "save.db"
+    assert main(_study_args(env, recipe, db)) == 0
+    folders = list((tmp_path / "save-models").iterdir())
+    assert len(folders) == 1 and "W4A16" in folders[0].name
+    model, tokenizer, entry = load_quantized(folders[0])
+    row = next(r for r in _rows(db) if r["spec"].get("save"))
+    assert entry["record"]["ppl"] == row["ppl"]
+    from ptqlab.data import eval_tokens, load_text
+
+    tokens = eval_tokens(tokenizer, load_text("ptb", "eval", env["data"]), 64)
+    assert perplexity(model, tokens, 64, max_windows=2, progress=False) == pytest.approx(row["ppl"]["ptb"], rel=1e-3)

@@ -46,7 +46,7 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 
-from .runner import DELAY_ENV, ENVIRONMENT_ERRORS, SessionCache, WorkerOptions, _ppl_text, execute
+from .runner import DELAY_ENV, ENVIRONMENT_ERRORS, SessionCache, WorkerOptions, _ppl_text, execute, saved_models_dir
 from .store import Claim, Store, format_duration, hostname
 
 
@@ -79,7 +79,9 @@ class StudyWorker:
         try:
             if self.delay:
                 time.sleep(self.delay)
-            return {"record": execute(spec, self.sessions.get(spec), self.opts.progress)}
+            # saved models go to the same path on the node that ran the run (the driver's, on one host)
+            return {"record": execute(spec, self.sessions.get(spec), self.opts.progress,
+                                      saved_models_dir(self.opts.db))}
         except ENVIRONMENT_ERRORS as err:
             return {"environment": err}
         except Exception as err:  # noqa: BLE001 - a failed run is recorded by the driver, the study goes on

@@ -54,7 +54,7 @@ DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
 DEFAULTS: dict[str, object] = {key: option.default for key, option in OPTIONS.items()}
 # What identifies the evaluation a run is compared under (its baseline shares these).
 EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype")
-TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude")
+TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude", "save")
 
 
 class RecipeError(ValueError):
@@ -277,8 +277,12 @@ def _matches(run: dict, rule: dict) -> bool:
 
 
 def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: list[dict], name: str = "study",
-           data_dir: str | None = None) -> Plan:
-    """Cross the axes, apply settings and exclusions, normalise, dedupe, add baselines."""
+           data_dir: str | None = None, save: list[dict] | None = None) -> Plan:
+    """Cross the axes, apply settings and exclusions, normalise, dedupe, add baselines.
+
+    ``save``: rules choosing the runs whose quantized model is written to disk (``[{}]``: every run that
+    quantizes weights); those run dicts carry ``save: true``.
+    """
     plan = Plan(name=name)
     seen: set[str] = set()
     by_model: dict[str, list[PlannedRun]] = {m: [] for m in models}
@@ -301,6 +305,9 @@ def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: li
                     continue
                 if note:
                     plan.notes[note] += 1
+                if save and spec["wbits"] != 16 and any(_matches(raw, rule) for rule in save):
+                    spec["save"] = True
+                    plan.notes["quantized model saved (save: in the recipe)"] += 1
                 key = run_key(spec, data_dir)
                 if key in seen:
                     plan.notes["duplicate after normalisation (kept once)"] += 1
@@ -373,22 +380,23 @@ def _parse_mapping_of_values(d: object, source: str, path: str, as_axes: bool, l
     return out
 
 
-def _parse_exclude(rules: object, source: str) -> list[dict]:
+def _parse_exclude(rules: object, source: str, what: str = "exclude") -> list[dict]:
+    """Rules that match runs (``exclude``, ``save``): partial run mappings, a list value meaning any of."""
     if rules is None:
         return []
     if not isinstance(rules, list):
-        raise RecipeError(f"{_loc(source, getattr(rules, 'line', None), 'exclude')}: expected a list of partial run "
+        raise RecipeError(f"{_loc(source, getattr(rules, 'line', None), what)}: expected a list of partial run "
                           f"mappings, e.g. - {{method: rtn, wbits: 3}}")
     out = []
     for i, rule in enumerate(rules):
         line = rules.lines[i] if isinstance(rules, _LList) else None
         if not isinstance(rule, dict) or not rule:
-            raise RecipeError(f"{_loc(source, line, f'exclude[{i}]')}: expected a non-empty mapping such as "
+            raise RecipeError(f"{_loc(source, line, f'{what}[{i}]')}: expected a non-empty mapping such as "
                               f"{{method: rtn, wbits: 3}}")
         parsed = {}
         for key, value in rule.items():
             kline = rule.key_lines.get(key) if isinstance(rule, _LDict) else line
-            where = _loc(source, kline, f"exclude[{i}].{key}")
+            where = _loc(source, kline, f"{what}[{i}].{key}")
             key = _canonical_key(key, where)
             if key == "model":
                 vals = value if isinstance(value, list) else [value]
@@ -453,11 +461,16 @@ def parse_recipe_text(text: str, source: str = "<recipe>", models: list[str] | N
                                   f"keep one")
         axes_list.append(parsed)
     exclude = _parse_exclude(doc.get("exclude"), source)
+    save_doc = doc.get("save", False)
+    if isinstance(save_doc, bool):
+        save = [{}] if save_doc else []
+    else:
+        save = _parse_exclude(save_doc, source, "save")
     if overrides:
         settings = {**settings, **overrides}
         axes_list = [{k: v for k, v in axes.items() if k not in overrides} for axes in axes_list]
     name = doc.get("name") or Path(source).stem
-    return expand(models or recipe_models, settings, axes_list, exclude, name, data_dir)
+    return expand(models or recipe_models, settings, axes_list, exclude, name, data_dir, save)
 
 
 def load_recipe(path: str | Path, models: list[str] | None = None, overrides: dict | None = None,

@@ -23,14 +23,17 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from ..config import from_flat
+from ..config import config_hash, from_flat
 from .store import Claim, Store, format_duration, hostname
 
 # Seconds to sleep inside each claimed run before computing it: a test aid
@@ -64,16 +67,36 @@ class WorkerOptions:
 
 
 def run_spec(spec: dict):
-    """The :class:`~ptqlab.config.RunSpec` of a planned run dict (its ``kind`` is the study's label)."""
-    return from_flat({k: v for k, v in spec.items() if k != "kind"})
+    """The :class:`~ptqlab.config.RunSpec` of a planned run dict (``kind`` and ``save`` are the study's labels)."""
+    return from_flat({k: v for k, v in spec.items() if k not in ("kind", "save")})
 
 
-def execute(spec: dict, session, progress: bool = False) -> dict:
+def saved_models_dir(db: str | Path) -> Path:
+    """Where a study writes the models of its ``save: true`` runs: ``STUDY-models/`` beside ``STUDY.db``."""
+    db = Path(db)
+    return db.parent / f"{db.stem}-models"
+
+
+def saved_model_path(models_dir: Path, spec: dict) -> Path:
+    """One folder per run dict, named for people and made unique by the dict's hash."""
+    from .recipe import method_label, precision_label
+
+    label = f"{Path(spec['model']).name}-{method_label(spec)}-{precision_label(spec)}"
+    return models_dir / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', label)}-{config_hash(spec)[:8]}"
+
+
+def execute(spec: dict, session, progress: bool = False, models_dir: Path | None = None) -> dict:
     """Run one planned run dict on ``session``; returns the record (sensitivity runs are ordinary runs
-    with a layer filter)."""
+    with a layer filter). A ``save: true`` run also writes its quantized model under ``models_dir``."""
     from ..experiment import run
 
-    return run(run_spec(spec), session, progress=progress)
+    save = None
+    if spec.get("save") and models_dir is not None:
+        save = saved_model_path(models_dir, spec)
+        if save.exists():  # a finished save of this very run (--force recomputes it): replaced, not mixed
+            shutil.rmtree(save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+    return run(run_spec(spec), session, progress=progress, save=str(save) if save else None)
 
 
 class SessionCache:
@@ -182,7 +205,7 @@ def work(opts: WorkerOptions) -> dict[str, int]:
                 t0 = time.perf_counter()
                 if delay:
                     time.sleep(delay)
-                record = execute(claim.spec, sessions.get(claim.spec), opts.progress)
+                record = execute(claim.spec, sessions.get(claim.spec), opts.progress, saved_models_dir(opts.db))
                 finished = store.finish(claim, record)
             except ENVIRONMENT_ERRORS as err:
                 # the model or the data is not there: not the run's fault; give it back and stop
