@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import OPTIONS, QuantConfig, RunSpec, from_flat
+from .config import OPTIONS, QuantConfig, RunSpec, from_flat, parse_text_value
 from .quantizers import QuantSpec
 
 
@@ -29,7 +29,7 @@ def _cli_value(option):
     """argparse ``type=``: a command-line string checked as the option checks recipe values."""
 
     def convert(text: str):
-        value = text if option.key in ("eval", "calib", "layers") else _scalar(text)
+        value = parse_text_value(option.key, text)
         try:
             return option.check(value)
         except ValueError as err:
@@ -37,18 +37,6 @@ def _cli_value(option):
 
     convert.__name__ = option.key  # argparse names it in "invalid ... value"
     return convert
-
-
-def _scalar(text: str) -> object:
-    """``null``/``none`` -> None, integers, then floats; anything else stays text."""
-    if text.strip().lower() in ("null", "none", ""):
-        return None
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

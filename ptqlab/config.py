@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .methods.registry import METHODS, get_method
 from .quantizers import QuantizationError, QuantSpec
 
@@ -407,7 +409,25 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
            "evaluate only this many windows (a prefix)", group="data"),
     Option("dtype", "dtype", _dtype, "auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32", group="data"),
 ]}
-DEPRECATED_KEYS = {"asym": "act_sym"}  # old recipe keys, read with a warning for one release
+DEPRECATED_KEYS = {"asym": "act_sym"}
+_TEXT_KEYS = ("eval", "calib", "layers")  # values taken as written: dataset lists, paths, layer filters
+
+
+def parse_text_value(key: str, text: str) -> object:
+    """A value written as text (``--wbits 4``, ``--grid wbits=4``, ``--set seqlen=null``), before its check:
+    YAML scalar rules (``true``, ``null``, ``128``) plus ``1e-3`` as a number; text keys stay text."""
+    if key in _TEXT_KEYS:
+        return text
+    if not text.strip():
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value  # old recipe keys, read with a warning for one release
 
 
 def from_flat(flat: dict) -> RunSpec:

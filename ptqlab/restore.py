@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .kernels.real import RealLinear
-from .models import QuantLinear, get_adapter
+from .models import get_adapter
 
 
 def _checkpoint_folder(name_or_path: str) -> Path | None:
@@ -86,8 +85,8 @@ class PristineWeights:
         """Undo a run: original modules back in place, their weights reloaded."""
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
-                original = getattr(child, "original", None)
-                if isinstance(child, (QuantLinear, RealLinear)) and original is not None:
+                original = getattr(child, "original", None)  # QuantLinear, RealLinear: the layer they replaced
+                if original is not None:
                     setattr(module, child_name, original)
         self._reload(model)
         if self.tie_word_embeddings is not None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import DEPRECATED_KEYS, OPTIONS, config_hash, from_flat
+from ..config import DEPRECATED_KEYS, OPTIONS, config_hash, from_flat, parse_text_value
 from ..methods import get_method
 from ..data import data_fingerprint
 from ..quantizers import QuantizationError
@@ -481,20 +481,6 @@ def load_recipe(path: str | Path, models: list[str] | None = None, overrides: di
     return parse_recipe_text(path.read_text(encoding="utf-8"), str(path), models, overrides, data_dir)
 
 
-def _scalar(text: str) -> object:
-    """A command-line value: YAML scalar rules (``true``, ``null``, ``128``), plus ``1e-3`` as a number."""
-    if not text.strip():
-        return None
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        for convert in (int, float):
-            try:
-                return convert(value)
-            except ValueError:
-                pass
-    return value
-
-
 def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
     """``"method=rtn,gptq wbits=3,4"`` -> ``{"method": ["rtn", "gptq"], "wbits": [3, 4]}`` (validated).
 
@@ -514,7 +500,7 @@ def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
         raw_values = value.split(",") if as_axes and key != "eval" else [value]
         values: list = []
         for v in raw_values:
-            parsed = v if key in ("eval", "calib", "layers") else _scalar(v)
+            parsed = parse_text_value(key, v)
             checked = _check_value(key, parsed, f"{what}: {key}")
             if checked not in values:
                 values.append(checked)
