@@ -232,6 +232,8 @@ def plot_size_trends(results: list[Result], out_dir: str | Path, dataset: str | 
     """``<family>_dppl_vs_size``: dPPL against parameter count (log), one panel per precision, one line per
     method, for every testbed family with two or more sizes in the results (``report.size_trend_groups``).
     dPPL is on a symmetric-log axis: it spans from a few hundredths to hundreds between W8 and W3."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+
     from .report import _method_sort_key, size_trend_groups
 
     out_dir = Path(out_dir)
@@ -268,6 +270,12 @@ def plot_size_trends(results: list[Result], out_dir: str | Path, dataset: str | 
                     ax.plot([p for p, _ in pts], [d for _, d in pts], marker=_MARKERS[j % len(_MARKERS)],
                             color=f"C{j}", label=ml)
             ax.set_xscale("log")
+            # ticks at the family's sizes ("26.5M"), not matplotlib's crowded log-scale minor labels
+            sizes = sorted({p for s in series[pl].values() for p, _ in s})
+            ax.xaxis.set_major_locator(FixedLocator(sizes))
+            ax.xaxis.set_major_formatter(FixedFormatter([f"{p / 1e6:.1f}M" for p in sizes]))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=8)
             ax.set_yscale("symlog", linthresh=0.1)
             ax.axhline(0.1, color="grey", lw=0.6, ls=":")
             ax.axhline(0.5, color="grey", lw=0.6, ls="--")

@@ -11,7 +11,7 @@ shipped sizes (~2M) to ``--out`` (default: a folder per member under the cache),
 
 Usage (GPU, minutes):
   python scripts/testbed/train_family.py --arch opt,bloom --sizes 25m,60m
-  python scripts/testbed/train_family.py --arch opt --sizes 2m --out ptqlab/testbed   # the shipped ~2M member
+  python scripts/testbed/train_family.py --arch opt --sizes 2m --out ptqlab/testbed --no-compile   # the shipped ~2M member
 The ~7M members are the shipped testbed-opt / testbed-bloom (scripts/testbed/README.md, steps 1-5).
 """
 
@@ -47,7 +47,7 @@ def train_member(arch: str, size: str, data: Path, out_root: Path | None, log_di
     argv = ["--arch", arch, "--data", str(data), "--out", str(tmp),
             "--log", str(log_dir / f"{arch}-{size}_train_log.jsonl"),
             "--hidden", str(member.hidden), "--layers", str(member.layers), "--heads", str(member.heads),
-            "--ffn", str(member.ffn), "--lr", str(member.lr),
+            "--ffn", str(member.ffn), "--lr", str(member.lr), "--dropout", str(member.dropout),
             "--time-budget", str(member.time_budget_s * time_scale), "--batch-size", "128",
             "--extra-heldout", str(data / "heldout_extra.bin"), *extra]
     print(f"== {name}: train.py {' '.join(argv)}", flush=True)
@@ -72,14 +72,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="write <arch>-<size> folders here instead of the cache (e.g. ptqlab/testbed for 2m)")
     ap.add_argument("--log-dir", type=Path, default=ROOT / "runs/testbed_family")
     ap.add_argument("--time-scale", type=float, default=1.0,
-                    help="multiply every member's time budget (the budgets are for one H100 shared by two "
-                         "trainings, as in the shipped run)")
+                    help="multiply every member's time budget (seconds of training on one GPU to itself)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the model (default on: 2.2-2.4x the tokens/s for BLOOM, whose attention "
+                         "is eager in transformers; 1.3x for OPT-25M, even for OPT-60M; "
+                         "scripts/testbed/probe_train_speed.py measures it)")
     ap.add_argument("train_args", nargs="*", help="extra train.py options after --")
     args = ap.parse_args(argv)
     for arch in args.arch.split(","):
         for size in args.sizes.split(","):
             train_member(arch.strip(), size.strip(), args.data, args.out, args.log_dir, args.time_scale,
-                         args.train_args)
+                         (["--compile"] if args.compile else []) + args.train_args)
     return 0
 
 
