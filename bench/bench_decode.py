@@ -252,7 +252,7 @@ def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: lis
         # one step reads every weight once and the KV cache up to the mean position
         kv = 2 * n_layers * batch * (prompt + new / 2) * hidden * 2
         row["weight_bytes"] = wbytes
-        row["floor_tok_s"] = round(batch / ((wbytes + kv) / (bw / 2)), 1)
+        row["floor_tok_s"] = round(batch / ((wbytes + kv) / bw), 1)  # bw counts bytes read + written
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         emit(row)
         gc.collect()

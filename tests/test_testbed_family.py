@@ -1,6 +1,6 @@
 """The testbed family (issue 13): the shipped ~2M members reproduce their card, held-out perplexity falls
 with size across the shipped sizes, larger members are found in the cache (or named with the command that
-builds them), and the size-trend report renders from a stored study (real GPU results: BLOOM ~2M and ~7M).
+builds them), and the size-trend report renders from a stored study (real GPU results: the four BLOOM sizes).
 """
 
 from __future__ import annotations
@@ -92,20 +92,20 @@ def test_size_trend_report_from_stored_study(study_db, tmp_path):
                                       "on p.run_hash = r.run_hash where p.dataset = 'heldout'")}
     sections = size_trend_sections(load_results(study_db))
     table = next(s for s in sections if s.title == "testbed-bloom: dPPL vs parameter count (heldout)")
-    assert table.header[2:4] == ["1.8M", "6.8M"]
+    assert table.header[2:6] == ["1.8M", "6.8M", "26.3M", "63.0M"]
     checked = 0
     for (label, size), result in table.cells.items():
-        model = {"1.8M": "testbed-bloom-2m", "6.8M": "testbed-bloom"}[size]
+        model = {"1.8M": "testbed-bloom-2m", "6.8M": "testbed-bloom", "26.3M": "testbed-bloom-25m",
+                 "63.0M": "testbed-bloom-60m"}[size]
         s = result.spec
         want = ppl[(model, s["method"], s["wbits"], s.get("abits", 16), s.get("lorc_rank", 0))] - \
             ppl[(model, "fp16", 16, 16, 0)]
         assert math.isclose(result.delta("heldout"), want, rel_tol=1e-12, abs_tol=1e-12)
         checked += 1
-    assert checked >= 25
+    assert checked == 4 * 14
     rows = {(r[0], r[1]): r for r in table.rows}
-    # the stored study has W4A8 ZQ-Global at one size only: the trend says so instead of guessing
-    assert rows[("W4A8", "zq-global")][-1] == "incomplete"
-    assert rows[("W4A16", "rtn")][-1] in ("rises", "falls", "flat")
+    # W4 error rises from ~2M to ~7M, then falls to ~63M (bench/README.md, "Size trends")
+    assert rows[("W4A16", "rtn")][-1] == "mixed"
 
     from ptqlab.study.plots import plot_size_trends
 
@@ -114,10 +114,41 @@ def test_size_trend_report_from_stored_study(study_db, tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_stored_study_family_trends(study_db):
+    """What the GPU study measured on the BLOOM family: FP16 held-out PPL falls with size, and from ~7M up the
+    W4A16 error falls with size for every method (the paper's trend; bench/README.md)."""
+    results = load_results(study_db)
+    params = {m.name: m.params for m in FAMILY.values()}
+
+    def heldout(method: str, wbits: int, lorc: int = 0) -> list[float]:
+        found = {r.model: r.ppl["heldout"] for r in results if r.spec["method"] == method
+                 and r.spec.get("wbits", 16) == wbits and r.spec.get("abits", 16) == 16
+                 and r.spec.get("lorc_rank", 0) == lorc}
+        return [found[m] for m in sorted(found, key=params.get)]
+
+    fp16 = heldout("fp16", 16)
+    assert len(fp16) == 4 and all(b < a for a, b in zip(fp16, fp16[1:])), fp16
+    for method, lorc in (("rtn", 0), ("rtn", 8), ("gptq", 0), ("gptq", 8), ("zq-global", 0)):
+        rel = [q / f - 1 for q, f in zip(heldout(method, 4, lorc), fp16)]
+        assert rel[1] > rel[2] > rel[3] > 0, (method, lorc, rel)
+
+
+def test_incomplete_trend_is_named(tmp_path):
+    part = tmp_path / "part.db"
+    with sqlite3.connect(part) as con:
+        con.executescript(FIXTURE.read_text())
+        con.execute("delete from runs where model = 'testbed-bloom-60m' and name like '%zq-global W4A8%'")
+    table = next(s for s in size_trend_sections(load_results(str(part)))
+                 if s.title == "testbed-bloom: dPPL vs parameter count (heldout)")
+    rows = {(r[0], r[1]): r for r in table.rows}
+    # W4A8 ZQ-Global is missing at one size: the trend says so instead of guessing
+    assert rows[("W4A8", "zq-global")][-1] == "incomplete"
+
+
 def test_no_trend_section_without_two_sizes(study_db, tmp_path):
     one = tmp_path / "one.db"
     with sqlite3.connect(one) as con:
         con.executescript(FIXTURE.read_text())
-        con.execute("delete from runs where model = 'testbed-bloom-2m'")
+        con.execute("delete from runs where model != 'testbed-bloom'")
     assert size_trend_sections(load_results(str(one))) == []
     assert "Size trends" not in report(str(one))

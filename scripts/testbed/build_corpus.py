@@ -868,7 +868,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pins: dict[str, str] = {}
     if args.pin:
-        pins = {p["package"]: p["version"] for p in json.loads(args.pin.read_text())["packages"]}
+        pinned = json.loads(args.pin.read_text())
+        # a family manifest pins its extra packages too
+        pins = {p["package"]: p["version"] for p in pinned["packages"] + pinned.get("extra_packages", [])}
 
     all_sources = SOURCES + (EXTRA_SOURCES if args.family else [])
     need_download = any(not list(debs_dir.glob(f"{s['package']}_*.deb")) for s in all_sources)
