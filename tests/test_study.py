@@ -617,3 +617,23 @@ def test_recipe_save_writes_the_chosen_cells_models(env, tmp_path):
 
     tokens = eval_tokens(tokenizer, load_text("ptb", "eval", env["data"]), 64)
     assert perplexity(model, tokens, 64, max_windows=2, progress=False) == pytest.approx(row["ppl"]["ptb"], rel=1e-3)
+
+
+def test_run_key_follows_a_rebuilt_local_model(tmp_path, monkeypatch):
+    """A testbed member rebuilt into the cache (retrained: new weights) gets new run keys, so a resumed study
+    does not hand it the rows of the model it replaced; a hub id and an unbuilt member are keyed by name."""
+    from ptqlab.study.recipe import model_fingerprint, run_key
+
+    monkeypatch.setenv("PTQLAB_TESTBED_CACHE", str(tmp_path))
+    spec = {"model": "testbed-opt-25m", "method": "rtn", "wbits": 4}
+    assert model_fingerprint("testbed-opt-25m") == "name:testbed-opt-25m"
+    unbuilt = run_key(spec)
+    folder = tmp_path / "opt-25m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"first training")
+    first = run_key(spec)
+    assert first == run_key(spec) != unbuilt
+    (folder / "model.safetensors").write_bytes(b"second training")
+    assert run_key(spec) != first
+    assert model_fingerprint("facebook/opt-125m") == "name:facebook/opt-125m"

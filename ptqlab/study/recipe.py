@@ -185,13 +185,41 @@ def data_fingerprints(spec: dict, data_dir: str | None = None) -> dict[str, str]
     return out
 
 
-def run_key(spec: dict, data_dir: str | None = None) -> str:
-    """The results-store key of a run: ``config_hash`` of its canonical run dict and of its data's contents.
+def model_fingerprint(model: str) -> str:
+    """Content hash of a local model folder's ``config.json`` and weight files, or ``name:<model>`` for a hub id
+    (its revision is fixed by the hub) and for a testbed member that has not been built yet.
 
-    Regenerated or edited data (a new local copy, an edited text file) gives
+    Testbed members larger than the shipped ones are rebuilt into a cache by a command: a rebuilt (retrained)
+    member must not inherit the rows of the one it replaced.
+    """
+    import hashlib
+
+    from ..data import _file_sha256
+    from ..testbed import resolve_model_path
+
+    if not model:
+        return "name:"
+    try:
+        path = Path(resolve_model_path(model))
+    except FileNotFoundError:
+        return f"name:{model}"
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")) \
+        if path.is_dir() else []
+    if not files:
+        return f"name:{model}"
+    digest = hashlib.sha256("".join(f"{p.name}:{_file_sha256(p)};" for p in files).encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def run_key(spec: dict, data_dir: str | None = None) -> str:
+    """The results-store key of a run: ``config_hash`` of its canonical run dict and of the contents of its data
+    and (local) model.
+
+    Regenerated or edited data (a new local copy, an edited text file) or a rebuilt model folder gives
     new keys, so a resumed study recomputes instead of reusing stale rows.
     """
-    return config_hash({**spec, "data": data_fingerprints(spec, data_dir)})
+    return config_hash({**spec, "data": data_fingerprints(spec, data_dir),
+                        "model_files": model_fingerprint(spec.get("model", ""))})
 
 
 def _spec_parts(who: str, group: int, symmetric: bool, group_prefix: str) -> list[str]:
