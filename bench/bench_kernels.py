@@ -216,6 +216,9 @@ def eval_part(shapes: list[str], windows: int) -> None:
         # packed W4 memory: convert, then drop the fp16 QuantLinears for good
         rtn_with_grid(layers, W4G, FP)
         swap_real(model, "real", dev, "tinygemm")
+        for m in model.modules():  # each RealLinear remembers the nn.Linear it replaced (for a session's restore)
+            if isinstance(m, RealLinear):
+                object.__setattr__(m, "original", None)
         del layers
         gc.collect()
         torch.cuda.empty_cache()
