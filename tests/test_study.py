@@ -637,3 +637,15 @@ def test_run_key_follows_a_rebuilt_local_model(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"second training")
     assert run_key(spec) != first
     assert model_fingerprint("facebook/opt-125m") == "name:facebook/opt-125m"
+
+
+def test_spawned_workers_share_the_host_cores(monkeypatch):
+    """Every spawned worker gets a share of the cores, GPU workers too (each would otherwise use them all)."""
+    import ptqlab.study.runner as runner
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
+    opts = runner.spawned_worker_options(runner.WorkerOptions(db="s.db"), ["cuda:0", "cuda:1", "cuda:0", "cuda:1"])
+    assert [(o.device, o.slot, o.threads) for o in opts] == [
+        ("cuda:0", 0, 4), ("cuda:1", 1, 4), ("cuda:0", 2, 4), ("cuda:1", 3, 4)]
+    assert {o.threads for o in runner.spawned_worker_options(runner.WorkerOptions(db="s.db"), ["cpu"] * 3)} == {5}
+    assert runner.spawned_worker_options(runner.WorkerOptions(db="s.db", threads=2), ["cuda:0"] * 2)[0].threads == 2

@@ -60,7 +60,7 @@ class WorkerOptions:
     stale_after: float = 300.0
     heartbeat_every: float = 20.0
     progress: bool = False
-    threads: int | None = None  # torch CPU threads (spawned CPU workers share the cores)
+    threads: int | None = None  # torch CPU threads (spawned workers, CPU or GPU, share the cores)
     parent_pid: int | None = None  # spawned workers stop after their run when this process is gone
     calib_batch: int = 8  # windows per block forward while calibrating (memory, not results)
     calib_offload: bool = False  # calibration hidden states in CPU memory
@@ -276,19 +276,28 @@ def assign_devices(n: int, requested: str | None) -> list[str]:
     return [f"cuda:{i % count}" for i in range(n)] if n > 1 else ["cuda"]
 
 
+def spawned_worker_options(base: WorkerOptions, devices: list[str]) -> list[WorkerOptions]:
+    """Options of each spawned worker: its device and slot, and a share of the host's cores for torch.
+
+    GPU workers get a share too, not torch's default of every core: their runs do host-side work (Python,
+    launches, CPU threads of torch ops), and N processes each using all cores slowed every run when two GPU
+    workers shared a host (bench/README.md, "Two GPUs against one"). ``base.threads`` overrides.
+    """
+    threads = base.threads or max(1, (os.cpu_count() or 1) // len(devices))
+    return [replace(base, device=device, slot=i, parent_pid=os.getpid(), threads=threads)
+            for i, device in enumerate(devices)]
+
+
 def run_workers(base: WorkerOptions, n: int, requested_device: str | None) -> int:
     """Run ``n`` workers (in this process when ``n == 1``); 0 when all ended normally, 130 when interrupted."""
     devices = assign_devices(n, requested_device)
     if n == 1:
         work(replace(base, device=devices[0]))
         return 0
-    threads = max(1, (os.cpu_count() or 1) // n)
     ctx = mp.get_context("spawn")
     procs = []
-    for i, device in enumerate(devices):
-        opts = replace(base, device=device, slot=i, parent_pid=os.getpid(),
-                       threads=threads if device == "cpu" else base.threads)
-        p = ctx.Process(target=_worker_entry, args=(opts,), name=f"ptqlab-study-w{i}")
+    for opts in spawned_worker_options(base, devices):
+        p = ctx.Process(target=_worker_entry, args=(opts,), name=f"ptqlab-study-w{opts.slot}")
         p.start()
         procs.append(p)
     try:
