@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 
 import torch
 from torch import nn
 
-from kernel_common import SHAPES, build_opt, rtn_with_grid, swap_real, wrap_model
+from kernel_common import SHAPES, build_opt, copy_bandwidth, emit, open_output, rtn_with_grid, swap_real, wrap_model
 from ptqlab.kernels.real import RealLinear
 from ptqlab.quantizers import QuantSpec
 
@@ -35,34 +34,6 @@ SCHEMES = {
     "w8a8": (QuantSpec(8, True, 0), QuantSpec(8, True, 0), 0),
     "w4a8": (QuantSpec(4, True, 0), QuantSpec(8, True, 0), 0),
 }
-OUT = None
-
-
-def emit(row: dict) -> None:
-    row["device"] = torch.cuda.get_device_name()
-    line = json.dumps(row)
-    print(line, flush=True)
-    if OUT:
-        OUT.write(line + "\n")
-        OUT.flush()
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read and written."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 10 / (time.perf_counter() - t)
-    del x, y
-    return bw
-
-
 def step_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step must read: the real kernels' read set (tinygemm's layout at small M, not
     the large-M one it also keeps), LoRC factors, biases, and every other parameter (tied LM head counted once)."""
@@ -262,7 +233,6 @@ def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
@@ -274,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    OUT = open(args.out, "a") if args.out else None
+    open_output(args.out)
     bw = copy_bandwidth()
     emit({"part": "decode_env", "copy_bandwidth_gb_s": round(bw / 1e9, 1), "torch": torch.__version__})
     batches = [int(b) for b in args.batches.split(",")]

@@ -14,35 +14,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 
 import torch
 import triton
 
-from kernel_common import SHAPES, build_opt, rtn_with_grid, swap_real, wrap_model
+from kernel_common import SHAPES, build_opt, copy_bandwidth, emit, open_output, rtn_with_grid, swap_real, wrap_model
 from ptqlab.evaluate import default_eval_batch, perplexity
 from ptqlab.kernels import act_quant
 from ptqlab.kernels.real import RealLinear
 from ptqlab.models import QuantLinear
 from ptqlab.quantizers import QuantSpec, fake_quantize
 
-OUT = None
 W4G = QuantSpec(4, True, 128)
 W4R = QuantSpec(4, True, 0)
 W8R = QuantSpec(8, True, 0)
 A8 = QuantSpec(8, True, 0)
 FP = QuantSpec()
 
-
-def emit(row: dict) -> None:
-    row["device"] = torch.cuda.get_device_name()
-    line = json.dumps(row)
-    print(line, flush=True)
-    if OUT:
-        OUT.write(line + "\n")
-        OUT.flush()
 
 
 def bench(fn, graph: bool = False) -> float:
@@ -53,12 +43,6 @@ def bench(fn, graph: bool = False) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms * 1e-3)
 
 
 def weight_bytes(kind: str, k: int, n: int) -> float:
@@ -255,14 +239,13 @@ def testbed_part() -> None:
 
 
 def main() -> int:
-    global OUT
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default="gemm,eval,testbed")
     p.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     p.add_argument("--windows", type=int, default=32, help="evaluation windows of 2048 tokens per timed run")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    OUT = open(a.out, "a") if a.out else None
+    open_output(a.out)
     parts = a.parts.split(",")
     shapes = a.shapes.split(",")
     bw = copy_bandwidth()

@@ -1,7 +1,11 @@
-"""Shared set-up of bench_kernels.py and gpu_check_kernels.py: models of paper shapes, RTN with the recorded
-integer grid (the QuantLinear contract: weight_scale/weight_zero), LoRC factors, real-kernel swaps."""
+"""Shared set-up of bench_kernels.py, bench_decode.py and gpu_check_kernels.py: models of paper shapes, RTN with
+the recorded integer grid (the QuantLinear contract: weight_scale/weight_zero), LoRC factors, real-kernel swaps,
+the JSON-lines output and the measured copy bandwidth."""
 
 from __future__ import annotations
+
+import json
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -9,6 +13,35 @@ from torch import nn
 from ptqlab.kernels.real import select_kernels
 from ptqlab.models import QuantLinear, get_adapter, wrap_linears
 from ptqlab.quantizers import QuantSpec, quantize
+
+OUT: TextIO | None = None  # where emit() appends its records, besides stdout (open_output)
+
+
+def open_output(path: str | None) -> None:
+    """Append emit()'s records to ``path`` too (None: stdout only)."""
+    global OUT
+    OUT = open(path, "a") if path else None
+
+
+def emit(row: dict) -> None:
+    """Print one record as a JSON line (with the GPU's name) and append it to the output file."""
+    row["device"] = torch.cuda.get_device_name()
+    line = json.dumps(row)
+    print(line, flush=True)
+    if OUT:
+        OUT.write(line + "\n")
+        OUT.flush()
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read and written (median of triton's do_bench)."""
+    import triton
+
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
 
 SHAPES = {
     # name: (hidden, layers, heads, ffn)  OPT family, vocab 50272

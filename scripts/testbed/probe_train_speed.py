@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +27,7 @@ from ptqlab.testbed import FAMILY  # noqa: E402
 
 
 def probe(arch: str, size: str, compiled: bool, steps: int, batch: int, seq: int) -> dict:
-    from train import build_model
+    from train import build_model, train_step
 
     m = FAMILY[f"testbed-{arch}" if size == "7m" else f"testbed-{arch}-{size}"]
     torch.manual_seed(0)
@@ -37,15 +36,8 @@ def probe(arch: str, size: str, compiled: bool, steps: int, batch: int, seq: int
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     data = torch.randint(3, 8192, (batch * 4, seq + 1), device="cuda")
 
-    def one(i: int) -> None:
-        w = data[(i % 4) * batch:(i % 4 + 1) * batch]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = fwd(input_ids=w[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+    def one(i: int) -> None:  # train.py's step: bf16 autocast, fp32 loss, clip 1.0, fused AdamW
+        train_step(fwd, model, optim, data[(i % 4) * batch:(i % 4 + 1) * batch], torch.device("cuda"), True, 1.0)
 
     t0 = time.perf_counter()
     for i in range(3):

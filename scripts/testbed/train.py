@@ -101,6 +101,19 @@ def autocast_ctx(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def train_step(fwd, model, optim, window: torch.Tensor, device: torch.device, use_amp: bool,
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of next-token loss on ``window`` [batch, seq + 1]; returns (loss, grad norm)."""
+    with autocast_ctx(device, use_amp):
+        logits = fwd(input_ids=window[:, :-1]).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optim.step()
+    return loss, gnorm
+
+
 @torch.no_grad()
 def evaluate(model, held: torch.Tensor, seq_len: int, batch: int, device, use_amp: bool,
              max_windows: int | None = None) -> tuple[float, int]:
@@ -285,13 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         starts = torch.randint(0, n_start, (args.batch_size,), device=device, generator=gen)
         w = train[starts[:, None] + offs[None, :]]
-        with autocast_ctx(device, use_amp):
-            logits = fwd(input_ids=w[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optim.step()
+        loss, gnorm = train_step(fwd, model, optim, w, device, use_amp, args.grad_clip)
         step += 1
         tokens_seen += w[:, :-1].numel()
         tok_log += w[:, :-1].numel()
