@@ -111,8 +111,8 @@ def _finish_layer(
     """LoRC on top of the method's result, then the per-layer error log entry."""
     layer.weight_spec = config.weight
     if config.weight.enabled and layer.weight_scale is None:
-        # a method that leaves weights on their own grid without reporting it (none today)
-        layer.set_weight_qparams(*weight_qparams(layer.weight.float(), config.weight, layer.name))
+        raise QuantizationError(f"{layer.name}: method '{config.method}' quantized the weight but reported no "
+                                f"scale/zero point; its integer codes cannot be recovered to save the model")
     if config.lorc_rank:
         with _Timer(report, "lorc", device):
             err = original.float() - layer.weight.float()
@@ -281,18 +281,27 @@ def quantize_model(
 
     if config.quantize_head and config.weight.enabled:
         quantized.append(_quantize_head(model, adapter, config))
-    # linears the layer filter leaves out count at full precision: a run that quantizes only fc1 is not W4
+    report.bits_per_weight = model_bits_per_weight(model, config.lorc_bits)
+    return report
+
+
+def model_bits_per_weight(model: nn.Module, lorc_bits: int = FULL_PRECISION_BITS) -> float:
+    """The paper's storage bits per weight of a model's decoder linears (and a quantized head): codes, fp16
+    scales, zero points and LoRC factors at ``lorc_bits``; linears left in full precision count at 16 bits,
+    since a run that quantizes only fc1 is not W4."""
+    adapter = get_adapter(model)
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     untouched = sum(m.weight.numel() for block in adapter.blocks
                     for m in ModelAdapter.linear_layers(block).values() if not isinstance(m, QuantLinear))
-    report.bits_per_weight = _bits_per_weight(quantized, config, untouched)
-    return report
+    return _bits_per_weight(quantized, QuantConfig(lorc_bits=lorc_bits), untouched)
 
 
 def _quantize_head(model: nn.Module, adapter: ModelAdapter, config: QuantConfig) -> QuantLinear:
     """RTN on the LM head (it has no block to calibrate in); a fresh weight, so tied embeddings stay exact."""
     head = QuantLinear.from_module(adapter.lm_head, "lm_head", share=False)
-    head.weight.data.copy_(rtn_quantize(head.weight.data, config.weight, "lm_head"))
+    # the grid comes from the original weight (re-deriving it from the rounded one gives another grid)
     head.set_weight_qparams(*weight_qparams(head.weight.data.float(), config.weight, "lm_head"))
+    head.weight.data.copy_(rtn_quantize(head.weight.data, config.weight, "lm_head"))
     head.weight_spec = config.weight
     head.act_spec = config.act
     for name, module in model.named_modules():

@@ -4,11 +4,13 @@
 that transformers (through compressed-tensors), vLLM and ptqlab load;
 ``load_quantized(dir)`` gives back a model of ptqlab QuantLinears that
 evaluates as it was measured; ``stored_bits_per_weight(model)`` is what the
-quantized linears will take on disk.
+quantized linears will take on disk; ``load_with_transformers(dir)`` is the same folder as a plain transformers
+model with the LoRC adapter applied by PEFT.
 """
 
 from .checkpoint import ExportError, save_quantized, stored_bits_per_weight
 from .load import LoadError, is_quantized_folder, load_quantized
+from .transformers_load import load_with_transformers
 
-__all__ = ["ExportError", "LoadError", "is_quantized_folder", "load_quantized", "save_quantized",
-           "stored_bits_per_weight"]
+__all__ = ["ExportError", "LoadError", "is_quantized_folder", "load_quantized", "load_with_transformers",
+           "save_quantized", "stored_bits_per_weight"]

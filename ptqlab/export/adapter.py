@@ -4,8 +4,9 @@ LoRC adds ``U V`` (``U [out, r]``, ``V [r, in]``) to a quantized weight; LoRA ad
 ``(alpha / r) B A`` with ``B [out, r]``, ``A [r, in]``. So ``lora_B = U``,
 ``lora_A = V`` and ``lora_alpha = r`` (scale 1) is the same layer, and
 ``peft.PeftModel.from_pretrained`` (or vLLM's LoRA support) applies it to the
-quantized base unchanged. The factors are stored in fp16, dequantized from
-``--lorc-bits`` (the record keeps the paper's accounting at ``lorc_bits``).
+quantized base unchanged. The factors are stored in the dtype the model was
+measured in (dequantized from ``--lorc-bits``; the record keeps the paper's
+accounting at ``lorc_bits``), so the adapter adds exactly what was measured.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ def _key(name: str, factor: str) -> str:
     return f"base_model.model.{name}.lora_{factor}.weight"
 
 
-def write_adapter(layers: dict[str, QuantLinear], folder: Path, base: str, dtype: torch.dtype = torch.float16) -> int:
+def write_adapter(layers: dict[str, QuantLinear], folder: Path, base: str) -> int:
     """Write the LoRC factors of ``layers`` as a PEFT LoRA adapter in ``folder``; returns the bytes of its tensors
-    (0, and nothing written, when no layer has LoRC)."""
+    (0, and nothing written, when no layer has LoRC).
+
+    ``base`` becomes ``base_model_name_or_path``. The config is written with
+    sorted keys and target modules, so the same run saved twice gives the same bytes.
+    """
+    import json
+
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -38,8 +45,8 @@ def write_adapter(layers: dict[str, QuantLinear], folder: Path, base: str, dtype
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
     for name, layer in with_lorc.items():
-        tensors[_key(name, "A")] = layer.lorc_v.detach().cpu().to(dtype).contiguous()
-        tensors[_key(name, "B")] = layer.lorc_u.detach().cpu().to(dtype).contiguous()
+        tensors[_key(name, "A")] = layer.lorc_v.detach().cpu().contiguous()
+        tensors[_key(name, "B")] = layer.lorc_u.detach().cpu().contiguous()
         ranks[name] = layer.lorc_u.shape[1]
     r = Counter(ranks.values()).most_common(1)[0][0]
     # a layer narrower than the rank keeps min(out, in) factors: its own rank (alpha = rank keeps the scale 1)
@@ -49,6 +56,11 @@ def write_adapter(layers: dict[str, QuantLinear], folder: Path, base: str, dtype
                         base_model_name_or_path=base, inference_mode=True)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
+    # PEFT keeps target_modules as a set and writes it in hash order: sort it for reproducible bytes
+    path = folder / ADAPTER_CONFIG
+    data = json.loads(path.read_text())
+    data["target_modules"] = sorted(data["target_modules"])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

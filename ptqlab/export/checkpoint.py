@@ -13,6 +13,7 @@ to the destination at the end, so an interrupted save leaves nothing there.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -31,9 +32,6 @@ from .pack import pack_codes, pack_zero_points, to_signed
 PTQLAB_CONFIG_KEY = "ptqlab"
 FORMAT_VERSION = 1
 ADAPTER_DIR = "adapter"
-# The fraction of one quantization step by which a weight may sit off its grid (the model dtype's rounding
-# of (code - zero) * scale); a wrong code is a whole step off.
-_GRID_TOLERANCE = 0.05
 
 
 class ExportError(QuantizationError):
@@ -119,12 +117,17 @@ def scheme_for(weight: QuantSpec, act: QuantSpec, targets: list[str]):
 def layer_codes(name: str, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes uint8 [out, in], scale fp32 [out, G], zero fp32 [out, G])`` of a quantized layer.
 
-    The codes are recomputed from the dequantized weight and the layer's
-    scale/zero (the QuantLinear contract) and checked to reproduce the weight,
-    so what is saved is the model that was measured.
+    The codes are the nearest grid points of the stored weight. Every solve
+    writes ``((code - zero) * scale)`` computed in float32 and cast to the model
+    dtype, so rounding the stored weight back onto the grid gives codes whose
+    decoding, cast the same way, is the stored weight bit for bit (in bf16 at 8
+    bits two codes can share one bf16 value; either then reproduces it). That
+    equality is checked for every weight: a model saved is the model measured,
+    and a layer whose qparams do not describe its weight is refused.
     """
     spec = layer.weight_spec
-    w = layer.weight.detach().float().cpu()
+    stored = layer.weight.detach().cpu()
+    w = stored.float()
     scale = layer.weight_scale.detach().float().cpu()
     zero = layer.weight_zero.detach().float().cpu()
     out_f, in_f = w.shape
@@ -139,12 +142,16 @@ def layer_codes(name: str, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tens
     s = scale.repeat_interleave(in_f // groups, dim=1)
     z = zero.repeat_interleave(in_f // groups, dim=1)
     codes = weight_codes(w, scale, zero, spec).float()
-    off_grid = ((codes - z) * s - w).abs() / s
-    if float(off_grid.max()) > _GRID_TOLERANCE:
+    decoded = (codes - z) * s
+    mismatch = decoded.to(stored.dtype) != stored
+    if bool(mismatch.any()):
+        off_grid = torch.where(mismatch, (decoded - w).abs() / s, torch.zeros_like(w))
         row, col = divmod(int(off_grid.argmax()), in_f)
+        dtype = str(stored.dtype).replace("torch.", "")
         raise ExportError(f"{name}: weight [{row}, {col}] = {float(w[row, col]):.6g} is not on the grid of its "
-                          f"weight_scale/weight_zero ({float(off_grid.max()):.3g} steps off): the layer's qparams do "
-                          f"not describe its weight")
+                          f"weight_scale/weight_zero ({float(off_grid.max()):.3g} steps off, {int(mismatch.sum())} "
+                          f"weights differ from their {dtype} grid value): the layer's qparams do not describe its "
+                          f"weight")
     return codes.to(torch.uint8), scale, zero
 
 
@@ -227,15 +234,16 @@ def _stored_weight_bytes(layer: QuantLinear, scale_bytes: int) -> int:
     return total
 
 
-def _adapter_bytes(layer: QuantLinear, factor_bytes: int = 2) -> int:
+def _adapter_bytes(layer: QuantLinear) -> int:
+    """Bytes of a layer's LoRC factors in the adapter (stored in the model's dtype, as measured)."""
     if layer.lorc_u is None:
         return 0
-    return (layer.lorc_u.numel() + layer.lorc_v.numel()) * factor_bytes
+    return (layer.lorc_u.numel() + layer.lorc_v.numel()) * layer.lorc_u.element_size()
 
 
 def stored_bits_per_weight(model: nn.Module) -> float | None:
-    """Bits per weight the quantized linears take on disk once saved (codes, fp16 scales, zero points,
-    fp16 LoRC adapter), from the tensor shapes; ``None`` when the model cannot be saved quantized."""
+    """Bits per weight the quantized linears take on disk once saved (codes, scales, zero points, the LoRC
+    adapter in the model's dtype), from the tensor shapes; ``None`` when the model cannot be saved quantized."""
     try:
         layers = _check_exportable(model)
     except ExportError:
@@ -286,8 +294,11 @@ def _float_state(model: nn.Module, layers: dict[str, QuantLinear], dtype: torch.
 
 
 def _save_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was measured in: its float tensors are saved as they are, never rounded."""
     dtype = next(model.parameters()).dtype
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ExportError(f"the model's parameters are {dtype}; save a float32, float16 or bfloat16 model")
+    return dtype
 
 
 def _write_config(folder: Path, model: nn.Module, qconfig, dtype: torch.dtype, ptqlab_entry: dict) -> None:
@@ -304,11 +315,30 @@ def _write_config(folder: Path, model: nn.Module, qconfig, dtype: torch.dtype, p
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+# Left out of the record saved in config.json: the per-layer error log (megabytes for large models; it stays in
+# the run's JSONL record) and wall-clock times, which differ between two runs of one command, so that saving the
+# same run twice writes the same bytes.
+_NOT_SAVED = ("layers", "time_s", "timings")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``folder`` except config.json (which holds the digests)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files if p.relative_to(folder) != Path("config.json")}
+
+
 def _ptqlab_entry(layers: dict[str, QuantLinear], record: dict | None) -> dict:
     entry: dict = {"format_version": FORMAT_VERSION}
     if record is not None:
-        # the per-layer error log stays in the run's JSONL record: it can be megabytes for large models
-        entry["record"] = {k: v for k, v in record.items() if k != "layers"}
+        entry["record"] = {k: v for k, v in record.items() if k not in _NOT_SAVED}
     ranks = {n: m.lorc_u.shape[1] for n, m in layers.items() if m.lorc_u is not None}
     if ranks:
         entry["adapter"] = {"path": ADAPTER_DIR, "lorc_rank": max(ranks.values())}
@@ -325,6 +355,23 @@ def _readable(folder: Path) -> None:
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``; an old ``target`` is moved aside first and removed only
+    once the new one is in place, so an interruption leaves the old or the new folder, never a mixture."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    aside.rmdir()
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, record: dict | None = None,
@@ -368,7 +415,7 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        adapter_bytes = write_adapter(layers, tmp / ADAPTER_DIR, base=str(target))
+        adapter_bytes = write_adapter(layers, tmp / ADAPTER_DIR, base=str(target.resolve()))
         params = sum(m.out_features * m.in_features for m in layers.values())
         stats = {
             "stored_bits_per_weight": 8 * (quantized_bytes + adapter_bytes) / params,
@@ -379,16 +426,16 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
         }
         if record is not None:
             record = {**record, **{k: v for k, v in stats.items() if k == "stored_bits_per_weight"}}
-        _write_config(tmp, model, qconfig, dtype, {**_ptqlab_entry(layers, record), "storage": stats})
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # written last: it holds the sha256 of every other file, which load_quantized verifies
+        entry = {**_ptqlab_entry(layers, record), "storage": stats, "files": file_digests(tmp)}
+        _write_config(tmp, model, qconfig, dtype, entry)
         _readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,17 +13,20 @@ from .load import load_quantized
 
 def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | None = None, device: str = "cpu",
                    dtype: str = "auto", max_eval_windows: int | None = None, data_dir: str | None = None,
-                   progress: bool = True, offload: bool | None = None) -> dict:
+                   progress: bool = True, offload: bool | None = None, verify: bool = True) -> dict:
     """The record of a saved model evaluated as loaded; ``ppl_at_save`` repeats the PPLs recorded when it was saved.
 
-    ``seqlen`` defaults to the one the saved run used (else the model's maximum).
+    ``seqlen`` defaults to the one the saved run used (else the model's maximum); ``verify`` checks the files
+    against the sha256 digests recorded at save time. ``bits_per_weight`` is the saved record's, or computed
+    from the loaded layers for folders saved without one (the Python API without a record, other tools).
     """
     from ..experiment import fits_on_device, resolve_dtype, versions
     from ..models import get_adapter
+    from ..pipeline import model_bits_per_weight
 
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, device)
-    model, tokenizer, entry = load_quantized(directory, torch_dtype)
+    model, tokenizer, entry = load_quantized(directory, torch_dtype, verify=verify)
     load_time = time.perf_counter() - start
     saved = entry.get("record", {})
     saved_config = saved.get("config", {})
@@ -50,7 +53,7 @@ def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | No
         "ppl": ppl,
         "ppl_at_save": saved.get("ppl", {}),
         "saved_config": saved_config,
-        "bits_per_weight": saved.get("bits_per_weight", float("nan")),
+        "bits_per_weight": saved.get("bits_per_weight", model_bits_per_weight(model)),
         "stored_bits_per_weight": entry.get("storage", {}).get("stored_bits_per_weight"),
         "time_s": time.perf_counter() - start,
         "timings": {"load": load_time, "eval": time.perf_counter() - t0},

@@ -164,12 +164,44 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, adapter: bool = True):
+def verify_files(folder: Path, entry: dict, adapter: bool = True) -> None:
+    """Check every file that config.json's ``ptqlab`` entry lists against its sha256 (a missing, truncated or
+    altered file is a :class:`LoadError` naming it); folders without digests (other tools) pass. Without
+    ``adapter`` the adapter's files are not needed and not checked."""
+    from .checkpoint import sha256_file
+
+    expected = {rel: digest for rel, digest in (entry.get("files") or {}).items()
+                if adapter or not rel.startswith(f"{ADAPTER_DIR}/")}
+    if not expected:
+        return
+    missing = [rel for rel in expected if not (folder / rel).is_file()]
+    if missing:
+        raise LoadError(f"{folder / missing[0]}: file missing ({len(missing)} of the {len(expected)} files the "
+                        f"folder was saved with are gone)")
+    changed = [rel for rel, digest in expected.items() if sha256_file(folder / rel) != digest]
+    if changed:
+        raise LoadError(f"{folder / changed[0]}: its sha256 is not the one recorded at save time: the file was "
+                        f"altered or corrupted since ({len(changed)} such files; verify=False / --no-verify skips "
+                        f"this check)")
+
+
+def _check_adapter_present(folder: Path, entry: dict, adapter: bool) -> None:
+    """A record with LoRC whose adapter is gone would load and evaluate as another model under the same name."""
+    if adapter and entry.get("adapter") and not (folder / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        raise LoadError(f"{folder / ADAPTER_DIR / ADAPTER_CONFIG}: file missing, but the folder was saved with LoRC "
+                        f"rank {entry['adapter'].get('lorc_rank')}; restore the adapter, or load the base alone "
+                        f"(adapter=False)")
+
+
+def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, adapter: bool = True,
+                   verify: bool = True):
     """Load a compressed-tensors folder (as :func:`save_quantized` writes) into ptqlab QuantLinears.
 
     Returns ``(model, tokenizer, entry)``: ``entry`` is config.json's ``ptqlab``
     entry (the run record at save time; ``{}`` for folders from other tools).
-    With ``adapter``, ``directory/adapter`` (a LoRA adapter) becomes the layers' LoRC factors.
+    With ``adapter``, ``directory/adapter`` (a LoRA adapter) becomes the layers' LoRC factors;
+    a folder saved with LoRC whose adapter is missing is an error. With ``verify``, every file is
+    checked against the sha256 recorded at save time (one read of the folder).
     """
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules
@@ -191,6 +223,11 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.floa
             {k: v for k, v in qdata.items() if k in QuantizationConfig.model_fields})
     except ValueError as err:
         raise LoadError(f"{config_path}: invalid quantization_config: {err}") from err
+
+    entry = raw.get(PTQLAB_CONFIG_KEY, {})
+    _check_adapter_present(folder, entry, adapter)
+    if verify:
+        verify_files(folder, entry, adapter)
 
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
@@ -238,4 +275,4 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype = torch.floa
     model.eval()
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
-    return model, tokenizer, raw.get(PTQLAB_CONFIG_KEY, {})
+    return model, tokenizer, entry
