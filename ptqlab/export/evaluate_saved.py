@@ -13,7 +13,8 @@ from .load import load_quantized
 
 def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | None = None, device: str = "cpu",
                    dtype: str = "auto", max_eval_windows: int | None = None, data_dir: str | None = None,
-                   progress: bool = True, offload: bool | None = None, verify: bool = True) -> dict:
+                   progress: bool = True, offload: bool | None = None, verify: bool = True,
+                   eval_batch: int | None = None) -> dict:
     """The record of a saved model evaluated as loaded; ``ppl_at_save`` repeats the PPLs recorded when it was saved.
 
     ``seqlen`` defaults to the one the saved run used (else the model's maximum); ``verify`` checks the files
@@ -38,13 +39,14 @@ def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | No
     evaluate = perplexity_offloaded if offload else perplexity
     if not offload:
         model.to(device)
+    eval_kwargs = {} if offload else {"eval_batch": eval_batch}
     ppl, sources = {}, {}
     t0 = time.perf_counter()
     for name in eval_names:
         text = load_text(name, "eval", data_dir)
         sources[name] = text.source
         ppl[name] = evaluate(model, eval_tokens(tokenizer, text, seqlen), seqlen, device, max_eval_windows,
-                             f"eval {name}", progress)
+                             f"eval {name}", progress, **eval_kwargs)
     config = {"model": str(directory), "loaded": True, "eval": list(eval_names), "seqlen": seqlen,
               "max_eval_windows": max_eval_windows, "dtype": str(torch_dtype).replace("torch.", "")}
     return {
