@@ -282,9 +282,10 @@ def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, 
         return RunSpec(model=a.model, config=config, eval=tuple(datasets), seqlen=a.seqlen, calib="testbed",
                        nsamples=a.nsamples, max_eval_windows=max_windows, dtype=a.dtype)
 
-    for config in demo_configs():  # before the model is loaded
-        check_run(spec_of(config), device, a.data_dir, a.eval_batch, a.kernel, offload=a.offload,
-                  calib_batch=a.calib_batch, calib_offload=a.calib_offload)
+    # before the model is loaded; a calibrating run needs everything any demo run does
+    calibrating = next(c for c in demo_configs() if c.needs_calibration)
+    check_run(spec_of(calibrating), device, a.data_dir, a.eval_batch, a.kernel, offload=a.offload,
+              calib_batch=a.calib_batch, calib_offload=a.calib_offload)
     session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
     for name in list(datasets):

@@ -79,7 +79,8 @@ def read_text_file(path: Path, split: str = "eval") -> str:
                         f"{path.stem}.utf8{path.suffix}") from None
     if not text.strip():
         raise DataError(f"{role} {path} is empty" + (" (only whitespace)" if text else ""))
-    return text
+    # the newlines Path.read_text gave before (universal newlines), so that the token streams do not change
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_local(name: str, path: Path, split: str) -> Text:

@@ -44,9 +44,7 @@ def _queue_runner(a: argparse.Namespace) -> Callable[[str], int]:
              if getattr(a, k) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply with --executor ray")
-    workers = 1 if a.workers is None else a.workers
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+    workers = 1 if a.workers is None else a.workers  # at least 1: checked while parsing
     assign_devices(workers, a.device)  # --device cuda without a GPU, cuda:N with several workers
     return lambda db: run_workers(_worker_options(a, db), workers, a.device)
 
