@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                help="comma-separated evaluation sets; those not found here are skipped")
     add_option(p, "seqlen", help="evaluation and calibration window in tokens (the testbed models allow 512)")
     add_option(p, "nsamples", help="calibration windows (from the testbed's calibration text)")
-    p.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
+    p.add_argument("--data-dir", default=None,
+                   help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
     add_option(p, "max_eval_windows", 64, help="on CPU, evaluate this prefix of each split")
     p.add_argument("--full", action="store_true", help="evaluate the full splits on CPU too (slow)")
     p.add_argument("--output", default=None, help="append the JSON record of each run to this .jsonl file")

@@ -202,7 +202,7 @@ def _add_worker_args(p: argparse.ArgumentParser, db_default: str | None = None) 
     g = p.add_argument_group("execution")
     g.add_argument("--db", default=db_default, help=help_with_default(
         "the study database (SQLite); created if missing",
-        db_default or "RECIPE.db beside a recipe's name, study.db for --grid"))
+        db_default or "NAME.db in the current folder for recipe NAME.yaml, study.db for --grid"))
     g.add_argument("--force", action="store_true", help="recompute runs already done (default: resume, skip them)")
     g.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     g.add_argument("--device", type=device_arg, default=None,
