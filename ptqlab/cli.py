@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import OPTIONS, QuantConfig, RunSpec, from_flat, parse_text_value
+from .config import OPTIONS, QuantConfig, RunSpec, from_flat, help_with_default, parse_text_value
+from .preflight import check_writable_file
 from .quantizers import QuantSpec
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's form of a usage error: one line starting with ``error:``, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class DeprecatedFlag(argparse.Action):
@@ -31,12 +41,55 @@ def _cli_value(option):
     def convert(text: str):
         value = parse_text_value(option.key, text)
         try:
-            return option.check(value)
+            return option.validate(value, cli=True)
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
     convert.__name__ = option.key  # argparse names it in "invalid ... value"
     return convert
+
+
+def checked_int(check: Callable[[int], None], name: str) -> Callable[[str], int]:
+    """argparse ``type=``: an integer that ``check`` (raising ValueError) accepts, checked while parsing."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        try:
+            check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
+def at_least(lo: int, flag: str) -> Callable[[str], int]:
+    def check(value: int) -> None:
+        if value < lo:
+            raise ValueError(f"{flag} must be at least {lo}, got {value}")
+
+    return checked_int(check, flag)
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` of ``--device``: cpu, cuda or cuda:N (whether CUDA is there is checked later)."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
+
+
+def add_option(p, key: str, default: object = ..., help: str | None = None) -> None:  # noqa: A002
+    """``--key`` of a config option (:data:`ptqlab.config.OPTIONS`) on another command than ``run``:
+    the option's own check and help, with this command's default."""
+    option = OPTIONS[key]
+    default = option.default if default is ... else default
+    text = help or option.help
+    p.add_argument(option.flag, dest=key, type=_cli_value(option), default=default,
+                   help=help_with_default(text, option.unset if default is None else default))
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -47,7 +100,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         default = option.default
         if option.is_bool:
             g.add_argument(option.flag, dest=option.key, action="store_true", default=default,
-                           help=option.help + (" (default)" if default else ""))
+                           help=option.help_text)
             if option.negative:
                 g.add_argument(option.negative, dest=option.key, action="store_false", help=f"not {option.flag}")
             if option.deprecated:
@@ -57,9 +110,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                 g.add_argument(off, dest=option.key, action=DeprecatedFlag, const=False, new_flag=option.negative,
                                help=argparse.SUPPRESS)
             continue
-        shown = ",".join(default) if isinstance(default, list) else default
         g.add_argument(option.flag, dest=option.key, type=_cli_value(option), default=default,
-                       help=option.help + ("" if default is None else f" (default: {shown})"))
+                       help=option.help_text)
     groups["data"].add_argument("--data-dir", default=None,
                                 help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
 
@@ -70,21 +122,24 @@ def spec_from_args(a: argparse.Namespace, model: str) -> RunSpec:
 
 
 def _add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    from .experiment import KERNEL_MODES, check_batch
+
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     if dtype:  # ``ptqlab run`` has it among the run options
-        p.add_argument("--dtype", default="auto", help=OPTIONS["dtype"].help)
-    p.add_argument("--no-progress", action="store_true")
+        add_option(p, "dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--offload", action="store_true", default=None,
                    help="evaluate one block at a time on the device (default: only if the model does not fit)")
-    p.add_argument("--calib-batch", type=int, default=8,
-                   help="windows per block forward while calibrating (lower it if the GPU runs out of memory)")
+    p.add_argument("--calib-batch", type=checked_int(lambda v: check_batch(v, "--calib-batch"), "calib_batch"),
+                   default=8, help=help_with_default("windows per block forward while calibrating (lower it if the "
+                                                     "GPU runs out of memory)", 8))
     p.add_argument("--calib-offload", action="store_true",
                    help="keep the calibration hidden states in CPU memory, one batch at a time on the GPU")
-    p.add_argument("--eval-batch", type=int, default=None,
-                   help="windows per evaluation forward (default: sized from free GPU memory; 1 on CPU)")
-    p.add_argument("--kernel", choices=["auto", "fake", "real"], default="fake",
-                   help="fake: dequantized weights; real: packed low-bit GPU kernels (error where none exists); "
-                        "auto: real where a kernel exists, else fake")
+    p.add_argument("--eval-batch", type=checked_int(lambda v: check_batch(v, "--eval-batch"), "eval_batch"),
+                   default=None, help="windows per evaluation forward (default: sized from free GPU memory; 1 on CPU)")
+    p.add_argument("--kernel", choices=KERNEL_MODES, default="fake",
+                   help=help_with_default("fake: dequantized weights; real: packed low-bit GPU kernels (error where "
+                                          "none exists); auto: real where a kernel exists, else fake", "fake"))
 
 
 def _default_device(requested: str | None) -> str:
@@ -92,7 +147,7 @@ def _default_device(requested: str | None) -> str:
 
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was asked for but no CUDA device is available")
+            raise ValueError(f"--device {requested} was asked for but no CUDA device is available")
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -108,83 +163,94 @@ def print_table(records: list[dict], file=None) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)), file=file)
 
 
-def _append_jsonl(path: str | None, record: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+class RecordSink:
+    """The ``--output`` file records are appended to. A write that fails after the runs loses nothing: the
+    records it could not take are printed as JSON and :meth:`close` ends with one error line."""
+
+    def __init__(self, path: str | None) -> None:
+        check_writable_file(path, "--output")  # before any run: most mistakes are caught here
+        self.path = path
+        self.unwritten: list[dict] = []
+        self.written = 0
+        self.error: OSError | None = None
+
+    def add(self, record: dict) -> None:
+        if not self.path:
+            return
+        if self.error is None:
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.written += 1
+                return
+            except OSError as err:
+                self.error = err
+        self.unwritten.append(record)
+
+    def close(self) -> None:
+        """Say where the records went; raise ValueError (exit code 2) once the table is out if some did not."""
+        if not self.path:
+            return
+        if self.error is None:
+            print(f"{'record' if self.written == 1 else f'{self.written} records'} appended to {self.path}")
+            return
+        print(f"the records that could not be appended to {self.path}, as JSON lines:")
+        for record in self.unwritten:
+            print(json.dumps(record))
+        raise ValueError(f"--output {self.path}: {self.error.strerror or self.error}; {len(self.unwritten)} "
+                         f"record(s) printed above as JSON instead")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .experiment import ModelSession, run
+    from .experiment import ModelSession, check_run, run
     from .export import is_quantized_folder
 
     device = _default_device(a.device)
+    sink = RecordSink(a.output)
     if a.model and is_quantized_folder(a.model):
-        return _run_saved(a, device)
+        return _run_saved(a, device, sink)
     spec = spec_from_args(a, a.model or "testbed-opt")
-    if a.save:  # fail before the run, not after it
-        from .export import ExportError
-
-        if not spec.config.weight.enabled:
-            raise ExportError(f"--save: {spec.config.name()} leaves the weights unquantized; there is no quantized "
-                              f"model to save")
-        if Path(a.save).exists() and (not Path(a.save).is_dir() or any(Path(a.save).iterdir())):
-            raise ValueError(f"--save: {a.save} already exists and is not empty")
+    # every check that needs no model, before the model is loaded
+    check_run(spec, device, a.data_dir, a.eval_batch, a.kernel, a.save, a.overwrite, a.offload, a.calib_batch,
+              a.calib_offload)
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
-    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save)
-    _append_jsonl(a.output, record)
+    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save,
+                 overwrite=a.overwrite)
+    sink.add(record)
     print_table([record])
-    if a.output:
-        print(f"record appended to {a.output}")
     if a.save:
         print(f"quantized model saved to {a.save} (stored bits/weight {record['stored_bits_per_weight']:.3f})")
+    sink.close()
     return 0
 
 
-def _run_saved(a: argparse.Namespace, device: str) -> int:
+def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     """``run --model DIR`` on a saved quantized folder: evaluate it as saved (quantization options do not apply)."""
     from .export.evaluate_saved import evaluate_saved
 
     given = [OPTIONS[k].flag for k in OPTIONS
              if OPTIONS[k].path.startswith("config.") and getattr(a, k) != OPTIONS[k].default]
-    if a.save or given:
-        raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop "
-                         f"{', '.join(given + (['--save'] if a.save else []))}")
+    given += [flag for flag, value in (("--save", a.save), ("--overwrite", a.overwrite)) if value]
+    if given:
+        raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
     record = evaluate_saved(a.model, tuple(a.eval), a.seqlen, device, a.dtype, a.max_eval_windows, a.data_dir,
                             not a.no_progress, a.offload)
-    _append_jsonl(a.output, record)
+    sink.add(record)
     print_table([record])
     for name, value in record["ppl_at_save"].items():
         if name in record["ppl"]:
             print(f"{name}: {record['ppl'][name]:.3f} now, {value:.3f} when saved")
+    sink.close()
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, runs, table
-    from .data import DataError
-    from .experiment import ModelSession, run
-
-    device = _default_device(a.device)
-    max_windows = None if a.full or device != "cpu" else a.max_eval_windows
-    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
-                           a.calib_batch, a.calib_offload)
-    datasets, skipped = [], []
-    for name in (x.strip() for x in a.eval.split(",") if x.strip()):
-        try:
-            session.eval_tokens(name, session.seqlen(a.seqlen))
-            datasets.append(name)
-        except DataError:
-            skipped.append(name)
-    if skipped:
-        print(f"skipped {', '.join(skipped)}: not found here; add them with --data-dir DIR or PTQLAB_DATA=DIR "
-              f"(layout of shared/data/README.md), or pip install -e \".[hub]\" with Hugging Face hub access")
-    if not datasets:
-        raise DataError(f"none of the evaluation sets ({a.eval}) is available")
+def demo_configs() -> list[QuantConfig]:
+    """FP16, then RTN, GPTQ and GPTQ+LoRC at W4A16 g128 and W4A8."""
     w4 = QuantSpec(4, True, 128)
     a8 = QuantSpec(8, True, 0)
-    configs = [
+    return [
         QuantConfig(method="fp16"),
         QuantConfig(method="rtn", weight=w4),
         QuantConfig(method="gptq", weight=w4),
@@ -193,18 +259,57 @@ def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, 
         QuantConfig(method="gptq", weight=w4, act=a8),
         QuantConfig(method="gptq", weight=w4, act=a8, lorc_rank=8),
     ]
-    records = []
-    for config in configs:
-        spec = RunSpec(model=a.model, config=config, eval=tuple(datasets), seqlen=a.seqlen, calib="testbed",
+
+
+def cmd_demo(a: argparse.Namespace) -> int:  # noqa: C901 - a script: datasets, runs, table
+    from .data import DataError, check_available
+    from .experiment import ModelSession, check_run, run
+
+    device = _default_device(a.device)
+    sink = RecordSink(a.output)
+    max_windows = None if a.full or device != "cpu" else a.max_eval_windows
+    datasets, skipped = [], []
+    for name in a.eval:  # the demo runs on what is there: sets that cannot be read are skipped, not an error
+        try:
+            check_available(name, "eval", a.data_dir)
+            datasets.append(name)
+        except DataError:
+            skipped.append(name)
+    if not datasets:
+        raise DataError(f"none of the evaluation sets ({','.join(a.eval)}) is available")
+
+    def spec_of(config: QuantConfig) -> RunSpec:
+        return RunSpec(model=a.model, config=config, eval=tuple(datasets), seqlen=a.seqlen, calib="testbed",
                        nsamples=a.nsamples, max_eval_windows=max_windows, dtype=a.dtype)
-        record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel)
-        _append_jsonl(a.output, record)
+
+    # before the model is loaded; a calibrating run needs everything any demo run does
+    calibrating = next(c for c in demo_configs() if c.needs_calibration)
+    check_run(spec_of(calibrating), device, a.data_dir, a.eval_batch, a.kernel, offload=a.offload,
+              calib_batch=a.calib_batch, calib_offload=a.calib_offload)
+    session = ModelSession(a.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
+                           a.calib_batch, a.calib_offload)
+    for name in list(datasets):
+        try:
+            session.eval_tokens(name, session.seqlen(a.seqlen))
+        except DataError:
+            datasets.remove(name)
+            skipped.append(name)
+    if skipped:
+        print(f"skipped {', '.join(skipped)}: not found here; add them with --data-dir DIR or PTQLAB_DATA=DIR "
+              f"(layout of shared/data/README.md), or pip install -e \".[hub]\" with Hugging Face hub access")
+    if not datasets:
+        raise DataError(f"none of the evaluation sets ({','.join(a.eval)}) is available")
+    records = []
+    for config in demo_configs():
+        record = run(spec_of(config), session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel)
+        sink.add(record)
         records.append(record)
     scope = "full splits" if max_windows is None else f"first {max_windows} windows of each split (--full for all)"
     print(f"\nmodel {a.model} on {device}; evaluation: {scope}, seqlen {records[0]['config']['seqlen']}")
     print(f"data: {', '.join(f'{k}={v}' for k, v in records[0]['data_sources'].items())}")
     print("heldout = the testbed corpus's held-out text (in-domain); WikiText-2 and PTB are out of its domain\n")
     print_table(records)
+    sink.close()
     return 0
 
 
@@ -217,7 +322,9 @@ def cmd_make_tiny(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptqlab", description="Post-training quantization of LLMs (ZeroQuant-V2 study)")
+    # every flag's help shows its default the same way: help_with_default's " (default: X)"; a flag that sets
+    # what is already the default says "(default)"; an off-by-default switch says nothing (tests/test_cli.py)
+    parser = Parser(prog="ptqlab", description="Post-training quantization of LLMs (ZeroQuant-V2 study)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="quantize a model and measure its perplexity")
@@ -227,29 +334,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p, dtype=False)
     p.add_argument("--output", default=None, help="append the JSON record to this .jsonl file")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="write the quantized model to DIR (compressed-tensors folder, LoRC as a PEFT adapter)")
+                   help="write the quantized model to DIR (compressed-tensors folder, LoRC as a PEFT adapter); "
+                        "refused if DIR is not empty, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --save: replace DIR if it holds a saved model (written beside it, then swapped in)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="FP16 vs RTN, GPTQ and GPTQ+LoRC at W4A16 g128 and W4A8 on a testbed model")
-    p.add_argument("--model", default="testbed-opt")
-    p.add_argument("--eval", default="wikitext2,ptb,heldout")
-    p.add_argument("--seqlen", type=int, default=None)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-eval-windows", type=int, default=64, help="on CPU, evaluate this prefix of each split")
+    p.add_argument("--model", default="testbed-opt", help=help_with_default("the model", "testbed-opt"))
+    add_option(p, "eval", "wikitext2,ptb,heldout",
+               help="comma-separated evaluation sets; those not found here are skipped")
+    add_option(p, "seqlen", help="evaluation and calibration window in tokens (the testbed models allow 512)")
+    add_option(p, "nsamples", help="calibration windows (from the testbed's calibration text)")
+    p.add_argument("--data-dir", default=None,
+                   help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
+    add_option(p, "max_eval_windows", 64, help="on CPU, evaluate this prefix of each split")
     p.add_argument("--full", action="store_true", help="evaluate the full splits on CPU too (slow)")
-    p.add_argument("--output", default=None)
+    p.add_argument("--output", default=None, help="append the JSON record of each run to this .jsonl file")
     _add_device_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-tiny", help="write a tiny random model + tokenizer (offline)")
-    p.add_argument("--arch", required=True, choices=["opt", "bloom", "llama", "gpt2"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--arch", required=True, choices=["opt", "bloom", "llama", "gpt2"], help="architecture (required)")
+    p.add_argument("--out", required=True, help="the folder to write (required)")
     p.add_argument("--text", default=None, help="train the BPE tokenizer on this text file (default: bytes only)")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=at_least(1, "--hidden"), default=64, help=help_with_default("hidden size", 64))
+    p.add_argument("--layers", type=at_least(1, "--layers"), default=2, help=help_with_default("decoder blocks", 2))
+    p.add_argument("--heads", type=at_least(1, "--heads"), default=4, help=help_with_default("attention heads", 4))
+    p.add_argument("--seed", type=at_least(0, "--seed"), default=0,
+                   help=help_with_default("seed of the random weights", 0))
     p.set_defaults(func=cmd_make_tiny)
 
     from .study.cli import add_study_commands  # noqa: PLC0415

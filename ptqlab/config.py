@@ -202,6 +202,15 @@ class RunSpec:
 # ---------------------------------------------------------------- the flat form
 
 
+def help_with_default(text: str, default: object) -> str:
+    """A help line with its default, shown one way by every flag of every command: ``TEXT (default: X)``.
+    No default (None), an off flag (False) and an empty text show nothing."""
+    if default is None or default is False or default == "":
+        return text
+    shown = ",".join(str(x) for x in default) if isinstance(default, (list, tuple)) else default
+    return f"{text} (default: {shown})"
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -229,7 +238,8 @@ def _int_min(lo: int, optional: bool = False) -> Callable[[object], int | None]:
         if v is None and optional:
             return None
         if not _is_int(v) or v < lo:
-            raise ValueError(f"must be an integer >= {lo}" + (" or null" if optional else ""))
+            # how to get the default (null in a recipe, no flag on the command line): Option.validate says it
+            raise ValueError(f"must be an integer >= {lo}")
         return v
 
     return check
@@ -336,6 +346,25 @@ class Option:
     group: str = "quantization"  # the CLI's option group
     negative: str | None = None  # for booleans: the flag that sets False (``--wasym``)
     deprecated: tuple[str, str] | None = None  # old (true flag, false flag) spellings, warned about
+    unset: str = ""  # for options whose default is None: what that default means ("the model's maximum")
+
+    def validate(self, value: object, cli: bool = False) -> object:
+        """``check(value)``; a ValueError of an option whose default is None also says how to get that default,
+        in the words of where the value came from (``cli``: omit the flag; a recipe, --set, --grid: null)."""
+        try:
+            return self.check(value)
+        except ValueError as err:
+            if self.default is not None:
+                raise
+            how = f"omit {self.flag}" if cli else "null"
+            raise ValueError(f"{err}; {how} for the default ({self.unset})") from None
+
+    @property
+    def help_text(self) -> str:
+        """The help line of ``ptqlab run --KEY``, with its default."""
+        if self.is_bool:
+            return self.help + (" (default)" if self.default else "")
+        return help_with_default(self.help, self.unset if self.default is None else self.default)
 
     @property
     def flag(self) -> str:
@@ -397,16 +426,16 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
            "calibration text: wikitext2|ptb|c4 (train split), testbed, a text file, or auto (testbed text for the "
            "testbed models, else c4)", _calibrates, group="data"),
     Option("nsamples", "nsamples", _int_min(1), "calibration windows", _calibrates, group="data"),
-    Option("calib_seqlen", "calib_seqlen", _int_min(2, optional=True), "calibration window (default: --seqlen)",
-           _calibrates, group="data"),
+    Option("calib_seqlen", "calib_seqlen", _int_min(2, optional=True), "calibration window in tokens",
+           _calibrates, group="data", unset="--seqlen"),
     Option("seed", "seed", _int_min(0), "calibration sampling seed", _calibrates, group="data"),
     Option("eval", "eval", _eval,
            "comma-separated: wikitext2, ptb, c4, heldout (the testbed's in-domain text) or text file paths",
            group="data"),
-    Option("seqlen", "seqlen", _int_min(2, optional=True), "evaluation window (default: the model's maximum)",
-           group="data"),
+    Option("seqlen", "seqlen", _int_min(2, optional=True), "evaluation window in tokens", group="data",
+           unset="the model's maximum, 2048 where it has none"),
     Option("max_eval_windows", "max_eval_windows", _int_min(1, optional=True),
-           "evaluate only this many windows (a prefix)", group="data"),
+           "evaluate only this many windows (a prefix)", group="data", unset="every window"),
     Option("dtype", "dtype", _dtype, "auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32", group="data"),
 ]}
 DEPRECATED_KEYS = {"asym": "act_sym"}
@@ -445,7 +474,7 @@ def from_flat(flat: dict) -> RunSpec:
     values = {k: OPTIONS[k].default for k in OPTIONS}
     for key, value in flat.items():
         try:
-            values[key] = OPTIONS[key].check(value)
+            values[key] = OPTIONS[key].validate(value)
         except ValueError as err:
             raise QuantizationError(f"{key}: bad value {value!r}: {err}") from None
     nested: dict = {}

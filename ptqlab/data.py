@@ -63,14 +63,34 @@ def _how_to_provide(name: str, filename: str) -> str:
     )
 
 
+_ROLES = {"eval": "evaluation text", "calib": "calibration text"}
+
+
+def read_text_file(path: Path, split: str = "eval") -> str:
+    """A text file's content, with errors that name the file and its role: not UTF-8 (where, and how to
+    fix it), or empty."""
+    role = _ROLES[split]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{role} {path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+                        f"({err.reason}); re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > "
+                        f"{path.stem}.utf8{path.suffix}") from None
+    if not text.strip():
+        raise DataError(f"{role} {path} is empty" + (" (only whitespace)" if text else ""))
+    # the newlines Path.read_text gave before (universal newlines), so that the token streams do not change
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_local(name: str, path: Path, split: str) -> Text:
     if name == "wikitext2":
-        rows = path.read_text(encoding="utf-8").replace("\r", "").split("\n")
+        rows = read_text_file(path, split).replace("\r", "").split("\n")
         if rows and rows[-1] == "":
             rows.pop()
         return Text(name, "\n\n".join(rows), f"local:{path}")
     if name == "ptb":
-        rows = path.read_text(encoding="utf-8").splitlines()
+        rows = read_text_file(path, split).splitlines()
         return Text(name, " ".join(r.strip() for r in rows), f"local:{path}")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for line in f]
@@ -131,7 +151,7 @@ def load_text(name: str, split: str = "eval", data: str | Path | None = None) ->
     path = _text_file(name)
     if path is not None:
         label = name if _shipped_text(name) else path.stem
-        return Text(label, path.read_text(encoding="utf-8"), f"file:{path}")
+        return Text(label, read_text_file(path, split), f"file:{path}")
     local_rel = _LOCAL_FILES[name][0 if split == "eval" else 1]
     path = _local_copy(name, split, data)
     if path is not None:
@@ -141,6 +161,31 @@ def load_text(name: str, split: str = "eval", data: str | Path | None = None) ->
         return _read_hub(name, hub_split)
     except Exception as err:  # no datasets package, no network, no such dataset
         raise DataError(_how_to_provide(name, local_rel) + f" (hub attempt failed: {type(err).__name__}: {err})") from err
+
+
+def check_available(name: str, split: str = "eval", data: str | Path | None = None) -> None:
+    """Fail now, with what :func:`load_text` would say, when ``name`` cannot be loaded; cheap (no download).
+
+    A text file must be readable UTF-8 and not empty; a named dataset needs its local copy, or else
+    the ``datasets`` package and a reachable (or offline-cached) Hugging Face hub.
+    """
+    import importlib.util
+
+    from .preflight import hub_offline, hub_reachable
+
+    path = _text_file(name)
+    if path is not None:
+        read_text_file(path, split)
+        return
+    if _local_copy(name, split, data) is not None:
+        return
+    if importlib.util.find_spec("datasets") is None:
+        why = "the datasets package is not installed"
+    elif not hub_offline() and not hub_reachable():
+        why = "the Hugging Face hub cannot be reached"
+    else:
+        return  # the hub (or its offline cache) may have it: load_text finds out
+    raise DataError(_how_to_provide(name, _LOCAL_FILES[name][0 if split == "eval" else 1]) + f" ({why})")
 
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
@@ -215,16 +260,31 @@ def calibration_windows(
     rng = random.Random(seed)
     if isinstance(text.text, list):  # c4: one window from each random document, as GPTQ does
         windows = []
+        misses = 0
         while len(windows) < nsamples:
             ids = tokenize(tokenizer, text.text[rng.randint(0, len(text.text) - 1)])
             if ids.numel() > seqlen:
                 start = rng.randint(0, ids.numel() - seqlen - 1)
                 windows.append(ids[start : start + seqlen])
+            else:
+                misses += 1
+                if misses > 10_000 and misses > 100 * len(windows):  # else it would loop forever
+                    raise DataError(f"calibration text {text.source}: almost no document is longer than {seqlen} "
+                                    f"tokens; give a shorter --calib-seqlen")
         return torch.stack(windows), text.source
     ids = tokenize(tokenizer, text.text)
-    if ids.numel() <= seqlen:
-        raise DataError(
-            f"calibration text {text.source} has {ids.numel()} tokens, too short for windows of {seqlen} tokens"
-        )
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    n = ids.numel()
+    if n <= seqlen:
+        raise DataError(f"calibration text {text.source} has {n} tokens, too few for one window of {seqlen} "
+                        f"tokens (that needs at least {seqlen + 1}): give a longer text or a shorter --calib-seqlen")
+    # Windows are drawn at random starts and may overlap; but more windows than the text holds side by side
+    # only repeat its tokens (each drawn nsamples * seqlen / n times on average), which adds memory and
+    # time, not calibration data. GPTQ's 128 x 2048 from WikiText-2's 2.4M tokens is far below this.
+    holds = n // seqlen
+    if nsamples > holds:
+        raise DataError(f"calibration text {text.source} has {n} tokens: {holds} windows of {seqlen} tokens "
+                        f"without overlap, and --nsamples {nsamples} would draw each token about "
+                        f"{nsamples * seqlen / n:.1f} times; pass --nsamples {holds} or fewer, a shorter "
+                        f"--calib-seqlen, or a longer calibration text")
+    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s : s + seqlen] for s in starts]), text.source

@@ -14,21 +14,25 @@ from __future__ import annotations
 import platform
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
 from .config import RunSpec, config_hash
-from .data import TOKENIZATION, DataError, calibration_windows, eval_tokens, load_text
+from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
 from .export import save_quantized, stored_bits_per_weight
-from .models import QuantLinear, get_adapter, load_model
+from .models import QuantLinear, get_adapter, load_model, max_positions, model_config
+from .preflight import available_memory, check_writable_folder, gib
 from .pipeline import quantize_model
 from .restore import PristineWeights
 from .testbed import is_testbed_model
 
-__all__ = ["ModelSession", "RunSpec", "run"]
+__all__ = ["ModelSession", "RunSpec", "check_run", "run"]
+
+KERNEL_MODES = ("auto", "fake", "real")
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -54,6 +58,12 @@ def versions(device: str) -> dict:
             "python": platform.python_version(), "device": device_name(device)}
 
 
+def check_batch(windows: int | None, flag: str) -> None:
+    """A batch size in windows (None: sized automatically) is at least one window."""
+    if windows is not None and windows < 1:
+        raise ValueError(f"{flag} must be at least 1 window, got {windows}")
+
+
 def fits_on_device(model: torch.nn.Module, device: str, headroom: float = 0.7) -> bool:
     """Whether the whole model fits in ``headroom`` of the device's free memory (always true on the CPU)."""
     if not device.startswith("cuda"):
@@ -72,8 +82,7 @@ class ModelSession:
         """``offload``: evaluate block by block (None: only when the model does not fit on the device).
         ``calib_batch``: windows per block forward while calibrating (bounds activation memory);
         ``calib_offload``: keep the calibration hidden states in CPU memory."""
-        if calib_batch < 1:
-            raise ValueError(f"calibration batch must be at least 1 window, got {calib_batch}")
+        check_batch(calib_batch, "--calib-batch")
         self.name, self.device, self.data_dir, self.progress = model, device, data_dir, progress
         self.calib_batch, self.calib_offload = calib_batch, calib_offload
         self.offload = offload
@@ -93,14 +102,7 @@ class ModelSession:
         self._calib: dict[tuple, tuple[torch.Tensor, str]] = {}
 
     def seqlen(self, requested: int | None) -> int:
-        limit = self.adapter.max_seqlen
-        if requested is None:
-            return limit or 2048
-        if requested < 2:
-            raise DataError(f"seqlen must be at least 2, got {requested}")
-        if limit is not None and requested > limit:
-            raise DataError(f"seqlen {requested} is beyond the maximum of {self.name} ({limit} positions)")
-        return requested
+        return resolve_seqlen(requested, self.adapter.max_seqlen, self.name)
 
     def eval_tokens(self, dataset: str, seqlen: int) -> tuple[torch.Tensor, str]:
         key = (dataset, seqlen)
@@ -126,6 +128,126 @@ class ModelSession:
         return self.model
 
 
+def resolve_seqlen(requested: int | None, limit: int | None, model: str) -> int:
+    """The window a run uses: ``requested``, or the model's maximum ``limit`` (2048 where it has none)."""
+    if requested is None:
+        return limit or 2048
+    if requested < 2:
+        raise DataError(f"seqlen must be at least 2, got {requested}")
+    if limit is not None and requested > limit:
+        raise DataError(f"seqlen {requested} is beyond the maximum of {model} ({limit} positions)")
+    return requested
+
+
+# Copies of the calibration hidden states alive at the peak: the captured batches and their concatenation
+# (blockio.capture_block_inputs), or the states and the full-precision targets of ZQ (pipeline._quantize_block).
+_HIDDEN_COPIES = 2
+
+
+def check_calibration_memory(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype, device: str,
+                             calib_offload: bool = False) -> None:
+    """Refuse a calibration whose hidden states (``nsamples x seqlen x hidden`` in ``dtype``) cannot fit
+    where they are kept: on the GPU, or in host memory on the CPU or with ``calib_offload``."""
+    on_gpu = device.startswith("cuda") and not calib_offload
+    where = device if on_gpu else "cpu"
+    free = available_memory(where)
+    per_window = _HIDDEN_COPIES * seqlen * hidden * torch.finfo(dtype).bits // 8
+    need = nsamples * per_window
+    if free is None or need <= free:
+        return
+    fit = free // per_window
+    if on_gpu:
+        host = available_memory("cpu")
+        ways = (f"lower --nsamples ({fit} windows fit) or --calib-seqlen, or keep the hidden states in host "
+                f"memory with --calib-offload" + (f" ({gib(host)} free there)" if host is not None else ""))
+    else:
+        ways = (f"lower --nsamples ({fit} windows fit) or --calib-seqlen"
+                + ("" if device.startswith("cuda") else "; --calib-offload cannot help, the CPU keeps them in "
+                                                         "host memory already"))
+    raise ValueError(f"calibration needs about {gib(need)} of {'GPU ' + device if on_gpu else 'host'} memory for "
+                     f"the hidden states of {nsamples} windows x {seqlen} tokens x {hidden} hidden units "
+                     f"({str(dtype).replace('torch.', '')}, {_HIDDEN_COPIES} copies), but {gib(free)} is free: "
+                     f"{ways} (--calib-batch bounds only the activations of one block forward on top of them)")
+
+
+def _model_folder(model: str) -> Path | None:
+    from .testbed import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(model)).expanduser()
+    except FileNotFoundError:
+        return None
+    return folder.resolve() if folder.is_dir() else None
+
+
+def check_save(spec: RunSpec, save: str | None, overwrite: bool = False, kernel: str = "fake") -> None:
+    """Whether ``save`` can receive this run's quantized model; refused now, not after the run."""
+    if not save:
+        if overwrite:
+            raise ValueError("--overwrite replaces the folder of --save; give --save DIR")
+        return
+    if kernel != "fake":
+        raise ValueError("--save writes the quantized layers as they are before kernel selection: save with "
+                         "--kernel fake (the default), then evaluate the saved folder with --kernel real")
+    if not spec.config.weight.enabled:
+        raise ValueError(f"--save: {spec.config.name()} leaves the weights unquantized; there is no quantized "
+                         f"model to save")
+    check_writable_folder(save, "--save")
+    target = Path(save).expanduser()
+    source = _model_folder(spec.model)
+    if source is not None and (target.resolve() == source or target.resolve() in source.parents):
+        raise ValueError(f"--save {save} would replace the model folder {source} that the run reads")
+    if target.is_dir() and any(target.iterdir()):
+        from .export import is_quantized_folder
+
+        if not overwrite:
+            raise ValueError(f"--save: {save} already exists and is not empty; pass --overwrite to replace it")
+        if not is_quantized_folder(target):
+            # --overwrite deletes the folder: only one that --save wrote, never any folder named by mistake
+            raise ValueError(f"--save: {save} holds files that are not a saved quantized model; --overwrite "
+                             f"replaces only a folder written by --save")
+
+
+def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, kernel: str = "fake",
+                    save: str | None = None, overwrite: bool = False, offload: bool | None = None,
+                    calib_batch: int = 8) -> None:
+    """The checks of a run's execution settings (no model needed): batches, kernels, the save folder."""
+    check_batch(eval_batch, "--eval-batch")
+    check_batch(calib_batch, "--calib-batch")
+    if kernel not in KERNEL_MODES:
+        raise ValueError(f"unknown kernel mode {kernel!r}; choose one of {', '.join(KERNEL_MODES)}")
+    if kernel == "real" and (not device.startswith("cuda") or offload):
+        raise ValueError(f"--kernel real needs the model on a CUDA device (got {device}"
+                         f"{', offloaded evaluation' if offload else ''}); use --kernel fake or auto")
+    check_save(spec, save, overwrite, kernel)
+
+
+def _check_sizes(spec: RunSpec, hf_config, device: str, calib_offload: bool) -> tuple[int, int]:
+    """``(seqlen, calib_seqlen)`` of a run on a model with this Hugging Face config, and the memory its
+    calibration needs checked."""
+    limit = max_positions(hf_config)
+    seqlen = resolve_seqlen(spec.seqlen, limit, spec.model)
+    calib_seqlen = resolve_seqlen(spec.calib_seqlen or seqlen, limit, spec.model)
+    hidden = getattr(hf_config, "hidden_size", None)
+    if spec.config.needs_calibration and isinstance(hidden, int):
+        check_calibration_memory(spec.nsamples, calib_seqlen, hidden, resolve_dtype(spec.dtype, device), device,
+                                 calib_offload)
+    return seqlen, calib_seqlen
+
+
+def check_run(spec: RunSpec, device: str, data_dir: str | None = None, eval_batch: int | None = None,
+              kernel: str = "fake", save: str | None = None, overwrite: bool = False, offload: bool | None = None,
+              calib_batch: int = 8, calib_offload: bool = False) -> None:
+    """Everything about a run that can be checked before its model is loaded: the execution settings, the
+    model's name and config (window lengths, calibration memory) and that its texts can be read."""
+    check_execution(spec, device, eval_batch, kernel, save, overwrite, offload, calib_batch)
+    _check_sizes(spec, model_config(spec.model), device, calib_offload)
+    for name in spec.eval:
+        check_available(name, "eval", data_dir)
+    if spec.config.needs_calibration:
+        check_available(spec.calib, "calib", data_dir)
+
+
 def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]) -> None:
     for dataset, source in eval_sources.items():
         if source == calib_source or (source.startswith("local:") and calib_source == "file:" + source[6:]):
@@ -137,29 +259,31 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
-        progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None) -> dict:
+        progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None,
+        overwrite: bool = False) -> dict:
     """Run one experiment and return its JSON-ready record.
 
     ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
     ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto;
-    ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`).
+    ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`);
+    ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed).
     """
     start = time.perf_counter()
-    if save and kernel != "fake":
-        raise ValueError("--save writes the quantized layers as they are before kernel selection: save with "
-                         "--kernel fake (the default), then evaluate the saved folder with --kernel real")
+    check_execution(spec, session.device if session else device, eval_batch, kernel, save, overwrite,
+                    session.offload if session else None, session.calib_batch if session else 8)
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
     if session.name != spec.model or resolve_dtype(spec.dtype, session.device) != session.dtype:
         raise ValueError(f"run spec is for {spec.model} ({spec.dtype}) but the session holds {session.name} "
                          f"({session.dtype})")
-    seqlen = session.seqlen(spec.seqlen)
-    calib_seqlen = session.seqlen(spec.calib_seqlen or seqlen)
-    eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}
-    eval_sources = {name: src for name, (_, src) in eval_data.items()}
+    seqlen, calib_seqlen = _check_sizes(spec, session.model.config, session.device, session.calib_offload)
 
+    # calibration first: a text that cannot calibrate fails before the evaluation splits are tokenized
     calib_windows, calib_source = None, None
     if spec.config.needs_calibration:
         calib_windows, calib_source = session.calibration(spec.calib, spec.nsamples, calib_seqlen, spec.seed)
+    eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}
+    eval_sources = {name: src for name, (_, src) in eval_data.items()}
+    if calib_source:
         _warn_if_calibrating_on_eval(calib_source, eval_sources)
 
     model = session.fresh_model()
@@ -211,5 +335,5 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     }
     if save:
         record["saved_to"] = str(save)
-        save_quantized(model, session.tokenizer, save, record)
+        save_quantized(model, session.tokenizer, save, record, overwrite=overwrite)
     return record

@@ -65,12 +65,16 @@ class ModelAdapter:
 
     @property
     def max_seqlen(self) -> int | None:
-        cfg = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "seq_length"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None  # ALiBi models (BLOOM) have no hard limit
+        return max_positions(self.model.config)
+
+
+def max_positions(config) -> int | None:
+    """The longest window a model config allows, or None (ALiBi models such as BLOOM have no hard limit)."""
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -211,27 +215,79 @@ def wrap_linears(block: nn.Module, prefix: str = "", select=None) -> dict[str, Q
     return wrapped
 
 
+_HOW_TO_NAME_A_MODEL = ("Give a local folder with config.json and weights, a Hugging Face hub id (needs network), "
+                        "or a testbed model (testbed-opt, testbed-bloom, testbed-opt-2m, ...; see "
+                        "ptqlab/testbed/MODEL_CARD.md).")
+
+
+def model_path(name_or_path: str | Path) -> str:
+    """The folder or hub id a model name stands for, checked without any network wait.
+
+    A misspelt testbed name fails with the nearest names; a name that is no local folder fails at once
+    when the hub cannot be reached (offline mode, or no connection) and the model is not in its cache,
+    instead of after the hub client's retries.
+    """
+    import difflib
+
+    from .preflight import hub_offline, hub_reachable
+    from .testbed import ALIASES, FAMILY, is_testbed_model, resolve_model_path
+
+    name = str(name_or_path)
+    if name.startswith("testbed-") and not is_testbed_model(name):
+        known = sorted({*FAMILY, *ALIASES})
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {' or '.join(filter(None, [', '.join(close[:-1]), close[-1]]))}? " if close else ""
+        raise FileNotFoundError(f"unknown testbed model '{name}': {hint}the testbed models are {', '.join(known)}")
+    path = resolve_model_path(name)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"could not load model '{name}': no model in {folder} (a model folder holds "
+                                f"config.json, the weights (*.safetensors) and the tokenizer files)")
+    if folder.exists():
+        return path
+    if name.startswith((".", "/", "~")) or Path(path).suffix:
+        raise FileNotFoundError(f"could not load model '{name}': model folder {folder} does not exist")
+    # a hub id: usable offline only from the local hub cache
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repo id either (huggingface_hub's HFValidationError)
+        raise FileNotFoundError(f"could not load model '{name}': it is neither a local folder nor a Hugging Face "
+                                f"hub id. {_HOW_TO_NAME_A_MODEL}") from None
+    if not cached:
+        if hub_offline():
+            raise FileNotFoundError(f"could not load model '{name}': no local folder of that name, and the "
+                                    f"Hugging Face hub is off (HF_HUB_OFFLINE) with no cached copy. "
+                                    f"{_HOW_TO_NAME_A_MODEL}")
+        if not hub_reachable():
+            raise FileNotFoundError(f"could not load model '{name}': no local folder of that name, and the "
+                                    f"Hugging Face hub cannot be reached (no network?) with no cached copy. "
+                                    f"{_HOW_TO_NAME_A_MODEL}")
+    return path
+
+
+def model_config(name_or_path: str | Path):
+    """The Hugging Face config of a model (no weights are read): what can be checked before loading it."""
+    from transformers import AutoConfig
+
+    path = model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load model '{name_or_path}': {err}. {_HOW_TO_NAME_A_MODEL}") from err
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float16):
     """Load a causal LM and its tokenizer from a local folder or a hub id (``testbed-*`` resolves to the shipped models)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .testbed import resolve_model_path
-
-    path = resolve_model_path(str(name_or_path))
-    folder = Path(path).expanduser()
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"could not load model '{name_or_path}': no model in {folder} (a model folder holds "
-                                f"config.json, the weights (*.safetensors) and the tokenizer files)")
-    if not folder.exists() and (str(name_or_path).startswith((".", "/", "~")) or Path(path).suffix):
-        raise FileNotFoundError(f"could not load model '{name_or_path}': model folder {folder} does not exist")
+    path = model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
-        raise FileNotFoundError(
-            f"could not load model '{name_or_path}': {err}. Give a local folder with config.json and weights, "
-            f"a Hugging Face hub id (needs network), or a testbed model (testbed-opt, testbed-bloom, testbed-opt-2m, ...; see ptqlab/testbed/MODEL_CARD.md)."
-        ) from err
+        raise FileNotFoundError(f"could not load model '{name_or_path}': {err}. {_HOW_TO_NAME_A_MODEL}") from err
     model.eval()
     model.requires_grad_(False)  # post-training only: no autograd state on the weights
     model.config.use_cache = False

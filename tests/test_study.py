@@ -649,3 +649,58 @@ def test_spawned_workers_share_the_host_cores(monkeypatch):
         ("cuda:0", 0, 4), ("cuda:1", 1, 4), ("cuda:0", 2, 4), ("cuda:1", 3, 4)]
     assert {o.threads for o in runner.spawned_worker_options(runner.WorkerOptions(db="s.db"), ["cpu"] * 3)} == {5}
     assert runner.spawned_worker_options(runner.WorkerOptions(db="s.db", threads=2), ["cuda:0"] * 2)[0].threads == 2
+
+
+# ---------------------------------------------------------------- nothing is queued for a study that cannot start
+
+
+def _snapshot(db: Path) -> list[tuple]:
+    with Store(db) as store:
+        return [(r["run_hash"], r["status"], r["attempts"]) for r in store.rows()]
+
+
+def test_ray_executor_without_ray_writes_nothing(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    recipe = _write(tmp_path / "r.yaml", rtn_recipe(env))
+    db = tmp_path / "ray.db"
+    assert main(_study_args(env, recipe, db, "--executor", "ray")) == 2
+    assert "--executor ray needs Ray: pip install 'ptqlab[ray]'" in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_rerun_without_its_data_leaves_the_store_as_it_was(env, study_db, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    db = tmp_path / "copy.db"
+    shutil.copy(study_db, db)
+    before = _snapshot(db)
+    monkeypatch.delenv("PTQLAB_DATA", raising=False)
+    recipe = env["root"] / "ci.yaml"
+    assert main(["study", str(recipe), "--db", str(db), "--device", "cpu"]) == 2  # no --data-dir
+    err = capsys.readouterr().err
+    assert "dataset 'wikitext2' is not available" in err and "--data-dir" in err
+    assert _snapshot(db) == before  # no pending duplicates of the done runs
+
+
+def test_report_never_writes_and_refuses_files_that_are_not_studies(tmp_path, capsys):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    assert main(["report", str(empty)]) == 2
+    assert "is an empty file, not a ptqlab study database" in capsys.readouterr().err
+    assert empty.read_bytes() == b""
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    content = other.read_bytes()
+    assert main(["report", str(other)]) == 2
+    assert "is an SQLite file but not a ptqlab study database (it has no ptqlab schema)" in capsys.readouterr().err
+    assert other.read_bytes() == content
+
+
+def test_report_of_a_study_leaves_its_bytes_unchanged(study_db, capsys):
+    content = study_db.read_bytes()
+    assert main(["report", str(study_db)]) == 0
+    assert "Study report" in capsys.readouterr().out
+    assert study_db.read_bytes() == content

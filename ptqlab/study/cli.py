@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ..cli import DeprecatedFlag
+from ..cli import DeprecatedFlag, add_option, at_least, device_arg
+from ..config import help_with_default
 
 
 def _models(values: list[str] | None) -> list[str] | None:
@@ -23,25 +25,42 @@ def _worker_options(a: argparse.Namespace, db: str):
                          calib_batch=a.calib_batch, calib_offload=a.calib_offload)
 
 
-def _run_queue(a: argparse.Namespace, db: str) -> int:
-    from .runner import run_workers
+def _queue_runner(a: argparse.Namespace) -> Callable[[str], int]:
+    """The function that works through a study's queue, with every execution option checked first and
+    Ray imported: a study that cannot start fails before its runs are written into the store."""
+    from .runner import assign_devices, run_workers
 
     if a.executor == "ray":
-        from .ray_executor import RayOptions, run_ray
+        from .ray_executor import RayOptions, check_ray_options, import_ray, run_ray
 
         ray_opts = RayOptions(address=a.ray_address, workers=a.workers,
                               gpus_per_worker=1.0 if a.gpus_per_worker is None else a.gpus_per_worker,
                               cpus_per_worker=1.0 if a.cpus_per_worker is None else a.cpus_per_worker,
                               max_attempts=3 if a.max_attempts is None else a.max_attempts)
-        return run_ray(_worker_options(a, db), a.device, ray_opts)
+        check_ray_options(ray_opts)
+        import_ray()
+        return lambda db: run_ray(_worker_options(a, db), a.device, ray_opts)
     given = [f"--{k.replace('_', '-')}" for k in ("ray_address", "gpus_per_worker", "cpus_per_worker", "max_attempts")
              if getattr(a, k) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply with --executor ray")
-    workers = 1 if a.workers is None else a.workers
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
-    return run_workers(_worker_options(a, db), workers, a.device)
+    workers = 1 if a.workers is None else a.workers  # at least 1: checked while parsing
+    assign_devices(workers, a.device)  # --device cuda without a GPU, cuda:N with several workers
+    return lambda db: run_workers(_worker_options(a, db), workers, a.device)
+
+
+def check_plan_data(specs: list[dict], data_dir: str | None) -> None:
+    """Every text the runs read can be loaded (local copy, text file, or the hub): checked before the store
+    is touched, so that a study started without its data leaves no pending runs behind."""
+    from ..data import check_available
+
+    needed: list[tuple[str, str]] = []
+    for spec in specs:
+        needed += [(name, "eval") for name in spec.get("eval", [])]
+        if "calib" in spec:  # only the runs that calibrate carry it (RunSpec.to_flat)
+            needed.append((spec["calib"], "calib"))
+    for name, split in dict.fromkeys(needed):
+        check_available(name, split, data_dir)
 
 
 def _summary(store, keys: list[str]) -> tuple[dict, list[dict]]:
@@ -82,11 +101,18 @@ def cmd_study(a: argparse.Namespace) -> int:
             raise ValueError("give a recipe, --grid, or --db STUDY.db to work on the runs already queued there")
         if not Path(a.db).exists():
             raise FileNotFoundError(f"study database {a.db} does not exist")
+        runner = None if a.dry_run else _queue_runner(a)
+        with Store(a.db, readonly=True) as store:  # nothing written before the queue can be worked on
+            queued = [r["spec"] for r in store.rows() if r["status"] in ("pending", "running")]
+        check_plan_data(queued, a.data_dir)
+        if runner is None:
+            print(f"study {a.db}: {len(queued)} runs queued")
+            return 0
         with Store(a.db) as store:
             store.reclaim_dead()
             counts = store.counts()
         print(f"study {a.db}: working on the queue ({counts['pending']} pending, {counts['running']} running)")
-        rc = _run_queue(a, a.db)
+        rc = runner(a.db)
         with Store(a.db) as store:
             return _print_summary(*_summary(store, [r["run_hash"] for r in store.rows()]), a.db) or rc
 
@@ -97,6 +123,8 @@ def cmd_study(a: argparse.Namespace) -> int:
         for run in plan.runs:
             print(f"  {run.key}  {run.name()}")
         return 0
+    runner = _queue_runner(a)  # before the store is touched: nothing is queued for a study that cannot start
+    check_plan_data([r.spec for r in plan.runs], a.data_dir)
     keys = [r.key for r in plan.runs]
     with Store(db) as store:
         changed = store.add_runs(plan.runs, force=a.force, retry_failed=a.retry_failed)
@@ -106,17 +134,20 @@ def cmd_study(a: argparse.Namespace) -> int:
           + (f", {reclaimed} dead claims reclaimed" if reclaimed else "")
           + f"; {counts['done']} already done, {counts['failed']} failed, "
             f"{counts['pending'] + counts['running']} to run")
-    rc = _run_queue(a, db)
+    rc = runner(db)
     with Store(db) as store:
         return _print_summary(*_summary(store, keys), db) or rc
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from ..preflight import check_writable_file, check_writable_folder
     from .report import load_results, parse_thresholds, report
 
     if not Path(a.db).exists():
         raise FileNotFoundError(f"study database {a.db} does not exist")
     thresholds = parse_thresholds(a.thresholds)
+    check_writable_file(a.output, "--output")
+    check_writable_folder(a.plots, "--plots")
     text = report(a.db, a.format, a.per_dataset, thresholds, a.top)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +165,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(a: argparse.Namespace) -> int:
-    from .recipe import _check_value, parse_assignments  # noqa: PLC2701
+    from .recipe import parse_assignments
     from .report import build_sections, load_results, parse_thresholds, render_markdown
     from .sensitivity import plan_sensitivity
     from .store import Store
@@ -146,13 +177,11 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
                   for w in bits_list(a.wbits, "wbits") for b in bits_list(a.abits, "abits") if (w, b) != (16, 16)]
     if not precisions:
         raise ValueError("sensitivity needs --wbits or --abits below 16")
-    eval_settings = {
-        "seqlen": _check_value("seqlen", a.seqlen, "--seqlen"),
-        "eval": _check_value("eval", a.eval, "--eval"),
-        "max_eval_windows": _check_value("max_eval_windows", a.max_eval_windows, "--max-eval-windows"),
-        "dtype": _check_value("dtype", a.dtype, "--dtype"),
-    }
+    eval_settings = {key: getattr(a, key) for key in ("seqlen", "eval", "max_eval_windows", "dtype")}
+    thresholds = parse_thresholds(a.thresholds)
+    runner = _queue_runner(a)
     runs = plan_sensitivity(a.model, a.granularity, precisions, eval_settings, a.data_dir)
+    check_plan_data([r.spec for r in runs], a.data_dir)
     print(f"sensitivity of {a.model} per {a.granularity}: {len(runs) - 1} runs + the FP16 baseline")
     with Store(a.db) as store:
         changed = store.add_runs(runs, force=a.force, retry_failed=a.retry_failed)
@@ -160,31 +189,34 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
         counts = store.counts([r.key for r in runs])
     print(f"store {a.db}: {changed['added']} new; {counts['done']} already done, "
           f"{counts['pending'] + counts['running']} to run")
-    rc = _run_queue(a, a.db)
+    rc = runner(a.db)
     keys = {r.key for r in runs}
     results = [r for r in load_results(a.db) if r.row["run_hash"] in keys]
-    thresholds = parse_thresholds(a.thresholds)
     sections = [s for s in build_sections(results, thresholds) if s.kind in ("model", "sensitivity")]
     print(render_markdown(sections, f"Sensitivity of {a.model} ({a.granularity})"))
     with Store(a.db) as store:
         return _print_summary(*_summary(store, list(keys)), a.db) or rc
 
 
-def _add_worker_args(p: argparse.ArgumentParser) -> None:
+def _add_worker_args(p: argparse.ArgumentParser, db_default: str | None = None) -> None:
     g = p.add_argument_group("execution")
-    g.add_argument("--db", default=None, help="the study database (SQLite); created if missing")
+    g.add_argument("--db", default=db_default, help=help_with_default(
+        "the study database (SQLite); created if missing",
+        db_default or "NAME.db in the current folder for recipe NAME.yaml, study.db for --grid"))
     g.add_argument("--force", action="store_true", help="recompute runs already done (default: resume, skip them)")
     g.add_argument("--retry-failed", action="store_true", help="run failed runs again")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; worker i uses cuda:i)")
+    g.add_argument("--device", type=device_arg, default=None,
+                   help="cpu or cuda (default: cuda if available; worker i uses cuda:i)")
     g.add_argument("--data-dir", default=None, help="local copies of the datasets (default: $PTQLAB_DATA, else the hub)")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--workers", type=at_least(1, "--workers"), default=None,
                    help="local: worker processes (one per GPU; default 1); ray: actors (default: as many as the "
                         "cluster fits)")
     g.add_argument("--stale-after", type=float, default=300.0,
-                   help="seconds without a heartbeat after which another worker takes a run over (default 300)")
+                   help=help_with_default("seconds without a heartbeat after which another worker takes a run over",
+                                          300.0))
     g.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: worker processes on this host; ray: actors on a Ray cluster, the database stays "
-                        "with this process (pip install 'ptqlab[ray]')")
+                   help=help_with_default("local: worker processes on this host; ray: actors on a Ray cluster, the "
+                                          "database stays with this process (pip install 'ptqlab[ray]')", "local"))
     g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="ray: the cluster to join (default: $RAY_ADDRESS, else a new local cluster)")
     g.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
@@ -192,10 +224,11 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-worker", type=float, default=None, metavar="F",
                    help="ray: CPUs (torch threads) per actor (default 1); on a cluster without GPUs, "
                         "one actor per F CPUs")
-    g.add_argument("--max-attempts", type=int, default=None,
+    g.add_argument("--max-attempts", type=at_least(1, "--max-attempts"), default=None,
                    help="ray: tries of a run whose worker process died before it is recorded as failed (default 3)")
     g.add_argument("--progress", action="store_true", help="progress bars inside each run")
-    g.add_argument("--calib-batch", type=int, default=8, help="windows per block forward while calibrating")
+    g.add_argument("--calib-batch", type=at_least(1, "--calib-batch"), default=8,
+                   help=help_with_default("windows per block forward while calibrating", 8))
     g.add_argument("--calib-offload", action="store_true", help="keep calibration hidden states in CPU memory")
 
 
@@ -223,36 +256,41 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("report", help="tables, recommendations and plots from a study database")
-    p.add_argument("db", help="the study database")
-    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("db", help="the study database (opened read-only)")
+    p.add_argument("--format", choices=FORMATS, default="markdown", help=help_with_default("output format", "markdown"))
     p.add_argument("--per-dataset", action="store_true", help="also per-dataset tables (CSV: per-dataset columns)")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG and SVG plots to DIR")
-    p.add_argument("--thresholds", default="0.1,0.5", help="class bounds on delta PPL (default 0.1,0.5)")
-    p.add_argument("--top", type=int, default=5, help="recommendations per class (0: all)")
-    p.add_argument("--output", default=None, help="write the report to this file instead of stdout")
+    p.add_argument("--thresholds", default="0.1,0.5", help=help_with_default("class bounds on delta PPL", "0.1,0.5"))
+    p.add_argument("--top", type=at_least(0, "--top"), default=5,
+                   help=help_with_default("recommendations per class (0: all)", 5))
+    p.add_argument("--output", default=None, help="write the report to this file (default: stdout)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sensitivity", help="quantize one module type / block / layer at a time (RTN) and "
                                            "measure the PPL change")
-    p.add_argument("--model", default="testbed-opt")
+    p.add_argument("--model", default="testbed-opt", help=help_with_default("the model", "testbed-opt"))
     p.add_argument("--granularity", choices=GRANULARITIES, default="module",
-                   help="module: one module type in every block; block: one block; layer: one linear of one block")
-    p.add_argument("--wbits", default="4", help="weight bits, comma-separated for several (16: not quantized)")
-    p.add_argument("--wgroup", type=int, default=0)
-    p.add_argument("--wsym", dest="wsym", action="store_true", default=True)
-    p.add_argument("--wasym", dest="wsym", action="store_false")
-    p.add_argument("--abits", default="16", help="activation bits, comma-separated for several (16: not quantized)")
-    p.add_argument("--agroup", type=int, default=0)
-    p.add_argument("--act-sym", dest="act_sym", action="store_true", default=True)
-    p.add_argument("--act-asym", dest="act_sym", action="store_false")
+                   help=help_with_default("module: one module type in every block; block: one block; layer: one "
+                                          "linear of one block", "module"))
+    p.add_argument("--wbits", default="4",
+                   help=help_with_default("weight bits, comma-separated for several (16: not quantized)", "4"))
+    add_option(p, "wgroup", 0)
+    p.add_argument("--wsym", dest="wsym", action="store_true", default=True, help="symmetric weights (default)")
+    p.add_argument("--wasym", dest="wsym", action="store_false", help="not --wsym")
+    p.add_argument("--abits", default="16",
+                   help=help_with_default("activation bits, comma-separated for several (16: not quantized)", "16"))
+    add_option(p, "agroup", 0)
+    p.add_argument("--act-sym", dest="act_sym", action="store_true", default=True,
+                   help="symmetric activations (default)")
+    p.add_argument("--act-asym", dest="act_sym", action="store_false", help="not --act-sym")
     p.add_argument("--asym", dest="act_sym", action=DeprecatedFlag, const=True, new_flag="--act-sym",
                    help=argparse.SUPPRESS)
     p.add_argument("--aasym", dest="act_sym", action=DeprecatedFlag, const=False, new_flag="--act-asym",
                    help=argparse.SUPPRESS)
-    p.add_argument("--eval", default="wikitext2,ptb")
-    p.add_argument("--seqlen", type=int, default=None)
-    p.add_argument("--max-eval-windows", type=int, default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--thresholds", default="0.1,0.5")
-    _add_worker_args(p)
-    p.set_defaults(func=cmd_sensitivity, db="sensitivity.db")
+    add_option(p, "eval", "wikitext2,ptb")
+    add_option(p, "seqlen")
+    add_option(p, "max_eval_windows")
+    add_option(p, "dtype")
+    p.add_argument("--thresholds", default="0.1,0.5", help=help_with_default("class bounds on delta PPL", "0.1,0.5"))
+    _add_worker_args(p, db_default="sensitivity.db")
+    p.set_defaults(func=cmd_sensitivity)

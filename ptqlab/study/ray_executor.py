@@ -337,12 +337,17 @@ def _raise_interrupt(signum, frame):  # noqa: ANN001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_ray(base: WorkerOptions, requested_device: str | None, ray_opts: RayOptions) -> int:
-    """Work through the study's queue on a Ray cluster; 0 when the queue is empty, 130 is raised as Ctrl-C."""
+def check_ray_options(ray_opts: RayOptions) -> None:
+    """The options that can be checked without a cluster."""
     if ray_opts.max_attempts < 1:
         raise ValueError(f"--max-attempts must be at least 1, got {ray_opts.max_attempts}")
     if ray_opts.workers is not None and ray_opts.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {ray_opts.workers}")
+
+
+def run_ray(base: WorkerOptions, requested_device: str | None, ray_opts: RayOptions) -> int:
+    """Work through the study's queue on a Ray cluster; 0 when the queue is empty, 130 is raised as Ctrl-C."""
+    check_ray_options(ray_opts)
     ray = import_ray()
     store = Store(base.db)
     try:

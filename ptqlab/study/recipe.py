@@ -370,7 +370,7 @@ def _check_value(key: str, value: object, where: str) -> object:
     if key not in VALIDATORS:
         raise RecipeError(f"{where}: {_unknown_key_message(key, VALIDATORS)}")
     try:
-        return VALIDATORS[key](_plain(value))
+        return OPTIONS[key].validate(_plain(value))
     except ValueError as err:
         raise RecipeError(f"{where}: bad value {_plain(value)!r} for '{key}': {err}") from None
 

@@ -123,7 +123,7 @@ class Result:
 def load_results(db: str) -> list[Result]:
     """The runs of a study database. A run computed again on changed data (a new store key for the same
     run dict) replaces the older row, so the report never shows a stale result beside the new one."""
-    with Store(db) as store:
+    with Store(db, readonly=True) as store:  # a report never writes
         latest: dict[str, Result] = {}
         for r in (Result(row) for row in store.rows()):
             same = json.dumps(r.spec, sort_keys=True)

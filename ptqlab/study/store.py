@@ -126,22 +126,38 @@ def pid_alive(pid: int) -> bool:
 class Store:
     """A study database; safe to open from several threads, processes and hosts at once."""
 
-    def __init__(self, path: str | Path, busy_timeout: float = 120.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout: float = 120.0, readonly: bool = False) -> None:
+        """``readonly``: open an existing study database for reading only (reports): nothing is created or
+        written, not even the schema, and a file that is not a study database is an error."""
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.readonly = readonly
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder, not a study database")
+        if readonly and not self.path.is_file():
+            raise StoreError(f"study database {self.path} does not exist")
         if self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb") as f:
                 if f.read(16) != b"SQLite format 3\x00":
                     raise StoreError(f"{self.path} is not a ptqlab study database (not an SQLite file)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif readonly:
+            raise StoreError(f"{self.path} is an empty file, not a ptqlab study database")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = self._connect()
         try:
             version = self._schema_version()
         except sqlite3.DatabaseError as err:
+            self._conn.close()
             raise StoreError(f"{self.path} is not a readable study database: {err}") from None
-        if version != SCHEMA_VERSION:  # only write when the schema is missing (read-only reports)
+        if readonly:
+            if version != SCHEMA_VERSION:
+                self._conn.close()
+                raise StoreError(f"{self.path} is an SQLite file but not a ptqlab study database"
+                                 + (f" of this version (schema {version}, this ptqlab reads {SCHEMA_VERSION})"
+                                    if version is not None else " (it has no ptqlab schema)"))
+            return
+        if version != SCHEMA_VERSION:  # only write when the schema is missing
             with self.transaction() as c:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -160,9 +176,13 @@ class Store:
         return int(row[0]) if row else None
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        # read-only: SQLite's mode=ro URI, so that not even a journal or the schema can be written
+        target, uri = (self.path.resolve().as_uri() + "?mode=ro", True) if self.readonly else (self.path, False)
+        conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False,
+                               uri=uri)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys = ON")
+        if not self.readonly:
+            conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
     def close(self) -> None:
