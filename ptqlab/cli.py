@@ -236,7 +236,7 @@ def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     if given:
         raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
     record = evaluate_saved(a.model, tuple(a.eval), a.seqlen, device, a.dtype, a.max_eval_windows, a.data_dir,
-                            not a.no_progress, a.offload)
+                            not a.no_progress, a.offload, verify=not a.no_verify, eval_batch=a.eval_batch)
     sink.add(record)
     print_table([record])
     for name, value in record["ppl_at_save"].items():
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused if DIR is not empty, unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="with --save: replace DIR if it holds a saved model (written beside it, then swapped in)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --model DIR (a saved folder): skip checking its files against the sha256 digests "
+                        "recorded at save time (one read of the folder)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="FP16 vs RTN, GPTQ and GPTQ+LoRC at W4A16 g128 and W4A8 on a testbed model")
