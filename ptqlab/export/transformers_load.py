@@ -7,8 +7,9 @@ transformers reads a compressed-tensors folder two ways, and they differ in what
   W4A8 model runs with its activations quantized. Its packed layers have no ``weight`` until decompressed, which
   is why ``PeftModel.from_pretrained`` fails on them (``'Linear' object has no attribute 'weight'``): decompress
   first, as :func:`load_with_transformers` does;
-* ``quantization_config=CompressedTensorsConfig(dequantize=True)`` loads dense weights and drops the activation
-  quantization: a W8A8 model then measures as W8A16.
+* ``quantization_config=CompressedTensorsConfig(dequantize=True)`` loads dense weights; transformers 5.24 then
+  drops the activation quantization (a W8A8 model measures as W8A16, seen on the CPU here), 5.17 kept it (seen on
+  an H200). The compressed load keeps it in both.
 
 The folder's ``config.json`` names the dtype the run measured in; load in it (``dtype="auto"``, the default
 here) to get ptqlab's numbers, since transformers' own default is float32 only when the config says nothing.
@@ -53,8 +54,8 @@ def load_with_transformers(directory: str | os.PathLike, dtype: torch.dtype | st
     kwargs = {"dtype": dtype, "device_map": device_map}
     if dequantize:
         if activation_schemes(folder):
-            warnings.warn(f"{folder}: dequantize=True drops the saved activation quantization (a W8A8 model runs "
-                          f"as W8A16); load with dequantize=False to keep it", stacklevel=2)
+            warnings.warn(f"{folder}: dequantize=True can drop the saved activation quantization (transformers "
+                          f"5.24 runs a W8A8 model as W8A16); load with dequantize=False to keep it", stacklevel=2)
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if not dequantize:
