@@ -191,15 +191,21 @@ def check_available(name: str, split: str = "eval", data: str | Path | None = No
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
 
+def sha256_file(path: Path) -> str:
+    """The full sha256 (hex) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
+    """A short content fingerprint, cached per (path, size, mtime) for the process."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FINGERPRINTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+        _FINGERPRINTS[key] = sha256_file(path)[:16]
     return _FINGERPRINTS[key]
 
 

@@ -23,6 +23,7 @@ from . import __version__
 from .config import RunSpec, config_hash
 from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
 from .evaluate import perplexity, perplexity_offloaded
+from .kernels.real import KERNEL_MODES
 from .export import save_quantized, stored_bits_per_weight
 from .models import QuantLinear, get_adapter, load_model, max_positions, model_config
 from .preflight import available_memory, check_writable_folder, gib
@@ -32,7 +33,6 @@ from .testbed import is_testbed_model
 
 __all__ = ["ModelSession", "RunSpec", "check_run", "run"]
 
-KERNEL_MODES = ("auto", "fake", "real")
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -217,8 +217,11 @@ def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, k
     if kernel not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {kernel!r}; choose one of {', '.join(KERNEL_MODES)}")
     if kernel == "real" and (not device.startswith("cuda") or offload):
+        from .kernels.real import available_kernels
+
         raise ValueError(f"--kernel real needs the model on a CUDA device (got {device}"
-                         f"{', offloaded evaluation' if offload else ''}); use --kernel fake or auto")
+                         f"{', offloaded evaluation' if offload else ''}); use --kernel fake or auto. Real kernels "
+                         f"exist for: {available_kernels()}")
     check_save(spec, save, overwrite, kernel)
 
 

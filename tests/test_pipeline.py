@@ -227,7 +227,7 @@ def test_bad_calibration_inputs(tiny_models, data_dir, tmp_path):
         session.seqlen(4096)
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    with pytest.raises(DataError, match="too short"):
+    with pytest.raises(DataError, match="too few for one window"):
         session.calibration(str(short), 4, 64, 0)
 
 

@@ -13,7 +13,6 @@ to the destination at the end, so an interrupted save leaves nothing there.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import sha256_file
 from ..models import QuantLinear
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, weight_codes
 from .pack import pack_codes, pack_zero_points, to_signed
@@ -321,14 +321,6 @@ def _write_config(folder: Path, model: nn.Module, qconfig, dtype: torch.dtype, p
 _NOT_SAVED = ("layers", "time_s", "timings")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_digests(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file below ``folder`` except config.json (which holds the digests)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -371,7 +363,10 @@ def _replace_folder(new: Path, target: Path) -> None:
     except BaseException:
         os.replace(aside, target)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:  # overwrite=True onto a file
+        aside.unlink()
 
 
 def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, record: dict | None = None,

@@ -168,7 +168,7 @@ def verify_files(folder: Path, entry: dict, adapter: bool = True) -> None:
     """Check every file that config.json's ``ptqlab`` entry lists against its sha256 (a missing, truncated or
     altered file is a :class:`LoadError` naming it); folders without digests (other tools) pass. Without
     ``adapter`` the adapter's files are not needed and not checked."""
-    from .checkpoint import sha256_file
+    from ..data import sha256_file
 
     expected = {rel: digest for rel, digest in (entry.get("files") or {}).items()
                 if adapter or not rel.startswith(f"{ADAPTER_DIR}/")}
