@@ -249,7 +249,6 @@ def quantize_model(
     report = QuantReport()
     if config.needs_calibration and calibration is None:
         raise ValueError(f"method '{config.method}' needs calibration windows (--calib)")
-    quantized: list[QuantLinear] = []
     if not any(config.layers.selects(i, name) for i, block in enumerate(adapter.blocks)
                for name in ModelAdapter.linear_layers(block)):
         raise QuantizationError(f"layer filter '{config.layers}' matches no linear layer of the model")
@@ -266,7 +265,7 @@ def quantize_model(
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
             block.to(device)
-            quantized.extend(_quantize_block(index, block, config, hidden, inputs, report, device))
+            _quantize_block(index, block, config, hidden, inputs, report, device)
             block.to("cpu")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -280,7 +279,7 @@ def quantize_model(
         ) from e
 
     if config.quantize_head and config.weight.enabled:
-        quantized.append(_quantize_head(model, adapter, config))
+        _quantize_head(model, adapter, config)
     report.bits_per_weight = model_bits_per_weight(model, config.lorc_bits)
     return report
 
