@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The suite never needs the Hugging Face hub (no network here or in CI): tell its client so, before transformers
+# is imported, so a hub id fails at once instead of probing or retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
