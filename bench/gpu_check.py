@@ -65,7 +65,7 @@ def check_offload() -> None:
 
     calib = torch.randint(0, 8192, (16, 512), generator=torch.Generator().manual_seed(0))
     spec = QuantSpec(4, True, 128)
-    for config in (QuantConfig("gptq", spec, lorc_rank=8), QuantConfig("zq-global", spec, zq=ZQOptions(global_steps=20))):
+    for config in (QuantConfig("gptq", spec, lorc_rank=8), QuantConfig("zq-global", spec, options={"zq": ZQOptions(steps=20)})):
         models = []
         for offload in (False, False, True):  # the repeat shows how deterministic the GPU run is by itself
             model, _ = load_model("testbed-opt", torch.float16)

@@ -27,7 +27,7 @@ def main_set() -> list[QuantConfig]:
         QuantConfig("fp16"),
         QuantConfig("rtn", w8), QuantConfig("rtn", w4), QuantConfig("rtn", w3), QuantConfig("rtn", QuantSpec(4)),
         QuantConfig("gptq", w4), QuantConfig("gptq", w3), QuantConfig("gptq", QuantSpec(4)),
-        QuantConfig("gptq", w3, gptq=__import__("ptqlab").GPTQOptions(act_order=True)),
+        QuantConfig("gptq", w3, options={"gptq": __import__("ptqlab").GPTQOptions(act_order=True)}),
         QuantConfig("rtn", w3, lorc_rank=8), QuantConfig("rtn", w3, lorc_rank=8, lorc_aware=True),
         QuantConfig("gptq", w3, lorc_rank=8), QuantConfig("gptq", w3, lorc_rank=8, lorc_aware=True),
         QuantConfig("gptq", w4, lorc_rank=8), QuantConfig("gptq", w4, lorc_rank=8, lorc_aware=True),
@@ -47,17 +47,17 @@ def zq_set() -> list[QuantConfig]:
     out = []
     for lr in (3e-4, 1e-3, 3e-3, 1e-2):
         for steps in (100, 300):
-            out.append(QuantConfig("zq-local", w3, zq=ZQOptions(steps=steps, lr=lr)))
+            out.append(QuantConfig("zq-local", w3, options={"zq": ZQOptions(steps=steps, lr=lr)}))
     for lr in (1e-4, 3e-4, 1e-3, 3e-3):
         for steps in (50, 200):
-            out.append(QuantConfig("zq-global", w3, zq=ZQOptions(steps=steps, lr=lr)))
+            out.append(QuantConfig("zq-global", w3, options={"zq": ZQOptions(steps=steps, lr=lr)}))
     return out
 
 
 def zq_global_set() -> list[QuantConfig]:
     """ZQ-Global steps x learning rate at W3 g128 (checks that its defaults carry over across models)."""
     w3 = QuantSpec(3, True, 128)
-    return [QuantConfig("zq-global", w3, zq=ZQOptions(steps=steps, lr=lr))
+    return [QuantConfig("zq-global", w3, options={"zq": ZQOptions(steps=steps, lr=lr)})
             for lr in (3e-4, 1e-3, 3e-3) for steps in (50, 100, 200)]
 
 

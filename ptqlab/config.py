@@ -27,29 +27,19 @@ from pathlib import Path
 
 import yaml
 
+from .methods.gptq import GPTQOptions
 from .methods.registry import METHODS, get_method
+from .methods.zeroquant import ZQOptions
+from .options import OPTION_SETS, OptionField, OptionSet, OptionSets, on_register
 from .quantizers import QuantizationError, QuantSpec
+from .transforms import TRANSFORMS, get_transform
+
+__all__ = ["GPTQOptions", "LayerFilter", "OPTIONS", "Option", "QuantConfig", "RunSpec", "ZQOptions", "from_flat"]
 
 TESTBED_CALIBRATION = "testbed"  # calibration alias: the text shipped with the testbed models
 AUTO_CALIBRATION = "auto"  # the testbed text for the testbed models, C4 for any other model
 DTYPE_NAMES = {"auto": "auto", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float32": "float32", "fp32": "float32"}
-
-
-@dataclass(frozen=True)
-class GPTQOptions:
-    blocksize: int = 128
-    percdamp: float = 0.01  # the GPTQ paper's 1% of the mean Hessian diagonal
-    act_order: bool = False
-
-
-@dataclass(frozen=True)
-class ZQOptions:
-    # measured on both testbed models (bench/README.md): 100 steps at lr 1e-3 is the best worst case for
-    # ZQ-Global and ties 300 steps for ZQ-Local, so both methods share one setting
-    steps: int = 100
-    lr: float = 1e-3  # relative to each weight's RMS
-    batch_size: int = 8  # ZQ-Global: windows per distillation step
 
 
 LAYER_GRANULARITIES = ("all", "module", "block", "layer")
@@ -105,7 +95,12 @@ class LayerFilter:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A weight method, a weight spec, an activation spec, LoRC and the layers: what one run does to a model."""
+    """A weight method, a weight spec, an activation spec, LoRC and the layers: what one run does to a model.
+
+    ``transform`` (:mod:`ptqlab.transforms`) runs before the method; ``options`` holds the option sets that
+    methods and transforms declare (``config.options.gptq.percdamp``; a dict of sets or of their fields is
+    accepted and completed with the defaults: ``options={"zq": ZQOptions(steps=3)}``).
+    """
 
     method: str = "rtn"
     weight: QuantSpec = field(default_factory=QuantSpec)
@@ -115,10 +110,17 @@ class QuantConfig:
     lorc_aware: bool = False  # beyond the paper: SVD of the error scaled by the input statistics
     quantize_head: bool = False
     layers: LayerFilter = field(default_factory=LayerFilter)
-    gptq: GPTQOptions = field(default_factory=GPTQOptions)
-    zq: ZQOptions = field(default_factory=ZQOptions)
+    transform: str = "none"
+    options: OptionSets = field(default_factory=OptionSets)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.options, OptionSets):
+            try:
+                object.__setattr__(self, "options", OptionSets(self.options))
+            except (TypeError, ValueError) as err:
+                raise QuantizationError(f"options: {err}") from None
+        if self.transform not in TRANSFORMS:
+            raise QuantizationError(f"unknown transform '{self.transform}'; choose from {', '.join(TRANSFORMS)}")
         if self.method not in METHODS:
             raise QuantizationError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
         method = get_method(self.method)
@@ -136,25 +138,46 @@ class QuantConfig:
             raise QuantizationError(f"lorc_bits must be in 2..8 or 16, got {self.lorc_bits}")
         if self.quantize_head and not self.layers.everything:
             raise QuantizationError("--quantize-head quantizes the LM head: it needs --layers all")
+        check = get_transform(self.transform).check_config
+        why = check(self) if check is not None else None
+        if why:
+            raise QuantizationError(f"--transform {self.transform} with {self.describe_spec()}: {why}")
+
+    def describe_spec(self) -> str:
+        return f"--method {self.method} W{self.weight.bits}A{self.act.bits}"
+
+    @property
+    def gptq(self) -> GPTQOptions:
+        return self.options.gptq
+
+    @property
+    def zq(self) -> ZQOptions:
+        return self.options.zq
 
     @property
     def needs_calibration(self) -> bool:
-        return get_method(self.method).needs_calibration or (self.lorc_rank > 0 and self.lorc_aware)
+        return (get_method(self.method).needs_calibration or (self.lorc_rank > 0 and self.lorc_aware)
+                or get_transform(self.transform).needs_calibration)
 
     @property
     def lorc_spec(self) -> QuantSpec:
         return QuantSpec(bits=self.lorc_bits, symmetric=True)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("weight", "act", "layers"):
+            out[key] = asdict(out[key]) if key != "layers" else str(out[key])
+        out["options"] = self.options.as_dicts()
+        return out
 
     def name(self) -> str:
-        parts = [self.method, f"W{self.weight.bits}A{self.act.bits}"]
+        method = self.method if self.transform == "none" else f"{self.transform}+{self.method}"
+        parts = [method, f"W{self.weight.bits}A{self.act.bits}"]
         if self.weight.enabled:
             parts.append(self.weight.describe())
         if self.act.enabled:
             parts.append("act-" + self.act.describe())
-        if self.method == "gptq" and self.gptq.act_order:
+        if self.method == "gptq" and self.options.gptq.act_order:
             parts.append("act-order")
         if self.lorc_rank:
             parts.append(f"lorc{self.lorc_rank}" + ("-aware" if self.lorc_aware else ""))
@@ -325,13 +348,46 @@ def _calibrates(spec: RunSpec) -> bool:
     return spec.config.needs_calibration
 
 
-def _method_reads(key: str) -> Callable[[RunSpec], bool]:
+def _transform(v: object) -> str:
+    if v not in TRANSFORMS:
+        raise ValueError(f"must be one of {', '.join(TRANSFORMS)}")
+    return v
+
+
+def _transformed(spec: RunSpec) -> bool:
+    return spec.config.transform != "none"
+
+
+def _reads(f: OptionField) -> Callable[[RunSpec], bool]:
+    """Whether a run reads an option-set field: its method lists the key, or its transform reads the set."""
+
     def relevant(spec: RunSpec) -> bool:
-        if key == "percdamp" and spec.config.lorc_rank and spec.config.lorc_aware:
+        if f.meta.key == "percdamp" and spec.config.lorc_rank and spec.config.lorc_aware:
             return True  # activation-aware LoRC damps the Hessian too
-        return key in get_method(spec.config.method).options
+        return (f.meta.key in get_method(spec.config.method).options
+                or f.owner in get_transform(spec.config.transform).option_sets)
 
     return relevant
+
+
+def _check_of(f: OptionField) -> Callable[[object], object]:
+    """An option-set field's check: its own, else one from its default's type."""
+    if f.meta.check is not None:
+        return f.meta.check
+    if f.meta.choices:
+        def choice(v: object) -> str:
+            if v not in f.meta.choices:
+                raise ValueError(f"must be one of {', '.join(f.meta.choices)}")
+            return v  # type: ignore[return-value]
+
+        return choice
+    if isinstance(f.default, bool):
+        return _bool
+    if isinstance(f.default, int):
+        return _int_min(0)
+    if isinstance(f.default, float):
+        return _pos_float
+    raise TypeError(f"option {f.meta.key}: give a check for a {type(f.default).__name__} default")
 
 
 @dataclass(frozen=True)
@@ -376,7 +432,7 @@ class Option:
 
     @property
     def default(self) -> object:
-        return self.get(_DEFAULT_SPEC)
+        return self.get(_default_spec())
 
     def get(self, spec: RunSpec) -> object:
         value = _get_path(spec, self.path)
@@ -395,6 +451,9 @@ def _get_path(obj: object, path: str) -> object:
 
 OPTIONS: dict[str, Option] = {o.key: o for o in [
     Option("method", "config.method", _method, "weight method: " + ", ".join(METHODS)),
+    Option("transform", "config.transform", _transform,
+           "transform before the weight method: " + ", ".join(TRANSFORMS) + " (with --method fp16: alone)",
+           _transformed),
     Option("wbits", "config.weight.bits", _bits, "weight bits, 2..8 (16: not quantized)"),
     Option("wgroup", "config.weight.group_size", _group,
            "weight group size along the input dim (0: per row, -1: per tensor)", _weights),
@@ -410,18 +469,6 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
     Option("quantize_head", "config.quantize_head", _bool, "also quantize the LM head (RTN)", _weights),
     Option("layers", "config.layers", _layers,
            "which linears to quantize: all, module:NAME, block:N or layer:N:NAME (the rest stay full precision)"),
-    Option("blocksize", "config.gptq.blocksize", _int_min(1), "GPTQ lazy-update block size",
-           _method_reads("blocksize")),
-    Option("percdamp", "config.gptq.percdamp", _pos_float,
-           "GPTQ dampening, fraction of the mean Hessian diagonal", _method_reads("percdamp")),
-    Option("act_order", "config.gptq.act_order", _bool, "GPTQ: columns by decreasing Hessian diagonal",
-           _method_reads("act_order")),
-    Option("zq_steps", "config.zq.steps", _int_min(1), "ZQ-Local/Global optimisation steps",
-           _method_reads("zq_steps")),
-    Option("zq_lr", "config.zq.lr", _pos_float, "ZQ learning rate, relative to the weight RMS",
-           _method_reads("zq_lr")),
-    Option("zq_batch", "config.zq.batch_size", _int_min(1), "ZQ-Global batch size (windows)",
-           _method_reads("zq_batch")),
     Option("calib", "calib", _calib,
            "calibration text: wikitext2|ptb|c4 (train split), testbed, a text file, or auto (testbed text for the "
            "testbed models, else c4)", _calibrates, group="data"),
@@ -438,6 +485,29 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
            "evaluate only this many windows (a prefix)", group="data", unset="every window"),
     Option("dtype", "dtype", _dtype, "auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32", group="data"),
 ]}
+def _add_option_set(entry: OptionSet) -> None:
+    """Rows for the fields of a registered option set (methods' and transforms' own options), inserted before
+    the data options so ``--help`` shows them with the quantization group; a set without fields (unregistered)
+    loses its rows."""
+    global _DEFAULT_SPEC
+    for key in [k for k, o in OPTIONS.items() if o.path.startswith(f"config.options.{entry.owner}.")]:
+        del OPTIONS[key]
+    rows = []
+    for f in entry.fields:
+        if f.meta.key in OPTIONS:
+            raise ValueError(f"option set '{entry.owner}': key '{f.meta.key}' is taken by another option")
+        rows.append(Option(f.meta.key, f"config.options.{entry.owner}.{f.name}", _check_of(f), f.meta.help,
+                           _reads(f), negative=f"--no-{f.meta.key.replace('_', '-')}" if isinstance(f.default, bool)
+                           and f.default else None))
+    items = list(OPTIONS.items())
+    OPTIONS.clear()
+    first_data = next(i for i, (_, o) in enumerate(items) if o.group == "data")
+    OPTIONS.update(items[:first_data])
+    OPTIONS.update({o.key: o for o in rows})
+    OPTIONS.update(items[first_data:])
+    _DEFAULT_SPEC = None
+
+
 DEPRECATED_KEYS = {"asym": "act_sym"}
 _TEXT_KEYS = ("eval", "calib", "layers")  # values taken as written: dataset lists, paths, layer filters
 
@@ -488,7 +558,8 @@ def from_flat(flat: dict) -> RunSpec:
     config = QuantConfig(
         method=c["method"], weight=QuantSpec(**c["weight"]), act=QuantSpec(**c["act"]), lorc_rank=c["lorc_rank"],
         lorc_bits=c["lorc_bits"], lorc_aware=c["lorc_aware"], quantize_head=c["quantize_head"],
-        layers=LayerFilter.parse(c["layers"]), gptq=GPTQOptions(**c["gptq"]), zq=ZQOptions(**c["zq"]),
+        layers=LayerFilter.parse(c["layers"]), transform=c["transform"],
+        options=OptionSets({owner: OPTION_SETS[owner].cls(**fields) for owner, fields in c.get("options", {}).items()}),
     )
     top = {k: v for k, v in nested.items() if k != "config"}
     top["eval"] = tuple(top["eval"])
@@ -501,21 +572,37 @@ def _check_table() -> None:
     expected = set()
 
     def walk(obj: object, prefix: str) -> None:
+        if isinstance(obj, OptionSets):
+            for owner, value in obj.items():
+                walk(value, f"{prefix}{owner}.")
+            return
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             path = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(value) and not isinstance(value, (LayerFilter,)):
+            if (dataclasses.is_dataclass(value) and not isinstance(value, (LayerFilter,))) or isinstance(value, OptionSets):
                 walk(value, path + ".")
             elif path != "model":
                 expected.add(path)
 
-    walk(_DEFAULT_SPEC, "")
+    walk(_default_spec(), "")
     if paths != expected:
         raise AssertionError(f"config options and fields disagree: {sorted(paths ^ expected)}")
 
 
-_DEFAULT_SPEC = RunSpec(model="", calib="c4")
-object.__setattr__(_DEFAULT_SPEC, "calib", AUTO_CALIBRATION)  # the default as given, before a model resolves it
+_DEFAULT_SPEC: RunSpec | None = None
+
+
+def _default_spec() -> RunSpec:
+    """The run of all defaults (rebuilt when an option set is registered, so its defaults are in it)."""
+    global _DEFAULT_SPEC
+    if _DEFAULT_SPEC is None:
+        spec = RunSpec(model="", calib="c4")
+        object.__setattr__(spec, "calib", AUTO_CALIBRATION)  # the default as given, before a model resolves it
+        _DEFAULT_SPEC = spec
+    return _DEFAULT_SPEC
+
+
+on_register(_add_option_set)
 _check_table()
 
 

@@ -97,6 +97,7 @@ class ModelSession:
         self.pristine = PristineWeights(self.model, model)
         self.load_time = time.perf_counter() - t0
         self._dirty = False
+        self._transformed = False
         self.adapter = get_adapter(self.model)
         self._tokens: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
         self._calib: dict[tuple, tuple[torch.Tensor, str]] = {}
@@ -119,12 +120,19 @@ class ModelSession:
             self._calib[key] = calibration_windows(self.tokenizer, source, nsamples, seqlen, seed, self.data_dir)
         return self._calib[key]
 
-    def fresh_model(self) -> nn.Module:
-        """The model with its pristine weights, for one run to quantize in place."""
+    def fresh_model(self, transformed: bool = False) -> nn.Module:
+        """The model with its pristine weights, for one run to quantize in place; ``transformed``: that run
+        also changes parameters outside the block linears (a transform), so the next restore reloads them all."""
         if self._dirty:
             self.model.to("cpu")  # runs expect the model in host memory (one block at a time on the device)
-            self.pristine.restore(self.model)
+            if self._transformed and self.pristine.unrestorable:  # no file to restore them from: load again
+                self.model, self.tokenizer = load_model(self.name, self.dtype)
+                self.pristine = PristineWeights(self.model, self.name)
+                self.adapter = get_adapter(self.model)
+            else:
+                self.pristine.restore(self.model, everything=self._transformed)
         self._dirty = True
+        self._transformed = transformed
         return self.model
 
 
@@ -238,13 +246,35 @@ def _check_sizes(spec: RunSpec, hf_config, device: str, calib_offload: bool) -> 
     return seqlen, calib_seqlen
 
 
+def check_transform(spec: RunSpec, hf_config, save: str | None = None) -> None:
+    """The run's transform against the model's family (and, with ``save``, against what a checkpoint holds)."""
+    from .models import MAPPINGS
+    from .transforms import check_transform_model
+
+    config = spec.config
+    if config.transform == "none":
+        return
+    check_transform_model(config, hf_config, spec.model)
+    if save and config.transform == "rotate":
+        if config.options.rotate.online:
+            raise ValueError("--save: the rotation's online Hadamard (on the MLP down-projection input) is not "
+                             "written to checkpoints yet (transformers would not apply it on load); save with "
+                             "--no-rotate-online, or evaluate without --save")
+        if MAPPINGS[hf_config.model_type].layer_norm:
+            raise ValueError(f"--save: rotating {spec.model} ({hf_config.model_type}) folds its final LayerNorm "
+                             f"into the LM head, with a bias that {hf_config.model_type} checkpoints cannot hold; "
+                             f"rotated models save for the RMSNorm families (Llama, Mistral, Qwen2)")
+
+
 def check_run(spec: RunSpec, device: str, data_dir: str | None = None, eval_batch: int | None = None,
               kernel: str = "fake", save: str | None = None, overwrite: bool = False, offload: bool | None = None,
               calib_batch: int = 8, calib_offload: bool = False) -> None:
     """Everything about a run that can be checked before its model is loaded: the execution settings, the
     model's name and config (window lengths, calibration memory) and that its texts can be read."""
     check_execution(spec, device, eval_batch, kernel, save, overwrite, offload, calib_batch)
-    _check_sizes(spec, model_config(spec.model), device, calib_offload)
+    hf_config = model_config(spec.model)
+    check_transform(spec, hf_config, save)
+    _check_sizes(spec, hf_config, device, calib_offload)
     for name in spec.eval:
         check_available(name, "eval", data_dir)
     if spec.config.needs_calibration:
@@ -289,7 +319,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     if calib_source:
         _warn_if_calibrating_on_eval(calib_source, eval_sources)
 
-    model = session.fresh_model()
+    model = session.fresh_model(transformed=spec.config.transform != "none")
     t0 = time.perf_counter()
     report = quantize_model(model, spec.config, calib_windows, session.device, progress, session.calib_batch,
                             session.calib_offload)

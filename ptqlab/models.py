@@ -28,6 +28,82 @@ _LAYOUTS: dict[str, tuple[str, tuple[str, ...], str]] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
 
 
+@dataclass(frozen=True)
+class NormMapping:
+    """A norm inside a block and the linears that read its output (a per-channel scale can move between them)."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """Two linears where ``prev``'s output channels reach ``next``'s inputs linearly (attention's V before its
+    output projection; a gated MLP's up before its down projection): a scale can move from one to the other."""
+
+    prev: str
+    next: str
+
+
+@dataclass(frozen=True)
+class FamilyMapping:
+    """Where the transforms of :mod:`ptqlab.transforms` act in one family (paths inside a block, or the model).
+
+    ``norms`` and ``pairs`` serve the per-channel scalings (SmoothQuant, AWQ), as llm-compressor's
+    ``awq/mappings.py``; ``writers``, ``embeddings``, ``final_norm`` and ``down_proj`` serve the rotation of
+    the residual stream (which linears write into it, what starts it, and the MLP input rotated online).
+    """
+
+    norms: tuple[NormMapping, ...]
+    pairs: tuple[ScalePair, ...]
+    writers: tuple[str, ...]
+    down_proj: str
+    embeddings: tuple[str, ...]
+    final_norm: str
+    embedding_norm: str | None = None  # BLOOM normalises the embeddings before block 0
+    layer_norm: bool = False  # LayerNorm (mean and variance) rather than RMSNorm
+
+
+_LLAMA_MAPPING = FamilyMapping(
+    norms=(NormMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           NormMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    pairs=(ScalePair("self_attn.v_proj", "self_attn.o_proj"), ScalePair("mlp.up_proj", "mlp.down_proj")),
+    writers=("self_attn.o_proj", "mlp.down_proj"), down_proj="mlp.down_proj",
+    embeddings=("model.embed_tokens",), final_norm="model.norm")
+
+# model_type -> where the transforms act; a family missing here cannot take --transform (GPT-2's Conv1D)
+MAPPINGS: dict[str, FamilyMapping] = {
+    "opt": FamilyMapping(
+        norms=(NormMapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               NormMapping("final_layer_norm", ("fc1",))),
+        pairs=(ScalePair("self_attn.v_proj", "self_attn.out_proj"),),
+        writers=("self_attn.out_proj", "fc2"), down_proj="fc2",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        final_norm="model.decoder.final_layer_norm", layer_norm=True),
+    "bloom": FamilyMapping(
+        # BLOOM's fused query_key_value interleaves heads: no V -> dense pair
+        norms=(NormMapping("input_layernorm", ("self_attention.query_key_value",)),
+               NormMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        pairs=(),
+        writers=("self_attention.dense", "mlp.dense_4h_to_h"), down_proj="mlp.dense_4h_to_h",
+        embeddings=("transformer.word_embeddings",), final_norm="transformer.ln_f",
+        embedding_norm="transformer.word_embeddings_layernorm", layer_norm=True),
+    "llama": _LLAMA_MAPPING,
+    "mistral": _LLAMA_MAPPING,
+    "qwen2": _LLAMA_MAPPING,
+}
+
+
+def family_mapping(model_type: str | None, what: str = "this transform") -> FamilyMapping:
+    """The mapping of a family, or a clear error naming the family and those that have one."""
+    if model_type not in MAPPINGS:
+        why = " (GPT-2's Conv1D layers and fused attention have no norm -> linear mapping)" if model_type == "gpt2" else ""
+        raise UnsupportedModelError(f"{what} needs a norm -> linear mapping of the model family, and "
+                                    f"model_type={model_type!r} has none{why}; families with one: "
+                                    f"{', '.join(sorted(MAPPINGS))}")
+    return MAPPINGS[model_type]
+
+
 class UnsupportedModelError(TypeError):
     pass
 
@@ -123,6 +199,9 @@ class QuantLinear(nn.Module):
         self.lorc_v: nn.Parameter | None = None
         self.weight_scale: torch.Tensor | None = None
         self.weight_zero: torch.Tensor | None = None
+        # an orthogonal rotation of the input applied online, before activation quantization (the rotation
+        # transform's Hadamard on the MLP down-projection input; the weight holds W H so y is unchanged)
+        self.input_rotation: str | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str, share: bool = True) -> "QuantLinear":
@@ -165,6 +244,10 @@ class QuantLinear(nn.Module):
         return self.weight + self.lorc_u @ self.lorc_v
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            from .kernels.hadamard import rotate_online
+
+            x = rotate_online(x, self.input_rotation)
         if x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
             from .kernels import act_quant  # Triton: imported only where there is a GPU
 
@@ -195,6 +278,7 @@ class QuantLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.describe()}, "
             f"a={self.act_spec.describe()}, lorc_rank={rank}"
+            + (f", input_rotation={self.input_rotation}" if self.input_rotation else "")
         )
 
 

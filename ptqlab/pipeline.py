@@ -33,7 +33,8 @@ from .config import QuantConfig
 from .hessian import HessianCollector
 from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
 from .methods.zeroquant import local_objective
-from .models import ModelAdapter, QuantLinear, get_adapter, wrap_linears
+from .models import FamilyMapping, ModelAdapter, QuantLinear, family_mapping, get_adapter, wrap_linears
+from .transforms import BlockContext, ModelContext, check_transform_model, get_transform
 from .quantizers import FULL_PRECISION_BITS, QuantizationError, QuantSpec, storage_bits_per_weight, weight_qparams
 
 
@@ -175,9 +176,17 @@ def _quantize_block(
     inputs: BlockInputs | None,
     report: QuantReport,
     device: torch.device,
+    mapping: FamilyMapping | None = None,
 ) -> list[QuantLinear]:
     """Quantize one block on ``device``; with calibration, ``hidden`` is replaced in place by its outputs."""
     method = get_method(config.method)
+    transform = get_transform(config.transform)
+    if transform.prepare_block is not None and hidden is not None:
+        # before the linears are wrapped: the transform sees full-precision inputs and plain modules
+        ctx = BlockContext(index, block, mapping, config, hidden, lambda: forward_only(block, hidden, inputs),
+                           lambda: run_block(block, hidden, inputs, out=torch.empty_like(hidden)), device)
+        with _Timer(report, "transform", device):
+            report.layers.append(transform.prepare_block(ctx))
     linears = wrap_linears(block, prefix=f"blocks.{index}.", select=lambda name: config.layers.selects(index, name))
     for layer in linears.values():
         layer.act_spec = config.act
@@ -254,6 +263,14 @@ def quantize_model(
         raise QuantizationError(f"layer filter '{config.layers}' matches no linear layer of the model")
     if config.lorc_rank:
         _check_lorc_rank(adapter, config)
+    transform = get_transform(config.transform)
+    mapping = None
+    if transform.needs_mapping:
+        check_transform_model(config, model.config, type(model).__name__)
+        mapping = family_mapping(adapter.model_type, f"--transform {config.transform}")
+    if transform.prepare_model is not None:
+        with _Timer(report, "transform", device):  # before calibration: the embeddings may change
+            report.layers.append(transform.prepare_model(ModelContext(model, adapter, mapping, config, device)))
 
     hidden = inputs = None
     where = "capturing the inputs of block 0"
@@ -265,7 +282,7 @@ def quantize_model(
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
             block.to(device)
-            _quantize_block(index, block, config, hidden, inputs, report, device)
+            _quantize_block(index, block, config, hidden, inputs, report, device, mapping)
             block.to("cpu")
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -51,6 +51,11 @@ def _safetensors_index(folder: Path | None) -> dict[str, Path]:
     return out
 
 
+def _all_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter (a transform also changes norms, embeddings and the head)."""
+    return dict(model.named_parameters())
+
+
 def _linear_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights and biases a run may overwrite in place: every linear inside the decoder blocks."""
     adapter = get_adapter(model)
@@ -72,33 +77,44 @@ class PristineWeights:
         self.dtype = next(model.parameters()).dtype
         self.sources: dict[str, tuple[Path, str]] = {}  # param name -> (file, key)
         self.copies: dict[str, torch.Tensor] = {}  # param name -> CPU copy, where no file has it
-        for name, p in _linear_params(model).items():
+        linears = _linear_params(model)
+        for name, p in _all_params(model).items():
             for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
                 if key in index:
                     self.sources[name] = (index[key], key)
                     break
             else:
-                self.copies[name] = p.detach().to("cpu", copy=True)
+                if name in linears:
+                    self.copies[name] = p.detach().to("cpu", copy=True)
+        # parameters outside the block linears that no file holds: a transform's changes to them cannot be undone
+        self.unrestorable = sorted(n for n in _all_params(model) if n not in self.sources and n not in self.copies)
         self.tie_word_embeddings = getattr(model.config, "tie_word_embeddings", None)
 
-    def restore(self, model: nn.Module) -> None:
-        """Undo a run: original modules back in place, their weights reloaded."""
+    def restore(self, model: nn.Module, everything: bool = False) -> None:
+        """Undo a run: original modules back in place, their weights reloaded; ``everything``: every parameter
+        (after a transform, which changes norms, embeddings and the head too), not only the block linears."""
+        if everything and self.unrestorable:
+            raise RuntimeError(f"cannot restore {self.unrestorable[0]} after a transform: no safetensors file holds it")
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 original = getattr(child, "original", None)  # QuantLinear, RealLinear: the layer they replaced
+                while getattr(original, "original", None) is not None:  # a replaced replacement (rotated head)
+                    original = original.original
                 if original is not None:
                     setattr(module, child_name, original)
-        self._reload(model)
+        self._reload(model, everything)
         if self.tie_word_embeddings is not None:
             model.config.tie_word_embeddings = self.tie_word_embeddings
 
     @torch.no_grad()
-    def _reload(self, model: nn.Module) -> None:
+    def _reload(self, model: nn.Module, everything: bool = False) -> None:
         from safetensors import safe_open
 
-        params = _linear_params(model)
+        params = _all_params(model) if everything else _linear_params(model)
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for name, (file, key) in self.sources.items():
+            if name not in params:
+                continue
             by_file.setdefault(file, []).append((name, key))
         for file, items in by_file.items():
             with safe_open(str(file), framework="pt") as f:

@@ -47,7 +47,7 @@ def _quantized(method: str, spec: str, dtype: torch.dtype, calib: torch.Tensor):
     weight, act, rank = SPECS[spec]
     model, tokenizer = load_model(MODEL, dtype)
     layers = LayerFilter() if method == "rtn" else LayerFilter.parse("block:1")
-    config = QuantConfig(method=method, weight=weight, act=act, lorc_rank=rank, zq=ZQOptions(steps=2, batch_size=2),
+    config = QuantConfig(method=method, weight=weight, act=act, lorc_rank=rank, options={"zq": ZQOptions(steps=2, batch_size=2)},
                          layers=layers)
     quantize_(model, config, calib if config.needs_calibration else None)
     return model, tokenizer

@@ -135,7 +135,7 @@ def test_offloaded_activations_give_the_same_model(method, tiny_models, data_dir
     # block's device, targets allocated beside the hidden states); bench/gpu_check.py checks it on the GPU.
     config = QuantConfig(method=method, weight=W4G32)
     if method == "zq-global":
-        config = QuantConfig(method=method, weight=W4G32, zq=ZQOptions(steps=3))
+        config = QuantConfig(method=method, weight=W4G32, options={"zq": ZQOptions(steps=3)})
     models = []
     for offload in (False, True):
         model, tok = load_model(tiny_models["bloom"], torch.float32)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data import sha256_file
-from ..models import QuantLinear
+from ..models import QuantLinear, get_adapter
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, weight_codes
 from .pack import pack_codes, pack_zero_points, to_signed
 
@@ -53,6 +53,15 @@ def _check_exportable(model: nn.Module) -> dict[str, QuantLinear]:
     if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
         raise ExportError("GPT-2's Conv1D layers store transposed weights; compressed-tensors packs nn.Linear "
                           "weights only, so GPT-2 models cannot be saved quantized")
+    rotated = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_rotation]
+    if rotated:
+        raise ExportError(f"{rotated[0]} rotates its input online ({model.get_submodule(rotated[0]).input_rotation}, "
+                          f"the rotation transform's MLP rotation): checkpoints do not carry it yet, and without it "
+                          f"the saved weights compute something else; rotate with --no-rotate-online to save")
+    head = get_adapter(model).lm_head
+    if getattr(head, "bias", None) is not None and hasattr(head, "original") and getattr(head.original, "bias", 1) is None:
+        raise ExportError(f"the LM head has a bias (a transform folded the final LayerNorm into it) that "
+                          f"{model.config.model_type} checkpoints cannot hold")
     act_only = [n for n, m in model.named_modules()
                 if isinstance(m, QuantLinear) and not m.weight_spec.enabled and m.act_spec.enabled]
     if act_only:

@@ -83,8 +83,8 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
     """The real kernel for this layer's (weight, activation) specs, or None if there is none."""
     w: QuantSpec = layer.weight_spec
     a: QuantSpec = layer.act_spec
-    if not w.enabled or w.group_size == PER_TENSOR:
-        return None
+    if not w.enabled or w.group_size == PER_TENSOR or getattr(layer, "input_rotation", None):
+        return None  # (no kernel here rotates its input online: the rotation transform's down-projections)
     if a.enabled:
         if a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric and w.group_size == PER_ROW:
             return {8: "w8a8-int8", 4: "w4a8-int8"}.get(w.bits)
@@ -95,7 +95,8 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
 
 
 def _describe(layer: nn.Module) -> str:
-    return f"W {layer.weight_spec.describe()} / A {layer.act_spec.describe()}"
+    rotated = " + online Hadamard" if getattr(layer, "input_rotation", None) else ""
+    return f"W {layer.weight_spec.describe()} / A {layer.act_spec.describe()}{rotated}"
 
 
 class RealLinear(nn.Module):

@@ -21,8 +21,38 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import option, register_options
 from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
 from .registry import Method, WeightResult, register
+
+
+def _positive_int(v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError("must be an integer >= 1")
+    return v
+
+
+def _positive_float(v: object) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)  # YAML 1.1 reads 1e-3 as text
+        except ValueError:
+            pass
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    blocksize: int = option(128, "GPTQ lazy-update block size", key="blocksize", check=_positive_int)
+    # the GPTQ paper's 1% of the mean Hessian diagonal; activation-aware LoRC damps its Hessian the same way
+    percdamp: float = option(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal", key="percdamp",
+                             check=_positive_float)
+    act_order: bool = option(False, "GPTQ: columns by decreasing Hessian diagonal", key="act_order")
+
+
+register_options("gptq", GPTQOptions)
 
 
 @dataclass
@@ -191,7 +221,7 @@ def gptq_quantize(
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor | None, config, name: str) -> WeightResult:
-    o = config.gptq
+    o = config.options.gptq
     res = gptq_quantize(W, H, config.weight, o.blocksize, o.percdamp, o.act_order, name)
     rows = W.shape[0]
     # per-tensor GPTQ keeps one pair; store it per row like every other spec

@@ -25,7 +25,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quantizers import QuantSpec, fake_quantize, weight_qparams
+from ..options import option, register_options
+from .gptq import _positive_float, _positive_int
 from .registry import BlockProblem, Method, WeightResult, register
+
+
+@dataclass(frozen=True)
+class ZQOptions:
+    # measured on both testbed models (bench/README.md): 100 steps at lr 1e-3 is the best worst case for
+    # ZQ-Global and ties 300 steps for ZQ-Local, so both methods share one setting
+    steps: int = option(100, "ZQ-Local/Global optimisation steps", key="zq_steps", check=_positive_int)
+    lr: float = option(1e-3, "ZQ learning rate, relative to the weight RMS", key="zq_lr", check=_positive_float)
+    batch_size: int = option(8, "ZQ-Global batch size (windows)", key="zq_batch", check=_positive_int)
+
+
+register_options("zq", ZQOptions)
 
 
 def ste_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -173,12 +187,12 @@ def zq_global_block(
 
 
 def _solve_local(W: torch.Tensor, H: torch.Tensor | None, config, name: str) -> WeightResult:
-    res = zq_local_quantize(W, H, config.weight, config.zq.steps, config.zq.lr)
+    res = zq_local_quantize(W, H, config.weight, config.options.zq.steps, config.options.zq.lr)
     return WeightResult(res.weight, res.scale, res.zero)
 
 
 def _solve_global(problem: BlockProblem) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    o = problem.config.zq
+    o = problem.config.options.zq
     # The latent weights start at W, so the first step's forward is exactly RTN.
     history, qparams = zq_global_block(problem.block, problem.linears, problem.config.weight, problem.run_block,
                                        problem.hidden, problem.targets, o.steps, o.lr, o.batch_size)

@@ -87,12 +87,16 @@ def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: P
     abits_values = sorted({r.spec.get("abits", 16) for r in runs}, reverse=True)
     fig = _figure(5.5 * len(abits_values), 4.2)
     axes = fig.subplots(1, len(abits_values), squeeze=False)[0]
-    methods = list(dict.fromkeys(r.spec["method"] for r in runs))
+    def _m(r) -> str:  # the method with its transform (awq+rtn); LoRC is drawn as its own marker
+        t = r.spec.get("transform", "none")
+        return r.spec["method"] if t == "none" else f"{t}+{r.spec['method']}"
+
+    methods = list(dict.fromkeys(_m(r) for r in runs))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, abits in zip(axes, abits_values):
         panel = [r for r in runs if r.spec.get("abits", 16) == abits]
         for m in methods:
-            pts = [r for r in panel if r.spec["method"] == m]
+            pts = [r for r in panel if _m(r) == m]
             plain = [r for r in pts if not r.spec.get("lorc_rank")]
             lorc = [r for r in pts if r.spec.get("lorc_rank")]
             if plain:

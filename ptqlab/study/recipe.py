@@ -246,8 +246,10 @@ def precision_label(spec: dict) -> str:
 
 
 def method_label(spec: dict) -> str:
-    """``gptq``, ``gptq +LoRC8``, ``rtn +LoRC4/16b aware`` (the report's rows)."""
+    """``gptq``, ``gptq +LoRC8``, ``rtn +LoRC4/16b aware``, ``awq+rtn`` (the report's rows)."""
     label = spec.get("method", "rtn")
+    if spec.get("transform", "none") != "none":
+        label = f"{spec['transform']}+{label}"
     r = spec.get("lorc_rank", 0)
     if r:
         label += f" +LoRC{r}"

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from ..config import METHODS
+from ..config import METHODS, TRANSFORMS
 from .recipe import EVAL_KEYS, layer_target, method_label, precision_label
 from .store import Store
 
@@ -108,7 +108,8 @@ class Result:
     @property
     def is_baseline(self) -> bool:
         s = self.spec
-        return self.kind == "quant" and s.get("method") == "fp16" and s.get("wbits") == 16 and s.get("abits") == 16
+        return (self.kind == "quant" and s.get("method") == "fp16" and s.get("wbits") == 16 and s.get("abits") == 16
+                and s.get("transform", "none") == "none")
 
     def delta(self, dataset: str | None = None) -> float | None:
         if not self.done or self.baseline is None or not self.baseline.done:

@@ -34,7 +34,7 @@ def session(request):
 
 def _spec(session, method: str, spec: str, rank: int) -> RunSpec:
     weight, act = SPECS[spec]
-    config = QuantConfig(method=method, weight=weight, act=act, lorc_rank=rank, zq=ZQOptions(steps=20))
+    config = QuantConfig(method=method, weight=weight, act=act, lorc_rank=rank, options={"zq": ZQOptions(steps=20)})
     return RunSpec(model=MODEL, config=config, eval=("heldout",), seqlen=SEQLEN, calib="testbed", nsamples=NSAMPLES,
                    dtype=session.dtype_name)
 
