@@ -245,8 +245,14 @@ def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     given += [flag for flag, value in (("--save", a.save), ("--overwrite", a.overwrite)) if value]
     if given:
         raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
+    if a.tasks:
+        from .tasks import check_tasks
+
+        check_tasks(a.tasks, a.tasks_dir)  # before the model loads
     record = evaluate_saved(a.model, tuple(a.eval), a.seqlen, device, a.dtype, a.max_eval_windows, a.data_dir,
-                            not a.no_progress, a.offload, verify=not a.no_verify, eval_batch=a.eval_batch)
+                            not a.no_progress, a.offload, verify=not a.no_verify, eval_batch=a.eval_batch,
+                            metrics=tuple(a.metrics), tasks=tuple(a.tasks), num_fewshot=a.num_fewshot,
+                            limit=a.limit, tasks_dir=a.tasks_dir)
     sink.add(record)
     print_table([record])
     for name, value in record["ppl_at_save"].items():
