@@ -29,7 +29,8 @@ def session():
 
 
 def _spec(wbits: int = 16, method: str = "rtn", **kw) -> RunSpec:
-    config = QuantConfig(method="fp16") if wbits == 16 else QuantConfig(method=method, weight=QuantSpec(wbits, True, 128))
+    weight = QuantSpec(wbits, True, 128)
+    config = QuantConfig(method="fp16") if wbits == 16 else QuantConfig(method=method, weight=weight)
     return RunSpec(model="testbed-opt", config=config, eval=("heldout",), max_eval_windows=WINDOWS,
                    metrics=("ppl", "kld"), **kw)
 

@@ -69,7 +69,8 @@ def test_quantized_model_in_memory_scored_end_to_end(tmp_path):
     session = ModelSession("testbed-opt", "cpu", progress=False)
     records = {}
     for wbits in (16, 3):
-        config = QuantConfig(method="fp16") if wbits == 16 else QuantConfig(method="rtn", weight=QuantSpec(3, True, 128))
+        weight = QuantSpec(3, True, 128)
+        config = QuantConfig(method="fp16") if wbits == 16 else QuantConfig(method="rtn", weight=weight)
         spec = RunSpec(model="testbed-opt", config=config, eval=("heldout",), max_eval_windows=1, tasks=(TASK,),
                        limit=LIMIT, tasks_dir=str(TASKS))
         records[wbits] = run(spec, session, progress=False)

@@ -38,8 +38,8 @@ def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | No
     """The record of a saved model evaluated as loaded; ``ppl_at_save`` repeats the PPLs recorded when it was saved.
 
     ``seqlen`` defaults to the one the saved run used (else the model's maximum); ``verify`` checks the files
-    against the sha256 digests recorded at save time. ``metrics`` with ``kld``: KL divergence against the base model the run
-    quantized (its FP16 reference from the cache, else computed from that model); ``tasks``: lm-eval tasks
+    against the sha256 digests recorded at save time. ``metrics`` with ``kld``: KL divergence against the base
+    model the run quantized (its FP16 reference from the cache, else computed from that model); ``tasks``: lm-eval tasks
     (:mod:`ptqlab.tasks`). ``bits_per_weight`` is the saved record's, or computed
     from the loaded layers for folders saved without one (the Python API without a record, other tools).
     """
