@@ -94,7 +94,7 @@ def add_option(p, key: str, default: object = ..., help: str | None = None) -> N
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """One ``--key`` per :data:`ptqlab.config.OPTIONS` entry, with the config's defaults and help."""
-    groups = {name: p.add_argument_group(name) for name in ("quantization", "data")}
+    groups = {name: p.add_argument_group(name) for name in dict.fromkeys(o.group for o in OPTIONS.values())}
     for option in OPTIONS.values():
         g = groups[option.group]
         default = option.default
@@ -153,11 +153,21 @@ def _default_device(requested: str | None) -> str:
 
 
 def print_table(records: list[dict], file=None) -> None:
+    """Runs x (bits/w, PPL per dataset, KL divergence per dataset where measured, task accuracies, time)."""
     file = file or sys.stdout
     datasets = sorted({d for r in records for d in r["ppl"]})
-    header = ["run", "bits/w", *datasets, "time s"]
+    kld = sorted({d for r in records for d in r.get("kld", {})})
+    tasks = sorted({t for r in records for t in r.get("tasks", {})})
+
+    def task_value(r: dict, t: str) -> str:
+        values = r.get("tasks", {}).get(t, {})
+        metric = next((m for m in ("acc", "acc_norm", "exact_match") if values.get(m) is not None), None)
+        return "n/a" if metric is None else f"{values[metric]:.3f}"
+
+    header = ["run", "bits/w", *datasets, *[f"KLD {d}" for d in kld], *tasks, "time s"]
     rows = [[r["name"], f"{r['bits_per_weight']:.2f}", *[f"{r['ppl'].get(d, float('nan')):.3f}" for d in datasets],
-             f"{r['time_s']:.1f}"] for r in records]
+             *[f"{r['kld'][d]['mean']:.4f}" if d in r.get("kld", {}) else "" for d in kld],
+             *[task_value(r, t) for t in tasks], f"{r['time_s']:.1f}"] for r in records]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)), file=file)
@@ -235,8 +245,14 @@ def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     given += [flag for flag, value in (("--save", a.save), ("--overwrite", a.overwrite)) if value]
     if given:
         raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
+    if a.tasks:
+        from .tasks import check_tasks
+
+        check_tasks(a.tasks, a.tasks_dir)  # before the model loads
     record = evaluate_saved(a.model, tuple(a.eval), a.seqlen, device, a.dtype, a.max_eval_windows, a.data_dir,
-                            not a.no_progress, a.offload, verify=not a.no_verify, eval_batch=a.eval_batch)
+                            not a.no_progress, a.offload, verify=not a.no_verify, eval_batch=a.eval_batch,
+                            metrics=tuple(a.metrics), tasks=tuple(a.tasks), num_fewshot=a.num_fewshot,
+                            limit=a.limit, tasks_dir=a.tasks_dir)
     sink.add(record)
     print_table([record])
     for name, value in record["ppl_at_save"].items():

@@ -200,9 +200,15 @@ class RunSpec:
     seed: int = 0
     max_eval_windows: int | None = None  # evaluate a prefix only (quick checks)
     dtype: str = "auto"
+    metrics: tuple[str, ...] = ("ppl",)  # on the eval windows: ppl, kld (ptqlab.kld)
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks (ptqlab.tasks)
+    num_fewshot: int | None = None  # None: each task's default
+    limit: int | None = None  # documents per task (None: all)
+    tasks_dir: str | None = None  # folder of task YAMLs (lm-eval include_path)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eval", tuple(self.eval))
+        for name in ("eval", "metrics", "tasks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.calib == AUTO_CALIBRATION:
             from .testbed import is_testbed_model
 
@@ -328,6 +334,44 @@ def _layers(v: object) -> str:
         raise ValueError(str(err).removeprefix("layer filter: ")) from None
 
 
+EVAL_METRICS = ("ppl", "kld")  # what ``metrics`` may name, in record order
+
+
+def _metrics(v: object) -> list[str]:
+    names = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    if isinstance(names, tuple):
+        names = list(names)
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"must be a comma-separated list of {', '.join(EVAL_METRICS)}")
+    bad = [x for x in names if x not in EVAL_METRICS]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a metric; choose from {', '.join(EVAL_METRICS)}")
+    return [m for m in EVAL_METRICS if m in names or m == "ppl"]  # perplexity comes with every evaluation
+
+
+def _tasks(v: object) -> list[str]:
+    import re
+
+    names = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    if isinstance(names, tuple):
+        names = list(names)
+    if not isinstance(names, list) or not all(isinstance(x, str) and re.fullmatch(r"[\w.\-]+", x) for x in names):
+        raise ValueError("must be lm-evaluation-harness task names, comma-separated (e.g. piqa,arc_easy)")
+    if len(set(names)) != len(names):
+        raise ValueError("lists a task twice")
+    return names
+
+
+def _tasks_dir(v: object) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a folder of lm-eval task YAML files")
+    if not Path(v).expanduser().is_dir():
+        raise ValueError(f"task folder {v} does not exist")
+    return v
+
+
 def _always(spec: RunSpec) -> bool:
     return True
 
@@ -346,6 +390,14 @@ def _lorc(spec: RunSpec) -> bool:
 
 def _calibrates(spec: RunSpec) -> bool:
     return spec.config.needs_calibration
+
+
+def _extra_metrics(spec: RunSpec) -> bool:
+    return spec.metrics != ("ppl",)  # the default is left out of the flat form: old study keys stay valid
+
+
+def _has_tasks(spec: RunSpec) -> bool:
+    return bool(spec.tasks)
 
 
 def _transform(v: object) -> str:
@@ -484,6 +536,18 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
     Option("max_eval_windows", "max_eval_windows", _int_min(1, optional=True),
            "evaluate only this many windows (a prefix)", group="data", unset="every window"),
     Option("dtype", "dtype", _dtype, "auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32", group="data"),
+    Option("metrics", "metrics", _metrics,
+           "comma-separated: ppl, kld (KL divergence, top-1 agreement and delta p against the FP16 model on the "
+           "eval windows); ppl is always measured", _extra_metrics, group="evaluation"),
+    Option("tasks", "tasks", _tasks, "comma-separated lm-evaluation-harness tasks to score (pip install "
+           "'ptqlab[eval]'), e.g. lambada_openai,piqa,arc_easy,hellaswag,winogrande", _has_tasks, group="evaluation"),
+    Option("num_fewshot", "num_fewshot", _int_min(0, optional=True), "few-shot examples per task document",
+           _has_tasks, group="evaluation", unset="each task's default"),
+    Option("limit", "limit", _int_min(1, optional=True), "score only the first N documents of each task",
+           _has_tasks, group="evaluation", unset="every document"),
+    Option("tasks_dir", "tasks_dir", _tasks_dir, "folder of task YAMLs (lm-eval include_path) whose dataset "
+           "files are local; relative data_files paths are read from this folder", _has_tasks, group="evaluation",
+           unset="lm-eval's own tasks only"),
 ]}
 def _add_option_set(entry: OptionSet) -> None:
     """Rows for the fields of a registered option set (methods' and transforms' own options), inserted before
@@ -509,7 +573,8 @@ def _add_option_set(entry: OptionSet) -> None:
 
 
 DEPRECATED_KEYS = {"asym": "act_sym"}
-_TEXT_KEYS = ("eval", "calib", "layers")  # values taken as written: dataset lists, paths, layer filters
+# values taken as written: dataset, metric and task lists, paths, layer filters
+_TEXT_KEYS = ("eval", "calib", "layers", "metrics", "tasks", "tasks_dir")
 
 
 def parse_text_value(key: str, text: str) -> object:
@@ -562,7 +627,8 @@ def from_flat(flat: dict) -> RunSpec:
         options=OptionSets({owner: OPTION_SETS[owner].cls(**fields) for owner, fields in c.get("options", {}).items()}),
     )
     top = {k: v for k, v in nested.items() if k != "config"}
-    top["eval"] = tuple(top["eval"])
+    for name in ("eval", "metrics", "tasks"):
+        top[name] = tuple(top[name])
     return RunSpec(model=model, config=config, **top)
 
 

@@ -181,11 +181,32 @@ def check_available(name: str, split: str = "eval", data: str | Path | None = No
         return
     if importlib.util.find_spec("datasets") is None:
         why = "the datasets package is not installed"
-    elif not hub_offline() and not hub_reachable():
+    elif hub_offline():
+        if _in_hf_cache(name):
+            return  # the offline cache may have it: load_text finds out
+        why = "the Hugging Face hub is offline (HF_HUB_OFFLINE) and its caches hold no copy"
+    elif not hub_reachable():
         why = "the Hugging Face hub cannot be reached"
     else:
-        return  # the hub (or its offline cache) may have it: load_text finds out
+        return  # the hub may have it: load_text finds out
     raise DataError(_how_to_provide(name, _LOCAL_FILES[name][0 if split == "eval" else 1]) + f" ({why})")
+
+
+_HUB_IDS = {"wikitext2": ("Salesforce/wikitext", "wikitext"), "ptb": ("ptb_text_only",), "c4": ("allenai/c4",)}
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether the Hugging Face hub or datasets cache holds anything of dataset ``name`` (cheap: folder names)."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE)
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    for repo in _HUB_IDS.get(name, ()):
+        if (hub / f"datasets--{repo.replace('/', '--')}").is_dir():
+            return True
+        if datasets_cache.is_dir() and any(datasets_cache.glob(f"*{repo.rsplit('/', 1)[-1]}*")):
+            return True
+    return False
 
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}

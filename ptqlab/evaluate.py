@@ -9,6 +9,8 @@ windows, each window predicting its tokens 2..seqlen.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,30 +31,50 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, des
     return tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
 
 
-def _window_nll(logits: torch.Tensor, ids: torch.Tensor, desc: str) -> float:
-    """Mean NLL of tokens 2..seqlen of one window given its logits ``[1, seqlen, vocab]``."""
-    nll = nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="mean")
-    if not torch.isfinite(nll):
-        raise EvaluationError(f"{desc}: the model produced a non-finite loss ({nll.item()})")
-    return nll.item()
-
-
-def _batch_nll_sum(logits: torch.Tensor, ids: torch.Tensor, first: int, desc: str) -> torch.Tensor:
-    """Sum over the windows of a batch of their mean NLL (float64, on the device: no sync here).
+def _window_nlls(logits: torch.Tensor, ids: torch.Tensor, first: int, desc: str) -> torch.Tensor:
+    """The mean NLL of tokens 2..seqlen of each window of a batch, ``[b]`` float64 on the device (no sync here).
 
     One window's logits are cast to float32 at a time, so the batch costs one float32 window, not ``b``.
     Then the one finiteness check of the batch (a single sync): the fused activation quantizer does not
     check its inputs, it turns a non-finite row into NaN, which ends up here.
     """
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for i in range(ids.shape[0]):
-        total += nn.functional.cross_entropy(logits[i, :-1].float(), ids[i, 1:], reduction="mean").double()
-    if not bool(torch.isfinite(total)):
+    nll = torch.stack([nn.functional.cross_entropy(logits[i, :-1].float(), ids[i, 1:], reduction="mean").double()
+                       for i in range(ids.shape[0])])
+    if not bool(torch.isfinite(nll.sum())):
         raise EvaluationError(
             f"{desc}: the model produced a non-finite loss in windows {first}..{first + ids.shape[0] - 1} "
             f"(NaN/Inf logits: a quantized layer's input held NaN or Inf, or the model overflowed its dtype)"
         )
-    return total
+    return nll
+
+
+class WindowMetric(Protocol):
+    """Something measured from the logits of every evaluation window (perplexity, KL divergence, ...)."""
+
+    def add(self, first: int, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """Take the logits ``[b, seqlen, vocab]`` of windows ``first..first+b-1`` (their ids ``[b, seqlen]``)."""
+
+    def result(self) -> object: ...
+
+
+class Perplexity:
+    """The GPTQ protocol's perplexity: ``exp`` of the mean over windows of each window's mean token NLL;
+    :attr:`window_nll` keeps the per-window NLLs (a paired comparison of two runs needs them)."""
+
+    def __init__(self, desc: str = "eval") -> None:
+        self.desc = desc
+        self._nll: list[torch.Tensor] = []
+
+    def add(self, first: int, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self._nll.append(_window_nlls(logits, ids, first, self.desc))
+
+    @property
+    def window_nll(self) -> list[float]:
+        return torch.cat(self._nll).cpu().tolist()
+
+    def result(self) -> float:
+        nll = torch.cat(self._nll)
+        return math.exp(float(nll.sum()) / nll.numel())
 
 
 def default_eval_batch(model: nn.Module, seqlen: int, device: str | torch.device) -> int:
@@ -74,7 +96,66 @@ def default_eval_batch(model: nn.Module, seqlen: int, device: str | torch.device
     return int(max(1, min(64, (free // 2) // per_window)))
 
 
+def batched_logits(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu",
+                   eval_batch: int | None = None, desc: str = "eval",
+                   progress: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(first window, logits [b, seqlen, vocab], ids [b, seqlen])`` of the model on the device, ``eval_batch``
+    windows per forward (default: :func:`default_eval_batch`)."""
+    if eval_batch is None:
+        eval_batch = default_eval_batch(model, windows.shape[1], device)
+    if not isinstance(eval_batch, int) or eval_batch < 1:
+        raise EvaluationError(f"{desc}: eval_batch must be a positive number of windows, got {eval_batch!r}")
+    for first in tqdm(range(0, windows.shape[0], eval_batch), desc=desc, disable=not progress, leave=False,
+                      unit="batch"):
+        ids = windows[first : first + eval_batch].to(device)
+        yield first, model(input_ids=ids, use_cache=False).logits, ids
+
+
+def offloaded_logits(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu",
+                     desc: str = "eval", progress: bool = True,
+                     batch_size: int = 8) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The same stream, one window at a time, for a model that does not fit on the device: the hidden states
+    of every window go through block 0, then block 1, ... (as the GPTQ reference evaluates large models);
+    only one block, and at the end the final norm and LM head, are on the device at once."""
+    from .blockio import capture_block_inputs, run_block
+    from .models import get_adapter
+
+    device = torch.device(device)
+    adapter = get_adapter(model)
+    inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
+    hidden = inputs.hidden
+    for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
+        block.to(device)
+        hidden = run_block(block, hidden, inputs, out=hidden)
+        block.to("cpu")
+    tail = [*adapter.final_modules, adapter.lm_head]
+    for m in tail:
+        m.to(device)
+    try:
+        for i, (h, window) in enumerate(zip(hidden, windows)):
+            h = h.unsqueeze(0)
+            for m in adapter.final_modules:
+                h = m(h)
+            yield i, adapter.lm_head(h), window.unsqueeze(0).to(device)
+    finally:
+        for m in tail:
+            m.to("cpu")
+
+
 @torch.no_grad()
+def evaluate_windows(model: nn.Module, windows: torch.Tensor, metrics: list[WindowMetric],
+                     device: str | torch.device = "cpu", offload: bool = False, eval_batch: int | None = None,
+                     desc: str = "eval", progress: bool = True, batch_size: int = 8) -> None:
+    """One pass of the model over the windows, every metric fed from the same logits (so KL divergence costs
+    no second forward). ``offload``: block by block (:func:`offloaded_logits`, ``batch_size`` windows per
+    capture), else ``eval_batch`` windows per forward."""
+    stream = offloaded_logits(model, windows, device, desc, progress, batch_size) if offload else \
+        batched_logits(model, windows, device, eval_batch, desc, progress)
+    for first, logits, ids in stream:
+        for metric in metrics:
+            metric.add(first, logits, ids)
+
+
 def perplexity(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -92,21 +173,12 @@ def perplexity(
     windows go through the model in one forward (default: :func:`default_eval_batch`);
     the result is the same up to float rounding for any batch size.
     """
-    windows = eval_windows(tokens, seqlen, max_windows, desc)
-    if eval_batch is None:
-        eval_batch = default_eval_batch(model, seqlen, device)
-    if not isinstance(eval_batch, int) or eval_batch < 1:
-        raise EvaluationError(f"{desc}: eval_batch must be a positive number of windows, got {eval_batch!r}")
-    total_nll = None
-    starts = range(0, windows.shape[0], eval_batch)
-    for first in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        ids = windows[first : first + eval_batch].to(device)
-        nll = _batch_nll_sum(model(input_ids=ids, use_cache=False).logits, ids, first, desc)
-        total_nll = nll if total_nll is None else total_nll + nll
-    return math.exp(float(total_nll) / windows.shape[0])
+    ppl = Perplexity(desc)
+    evaluate_windows(model, eval_windows(tokens, seqlen, max_windows, desc), [ppl], device, False, eval_batch, desc,
+                     progress)
+    return ppl.result()
 
 
-@torch.no_grad()
 def perplexity_offloaded(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -117,35 +189,9 @@ def perplexity_offloaded(
     progress: bool = True,
     batch_size: int = 8,
 ) -> float:
-    """The same perplexity, for a model that does not fit on the device: one block at a time.
-
-    The hidden states of every window go through block 0, then block 1, ...
-    (as the GPTQ reference evaluates large models); only one block, and at the
-    end the final norm and LM head, are on the device at once.
-    """
-    from .models import get_adapter
-    from .blockio import capture_block_inputs, run_block
-
-    device = torch.device(device)
-    adapter = get_adapter(model)
-    windows = eval_windows(tokens, seqlen, max_windows, desc)
-    inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
-    hidden = inputs.hidden
-    for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
-        block.to(device)
-        hidden = run_block(block, hidden, inputs, out=hidden)
-        block.to("cpu")
-    tail = [*adapter.final_modules, adapter.lm_head]
-    for m in tail:
-        m.to(device)
-    total_nll = 0.0
-    try:
-        for h, window in zip(hidden, windows):
-            h = h.unsqueeze(0)
-            for m in adapter.final_modules:
-                h = m(h)
-            total_nll += _window_nll(adapter.lm_head(h), window.to(device), desc)
-    finally:
-        for m in tail:
-            m.to("cpu")
-    return math.exp(total_nll / windows.shape[0])
+    """The same perplexity, for a model that does not fit on the device: one block at a time
+    (:func:`offloaded_logits`)."""
+    ppl = Perplexity(desc)
+    evaluate_windows(model, eval_windows(tokens, seqlen, max_windows, desc), [ppl], device, True, desc=desc,
+                     progress=progress, batch_size=batch_size)
+    return ppl.result()

@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .config import RunSpec, config_hash
 from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
-from .evaluate import perplexity, perplexity_offloaded
+from .evaluate import Perplexity, eval_windows, evaluate_windows
 from .kernels.real import KERNEL_MODES
 from .export import save_quantized, stored_bits_per_weight
 from .models import QuantLinear, get_adapter, load_model, max_positions, model_config
@@ -51,11 +51,37 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def versions(device: str) -> dict:
+def versions(device: str, with_lm_eval: bool = False) -> dict:
     import transformers
 
-    return {"ptqlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": device_name(device)}
+    out = {"ptqlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "device": device_name(device)}
+    if with_lm_eval:
+        from .tasks import lm_eval_version
+
+        out["lm_eval"] = lm_eval_version()
+    return out
+
+
+def evaluate_splits(model: nn.Module, eval_data: dict[str, tuple[torch.Tensor, str]], seqlen: int,
+                    max_windows: int | None, device: str, offload: bool, eval_batch: int | None, progress: bool,
+                    references: dict | None = None) -> tuple[dict, dict, dict]:
+    """``(ppl, window_nll, kld)`` per dataset, one pass of the model over each split's windows; KL divergence
+    for the datasets that have a reference (:mod:`ptqlab.kld`)."""
+    from .kld import KLDivergence
+
+    ppl, window_nll, kld = {}, {}, {}
+    for name, (tokens, _) in eval_data.items():
+        desc = f"eval {name}"
+        windows = eval_windows(tokens, seqlen, max_windows, desc)
+        metrics = [Perplexity(desc)]
+        if references and name in references:
+            metrics.append(KLDivergence(references[name], device, desc))
+        evaluate_windows(model, windows, metrics, device, offload, eval_batch, desc, progress)
+        ppl[name], window_nll[name] = metrics[0].result(), metrics[0].window_nll
+        if len(metrics) > 1:
+            kld[name] = metrics[1].result()
+    return ppl, window_nll, kld
 
 
 def check_batch(windows: int | None, flag: str) -> None:
@@ -101,6 +127,7 @@ class ModelSession:
         self.adapter = get_adapter(self.model)
         self._tokens: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
         self._calib: dict[tuple, tuple[torch.Tensor, str]] = {}
+        self._fingerprint: str | None = None
 
     def seqlen(self, requested: int | None) -> int:
         return resolve_seqlen(requested, self.adapter.max_seqlen, self.name)
@@ -119,6 +146,26 @@ class ModelSession:
         if key not in self._calib:
             self._calib[key] = calibration_windows(self.tokenizer, source, nsamples, seqlen, seed, self.data_dir)
         return self._calib[key]
+
+    def kld_reference(self, model: nn.Module, windows: torch.Tensor, offload: bool, eval_batch: int | None = None,
+                      progress: bool = True, desc: str = "KL reference"):
+        """The FP16 reference of these windows (:mod:`ptqlab.kld`): from the disk cache, else one pass of
+        ``model``, which must be the pristine one (:meth:`fresh_model`, before it is quantized)."""
+        from .kld import get_reference, reference_key, vocab_size
+        from .study.recipe import model_fingerprint
+
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.name)
+        key = reference_key(self.name, windows, self.dtype, self.device, vocab_size(model), self._fingerprint)
+        if key.path.is_file():
+            return get_reference(model, windows, key, self.device)
+        if not offload:
+            model.to(self.device)
+        try:
+            return get_reference(model, windows, key, self.device, offload, eval_batch, progress, desc)
+        finally:
+            if not offload:
+                model.to("cpu")
 
     def fresh_model(self, transformed: bool = False) -> nn.Module:
         """The model with its pristine weights, for one run to quantize in place; ``transformed``: that run
@@ -275,6 +322,10 @@ def check_run(spec: RunSpec, device: str, data_dir: str | None = None, eval_batc
     hf_config = model_config(spec.model)
     check_transform(spec, hf_config, save)
     _check_sizes(spec, hf_config, device, calib_offload)
+    if spec.tasks:
+        from .tasks import check_tasks
+
+        check_tasks(spec.tasks, spec.tasks_dir)
     for name in spec.eval:
         check_available(name, "eval", data_dir)
     if spec.config.needs_calibration:
@@ -320,6 +371,15 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         _warn_if_calibrating_on_eval(calib_source, eval_sources)
 
     model = session.fresh_model(transformed=spec.config.transform != "none")
+    references, reference_time = {}, 0.0
+    if "kld" in spec.metrics:  # the FP16 distributions, from the pristine model before it is quantized
+        t0 = time.perf_counter()
+        ref_offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
+        for name, (tokens, _) in eval_data.items():
+            windows = eval_windows(tokens, seqlen, spec.max_eval_windows, f"eval {name}")
+            references[name] = session.kld_reference(model, windows, ref_offload, eval_batch, progress,
+                                                     f"KL reference {name}")
+        reference_time = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = quantize_model(model, spec.config, calib_windows, session.device, progress, session.calib_batch,
                             session.calib_offload)
@@ -327,19 +387,26 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     report.calibration = calib_source
 
     offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
-    evaluate = perplexity_offloaded if offload else perplexity
+    if spec.tasks and offload:
+        raise ValueError("--tasks scores the model on the device, and this one does not fit there (offloaded "
+                         "evaluation); drop --tasks or --offload, or use a device with more memory")
     if not offload:
         model.to(session.device)
     from .kernels.real import select_kernels
 
     kernels = select_kernels(model, kernel, session.device, offloaded=offload)
-    eval_kwargs = {} if offload else {"eval_batch": eval_batch}
     t0 = time.perf_counter()
-    ppl = {}
-    for name, (tokens, _) in eval_data.items():
-        ppl[name] = evaluate(model, tokens, seqlen, session.device, spec.max_eval_windows, f"eval {name}", progress,
-                             **eval_kwargs)
+    ppl, window_nll, kld = evaluate_splits(model, eval_data, seqlen, spec.max_eval_windows, session.device, offload,
+                                           eval_batch, progress, references)
     eval_time = time.perf_counter() - t0
+    tasks, tasks_time = None, 0.0
+    if spec.tasks:
+        from .tasks import evaluate_tasks
+
+        t0 = time.perf_counter()
+        tasks = evaluate_tasks(model, session.tokenizer, spec.tasks, spec.num_fewshot, spec.limit, spec.tasks_dir,
+                               progress=progress)
+        tasks_time = time.perf_counter() - t0
     if not offload:
         model.to("cpu")
 
@@ -353,13 +420,18 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "config_hash": config_hash(config),
         "name": spec.config.name(),
         "ppl": ppl,
+        **({"kld": kld} if kld else {}),
+        **({"tasks": tasks} if tasks is not None else {}),
+        "window_nll": window_nll,
         "bits_per_weight": report.bits_per_weight,
         "stored_bits_per_weight": stored_bits_per_weight(model),
         "time_s": time.perf_counter() - start,
-        "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time, **report.timings},
+        "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time,
+                    **({"kld_reference": reference_time} if references else {}),
+                    **({"tasks": tasks_time} if tasks is not None else {}), **report.timings},
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
         "layers": report.layers,
-        "versions": versions(session.device),
+        "versions": versions(session.device, with_lm_eval=tasks is not None),
         "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,

@@ -50,8 +50,9 @@ def _queue_runner(a: argparse.Namespace) -> Callable[[str], int]:
 
 
 def check_plan_data(specs: list[dict], data_dir: str | None) -> None:
-    """Every text the runs read can be loaded (local copy, text file, or the hub): checked before the store
-    is touched, so that a study started without its data leaves no pending runs behind."""
+    """Every text the runs read can be loaded (local copy, text file, or the hub), and every lm-eval task they
+    score exists: checked before the store is touched, so that a study started without its data leaves no
+    pending runs behind."""
     from ..data import check_available
 
     needed: list[tuple[str, str]] = []
@@ -61,6 +62,12 @@ def check_plan_data(specs: list[dict], data_dir: str | None) -> None:
             needed.append((spec["calib"], "calib"))
     for name, split in dict.fromkeys(needed):
         check_available(name, split, data_dir)
+    task_sets = {(tuple(spec["tasks"]), spec.get("tasks_dir")) for spec in specs if spec.get("tasks")}
+    if task_sets:
+        from ..tasks import check_tasks
+
+        for tasks, tasks_dir in task_sets:  # lm-eval there, every task known, its local data present
+            check_tasks(tasks, tasks_dir)
 
 
 def _summary(store, keys: list[str]) -> tuple[dict, list[dict]]:
@@ -141,14 +148,15 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from ..preflight import check_writable_file, check_writable_folder
-    from .report import load_results, parse_thresholds, report
+    from .report import Metric, load_results, parse_thresholds, report
 
     if not Path(a.db).exists():
         raise FileNotFoundError(f"study database {a.db} does not exist")
-    thresholds = parse_thresholds(a.thresholds)
+    metric = Metric.parse(a.metric, a.dataset, a.relative)
+    thresholds = parse_thresholds(a.thresholds) if a.thresholds else metric.default_thresholds
     check_writable_file(a.output, "--output")
     check_writable_folder(a.plots, "--plots")
-    text = report(a.db, a.format, a.per_dataset, thresholds, a.top)
+    text = report(a.db, a.format, a.per_dataset, thresholds, a.top, metric)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(text, encoding="utf-8")
@@ -158,7 +166,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     if a.plots:
         from .plots import make_plots
 
-        paths = make_plots(load_results(a.db), a.plots)
+        paths = make_plots(load_results(a.db), a.plots, metric)
         print(f"{len(paths)} plot files written to {a.plots}" if paths else "no plots: no finished runs to plot",
               file=sys.stderr)
     return 0
@@ -260,7 +268,18 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="markdown", help=help_with_default("output format", "markdown"))
     p.add_argument("--per-dataset", action="store_true", help="also per-dataset tables (CSV: per-dataset columns)")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG and SVG plots to DIR")
-    p.add_argument("--thresholds", default="0.1,0.5", help=help_with_default("class bounds on delta PPL", "0.1,0.5"))
+    p.add_argument("--metric", default="ppl",
+                   help=help_with_default("what classes, ranks, recommendations and the Pareto plot rest on: ppl, "
+                                          "kld (mean KL divergence to FP16; kld.median, kld.p99, kld.top1, kld.dp) "
+                                          "or task:NAME[:METRIC] (lm-eval accuracy, default acc)", "ppl"))
+    p.add_argument("--dataset", default=None,
+                   help="classify on this evaluation dataset (e.g. heldout, the testbed's in-domain text) instead "
+                        "of the mean over the datasets")
+    p.add_argument("--relative", action="store_true",
+                   help="class bounds in percent of the FP16 value (ppl, task metrics)")
+    p.add_argument("--thresholds", default=None,
+                   help="class bounds on the metric's degradation (default: 0.1,0.5 for ppl, the paper's; "
+                        "1,5 with --relative; 0.01,0.05 for kld; 0.01,0.03 for task accuracy)")
     p.add_argument("--top", type=at_least(0, "--top"), default=5,
                    help=help_with_default("recommendations per class (0: all)", 5))
     p.add_argument("--output", default=None, help="write the report to this file (default: stdout)")

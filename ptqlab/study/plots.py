@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from .recipe import method_label, precision_label
-from .report import Result, context_label, precision_sort_key, row_labels
+from .report import PPL, Metric, Result, context_label, precision_sort_key, row_labels
 
 _MARKERS = "osv^<>p*hX"
 
@@ -78,10 +78,18 @@ def _stem(slug: str, contexts_of_model: int, index: int, what: str) -> str:
     return f"{slug}{f'_ctx{index}' if contexts_of_model > 1 else ''}_{what}"
 
 
-def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
-    quant = [r for r in group if r.kind == "quant" and r.done and r.bits_per_weight is not None]
+def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str,
+                     metric: Metric = PPL) -> list[Path]:
+    """The metric (default mean PPL) against bits per weight, with the Pareto front (lower is better: for a
+    task accuracy the y-axis is the accuracy and the front keeps the higher)."""
+    quant = [r for r in group if r.kind == "quant" and r.done and r.bits_per_weight is not None
+             and metric.value(r) is not None]
     base = next((r for r in quant if r.is_baseline), None)
     runs = [r for r in quant if not r.is_baseline]
+    y = metric.value
+    sign = 1.0 if metric.lower_is_better else -1.0
+    ylabel = "mean perplexity" if metric == PPL else ("mean " if metric.kind != "task" and not metric.dataset else "") \
+        + metric.name + (f" ({metric.dataset})" if metric.dataset else "")
     if not runs:
         return []
     abits_values = sorted({r.spec.get("abits", 16) for r in runs}, reverse=True)
@@ -100,29 +108,30 @@ def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: P
             plain = [r for r in pts if not r.spec.get("lorc_rank")]
             lorc = [r for r in pts if r.spec.get("lorc_rank")]
             if plain:
-                ax.scatter([r.bits_per_weight for r in plain], [r.mean_ppl for r in plain], color=colours[m],
+                ax.scatter([r.bits_per_weight for r in plain], [y(r) for r in plain], color=colours[m],
                            marker="o", label=m, zorder=3)
             if lorc:
-                ax.scatter([r.bits_per_weight for r in lorc], [r.mean_ppl for r in lorc], color=colours[m],
+                ax.scatter([r.bits_per_weight for r in lorc], [y(r) for r in lorc], color=colours[m],
                            marker="D", facecolors="none", label=f"{m} + LoRC", zorder=3)
                 for r in lorc:
-                    ax.annotate(f"r{r.spec['lorc_rank']}", (r.bits_per_weight, r.mean_ppl), fontsize=7,
+                    ax.annotate(f"r{r.spec['lorc_rank']}", (r.bits_per_weight, y(r)), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([(r.bits_per_weight, r.mean_ppl) for r in panel])
+        front = pareto_front([(r.bits_per_weight, sign * y(r)) for r in panel])
         if front:
             xs, ys = zip(*front)
+            ys = [sign * v for v in ys]
             ax.step(xs, ys, where="post", color="k", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
         if base is not None:
-            ax.axhline(base.mean_ppl, color="grey", linestyle=":", label=f"FP16 {base.mean_ppl:.2f}")
-        ys = [r.mean_ppl for r in panel] + ([base.mean_ppl] if base else [])
+            ax.axhline(y(base), color="grey", linestyle=":", label=f"FP16 {y(base):.3g}")
+        ys = [y(r) for r in panel] + ([y(base)] if base else [])
         if min(ys) > 0 and max(ys) / min(ys) > 20:
             ax.set_yscale("log")
         ax.set_xlabel("bits per weight (scales, zero points, LoRC included)")
-        ax.set_ylabel("mean perplexity")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"A{abits}" if abits != 16 else "weight-only (A16)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{model}: PPL vs bits ({context_label(context)})", fontsize=10)
+    fig.suptitle(f"{model}: {metric.name} vs bits ({context_label(context)})", fontsize=10)
     return _save(fig, out_dir, stem)
 
 
@@ -211,7 +220,7 @@ def plot_sensitivity(model: str, context: tuple, group: list[Result], out_dir: P
     return paths
 
 
-def make_plots(results: list[Result], out_dir: str | Path) -> list[Path]:
+def make_plots(results: list[Result], out_dir: str | Path, metric: Metric = PPL) -> list[Path]:
     """Write every plot the results allow to ``out_dir``; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +234,8 @@ def make_plots(results: list[Result], out_dir: str | Path) -> list[Path]:
     for (model, context), group in groups.items():
         index = seen[model] = seen.get(model, -1) + 1
         stem = lambda what: _stem(slugs[model], per_model[model], index, what)  # noqa: E731
-        paths += plot_ppl_vs_bits(model, context, group, out_dir, stem("ppl_vs_bits"))
+        what = "ppl" if metric == PPL else re.sub(r"[^A-Za-z0-9]+", "_", metric.name).strip("_").lower()
+        paths += plot_ppl_vs_bits(model, context, group, out_dir, stem(f"{what}_vs_bits"), metric)
         paths += plot_ppl_vs_lorc_rank(model, context, group, out_dir, stem("ppl_vs_lorc_rank"))
         paths += plot_sensitivity(model, context, group, out_dir, stem("sensitivity"))
     paths += plot_size_trends(results, out_dir)  # nothing unless 2+ sizes of a testbed family

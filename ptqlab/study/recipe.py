@@ -53,7 +53,9 @@ DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
 # Every key a run dict can hold, with its default: the config's options (ptqlab.config.OPTIONS).
 DEFAULTS: dict[str, object] = {key: option.default for key, option in OPTIONS.items()}
 # What identifies the evaluation a run is compared under (its baseline shares these).
-EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype")
+EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype", "metrics", "tasks", "num_fewshot", "limit",
+             "tasks_dir")
+LIST_KEYS = ("eval", "metrics", "tasks")  # one value is a list: never split into an axis by --grid
 TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude", "save")
 
 
@@ -182,7 +184,21 @@ def data_fingerprints(spec: dict, data_dir: str | None = None) -> dict[str, str]
     out = {f"eval:{name}": data_fingerprint(name, "eval", data_dir) for name in spec.get("eval", [])}
     if "calib" in spec:
         out["calib"] = data_fingerprint(spec["calib"], "calib", data_dir)
+    if spec.get("tasks_dir"):
+        out["tasks_dir"] = tasks_dir_fingerprint(spec["tasks_dir"])
     return out
+
+
+def tasks_dir_fingerprint(folder: str) -> str:
+    """Content hash of a task folder's files (YAMLs and their local data): edited tasks get new keys."""
+    import hashlib
+
+    from ..data import _file_sha256
+
+    root = Path(folder).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    digest = hashlib.sha256("".join(f"{p.relative_to(root)}:{_file_sha256(p)};" for p in files).encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def model_fingerprint(model: str) -> str:
@@ -297,7 +313,8 @@ def canonical_run(raw: dict) -> tuple[dict | None, str | None]:
 
 def baseline_spec(model: str, eval_settings: dict) -> dict:
     """The FP16 run every run of ``model`` under ``eval_settings`` is compared with."""
-    spec, _ = canonical_run({"model": model, "method": "fp16", **{k: eval_settings[k] for k in EVAL_KEYS}})
+    spec, _ = canonical_run({"model": model, "method": "fp16",
+                             **{k: eval_settings.get(k, DEFAULTS[k]) for k in EVAL_KEYS}})
     return spec
 
 
@@ -343,7 +360,7 @@ def expand(models: list[str], settings: dict, axes_list: list[dict], exclude: li
                     plan.notes["duplicate after normalisation (kept once)"] += 1
                     continue
                 seen.add(key)
-                ctx = {k: spec[k] for k in EVAL_KEYS}
+                ctx = {k: spec.get(k, DEFAULTS[k]) for k in EVAL_KEYS}
                 if ctx not in contexts[model]:
                     contexts[model].append(ctx)
                 by_model[model].append(PlannedRun(spec, key))
@@ -434,7 +451,7 @@ def _parse_exclude(rules: object, source: str, what: str = "exclude") -> list[di
                     raise RecipeError(f"{where}: bad value {_plain(value)!r} for 'model': must be model names")
                 parsed[key] = _plain(vals)
                 continue
-            if key == "eval":
+            if key in LIST_KEYS:
                 parsed[key] = [_check_value(key, value, where)]
                 continue
             vals = value if isinstance(value, list) else [value]
@@ -514,8 +531,8 @@ def load_recipe(path: str | Path, models: list[str] | None = None, overrides: di
 def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
     """``"method=rtn,gptq wbits=3,4"`` -> ``{"method": ["rtn", "gptq"], "wbits": [3, 4]}`` (validated).
 
-    With ``as_axes=False`` each key takes one value.  ``eval`` always takes one
-    value (its comma-separated dataset list), never an axis.
+    With ``as_axes=False`` each key takes one value.  ``eval``, ``metrics`` and
+    ``tasks`` always take one value (their comma-separated list), never an axis.
     """
     out: dict = {}
     for item in shlex.split(text):
@@ -527,7 +544,7 @@ def parse_assignments(text: str, what: str, as_axes: bool) -> dict:
             raise RecipeError(f"{what}: {_unknown_key_message(key, VALIDATORS)}")
         if key in out:
             raise RecipeError(f"{what}: key '{key}' given twice")
-        raw_values = value.split(",") if as_axes and key != "eval" else [value]
+        raw_values = value.split(",") if as_axes and key not in LIST_KEYS else [value]
         values: list = []
         for v in raw_values:
             parsed = parse_text_value(key, v)

@@ -14,6 +14,18 @@ model's FP16 baseline and the paper's sensitivity class:
 of the subtraction).  The recommendation table lists, per class, the
 configurations that stay within it, lowest storage (bits per weight, then
 activation bits) first.  CSV is long-format: one line per run.
+
+That is the default (the paper's). A report can instead rest on any recorded
+metric (:class:`Metric`, ``--metric``): ``ppl``, ``kld`` (mean KL divergence to
+FP16; also ``kld.median``, ``kld.p99``, ``kld.top1`` as disagreement
+``1 - top1``, ``kld.dp`` as ``-dp``) or a task's ``task:NAME[:acc|acc_norm|...]``
+(the drop from FP16's accuracy); on one dataset (``--dataset heldout``) rather
+than the mean over datasets; with bounds relative to the FP16 value
+(``--relative``: percent). A configuration that beats its own FP16 baseline by
+more than noise is flagged and not recommended: noise is twice the standard
+error of the paired per-window NLL difference for PPL (records with
+``window_nll``; older records: the Class-1 bound) and twice the combined
+standard error for task accuracy; KL divergence cannot beat FP16.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from ..config import METHODS, TRANSFORMS
@@ -34,6 +46,140 @@ EPS = 1e-9
 FORMATS = ("markdown", "csv", "latex")
 _EXTRA_KEYS = ("calib", "nsamples", "calib_seqlen", "seed", "blocksize", "percdamp", "act_order", "zq_steps",
                "zq_lr", "zq_batch", "quantize_head", "layers")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a report classifies and ranks by: a recorded value, its degradation from FP16 (>= 0 is worse)."""
+
+    kind: str  # "ppl" | "kld" | "task"
+    field: str = ""  # kld: mean, median, p99, top1, dp; task: the lm-eval metric (acc, acc_norm, ...)
+    task: str = ""
+    dataset: str | None = None  # None: the mean over the evaluation datasets (ppl, kld)
+    relative: bool = False  # degradation in percent of the FP16 value
+
+    @classmethod
+    def parse(cls, text: str, dataset: str | None = None, relative: bool = False) -> "Metric":
+        kind, _, rest = text.partition(":") if text.startswith("task:") else text.partition(".")
+        if text == "ppl":
+            metric = cls("ppl", dataset=dataset, relative=relative)
+        elif kind == "kld" and (rest or "mean") in KLD_FIELDS:
+            metric = cls("kld", rest or "mean", dataset=dataset, relative=relative)
+        elif kind == "task" and rest:
+            task, _, field = rest.partition(":")
+            metric = cls("task", field or "acc", task, None, relative)
+        else:
+            raise ValueError(f"--metric: {text!r} is not a metric; give ppl, kld[.{'|.'.join(KLD_FIELDS)}] or "
+                             f"task:NAME[:METRIC] (e.g. task:piqa:acc_norm)")
+        if metric.relative and metric.kind == "kld":
+            raise ValueError("--relative: KL divergence has no FP16 value to be relative to (it is 0 there); "
+                             "use absolute --thresholds")
+        return metric
+
+    @property
+    def name(self) -> str:
+        base = {"ppl": "PPL", "kld": f"KLD{'' if self.field == 'mean' else ' ' + self.field}",
+                "task": f"{self.task} {self.field}"}[self.kind]
+        return base
+
+    @property
+    def delta_name(self) -> str:
+        if self.kind == "kld":
+            return {"top1": "1-top1", "dp": "-dp"}.get(self.field, self.name)
+        return ("%" if self.relative else "") + f"d{self.name}" if self.kind == "ppl" else \
+            ("%" if self.relative else "") + f"d{self.field}({self.task})"
+
+    @property
+    def default_thresholds(self) -> tuple[float, ...]:
+        return DEFAULT_BOUNDS[(self.kind, self.field if self.kind == "kld" else "", self.relative)]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.kind != "task" or self.field in LOWER_IS_BETTER_TASK_METRICS
+
+    def _one(self, r: "Result", dataset: str) -> float | None:
+        if self.kind == "ppl":
+            return r.ppl.get(dataset)
+        value = ((r.row.get("metrics") or {}).get("kld") or {}).get(dataset, {}).get(self.field)
+        return None if value is None else float(value)
+
+    def value(self, r: "Result") -> float | None:
+        """The recorded value (None when the run has none)."""
+        if not r.done:
+            return None
+        if self.kind == "task":
+            value = ((r.row.get("metrics") or {}).get("tasks") or {}).get(self.task, {}).get(self.field)
+            return None if value is None else float(value)
+        datasets = [self.dataset] if self.dataset else list(r.spec.get("eval", []))
+        values = [self._one(r, d) for d in datasets]
+        if not values or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)
+
+    def degradation(self, r: "Result") -> float | None:
+        """How much worse than FP16 (>= 0 worse; in percent of FP16's value when relative)."""
+        value = self.value(r)
+        if value is None:
+            return None
+        if self.kind == "kld":
+            return {"top1": 1.0 - value, "dp": -value}.get(self.field, value)
+        base = self.value(r.baseline) if r.baseline is not None else None
+        if base is None:
+            return None
+        d = value - base if self.lower_is_better else base - value
+        if self.relative:
+            return 100.0 * d / abs(base) if base else None
+        return d
+
+    def noise(self, r: "Result") -> float | None:
+        """Twice the standard error of the degradation (its units), None where not known."""
+        if self.kind == "kld" or r.baseline is None or not r.done or not r.baseline.done:
+            return None
+        if self.kind == "task":
+            def se(x: Result) -> float | None:
+                v = ((x.row.get("metrics") or {}).get("tasks") or {}).get(self.task, {}).get(f"{self.field}_stderr")
+                return None if v is None else float(v)
+
+            a, b = se(r), se(r.baseline)
+            if a is None or b is None:
+                return None
+            n = 2 * math.sqrt(a * a + b * b)
+        else:
+            datasets = [self.dataset] if self.dataset else list(r.spec.get("eval", []))
+            parts = []
+            for d in datasets:
+                mine = ((r.row.get("metrics") or {}).get("window_nll") or {}).get(d)
+                theirs = ((r.baseline.row.get("metrics") or {}).get("window_nll") or {}).get(d)
+                if not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+                    return None
+                diff = [x - y for x, y in zip(mine, theirs)]
+                mean = sum(diff) / len(diff)
+                sd = math.sqrt(sum((x - mean) ** 2 for x in diff) / (len(diff) - 1))
+                parts.append(r.baseline.ppl[d] * 2 * sd / math.sqrt(len(diff)))  # d PPL = PPL d(mean NLL)
+            n = math.sqrt(sum(x * x for x in parts)) / len(parts)
+        base = self.value(r.baseline)
+        return 100.0 * n / abs(base) if self.relative and base else n
+
+    def beats_baseline(self, r: "Result", thresholds: tuple[float, ...]) -> float | None:
+        """The improvement over FP16 when it exceeds the noise (the Class-1 bound where the noise is unknown):
+        such a run is flagged, not recommended."""
+        d = self.degradation(r)
+        if d is None or d >= 0 or self.kind == "kld":
+            return None
+        noise = self.noise(r)
+        return -d if -d > (thresholds[0] if noise is None else noise) + EPS else None
+
+
+KLD_FIELDS = ("mean", "median", "p99", "top1", "dp")
+LOWER_IS_BETTER_TASK_METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+# class bounds: the paper's for absolute PPL; the others are ptqlab's choices (say so when citing them)
+DEFAULT_BOUNDS: dict[tuple, tuple[float, ...]] = {
+    ("ppl", "", False): DEFAULT_THRESHOLDS, ("ppl", "", True): (1.0, 5.0),
+    ("kld", "mean", False): (0.01, 0.05), ("kld", "median", False): (0.005, 0.025), ("kld", "p99", False): (0.1, 0.5),
+    ("kld", "top1", False): (0.02, 0.1), ("kld", "dp", False): (0.002, 0.01),
+    ("task", "", False): (0.01, 0.03), ("task", "", True): (1.0, 3.0),
+}
+PPL = Metric("ppl")
 
 
 def classify(delta: float, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> int:
@@ -95,7 +241,7 @@ class Result:
 
     @property
     def context(self) -> tuple:
-        return tuple(tuple(self.spec.get(k)) if k == "eval" else self.spec.get(k) for k in EVAL_KEYS)
+        return tuple(tuple(v) if isinstance(v := self.spec.get(k), list) else v for k in EVAL_KEYS)
 
     @property
     def granularity(self) -> str:
@@ -139,12 +285,17 @@ def load_results(db: str) -> list[Result]:
 
 
 def context_label(context: tuple) -> str:
-    seqlen, evals, windows, dtype = context
+    seqlen, evals, windows, dtype, metrics, tasks, fewshot, limit, tasks_dir = context
     parts = [f"seqlen {seqlen if seqlen is not None else 'max'}", "eval " + "+".join(evals)]
     if windows is not None:
         parts.append(f"first {windows} windows")
     if dtype != "auto":
         parts.append(dtype)
+    if metrics:
+        parts.append("metrics " + "+".join(metrics))
+    if tasks:
+        parts.append("tasks " + "+".join(tasks) + (f" {fewshot}-shot" if fewshot is not None else "")
+                     + (f" first {limit}" if limit is not None else ""))
     return ", ".join(parts)
 
 
@@ -196,46 +347,74 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def cell_text(r: Result, thresholds: tuple[float, ...], dataset: str | None = None) -> str:
+def _value_text(metric: Metric, value: float) -> str:
+    return f"{value:.4f}" if metric.kind == "kld" else f"{value:.3f}"
+
+
+def cell_text(r: Result, thresholds: tuple[float, ...], metric: Metric = PPL) -> str:
     if not r.done:
         return r.status
-    value = r.mean_ppl if dataset is None else r.ppl.get(dataset)
+    value = metric.value(r)
     if value is None:
         return "n/a"
-    delta = r.delta(dataset)
+    delta = metric.degradation(r)
     if delta is None:
-        return f"{value:.3f}"
+        return _value_text(metric, value)
+    if metric.kind == "kld":
+        return f"{_value_text(metric, value)} (C{classify(delta, thresholds)})"
     return f"{value:.3f} ({_signed(delta)}, C{classify(delta, thresholds)})"
 
 
-def _class_legend(thresholds: tuple[float, ...]) -> str:
-    parts = [f"Class-1: dPPL <= {thresholds[0]:g}"]
+def _class_legend(thresholds: tuple[float, ...], metric: Metric = PPL) -> str:
+    d = metric.delta_name
+    parts = [f"Class-1: {d} <= {thresholds[0]:g}"]
     for i in range(1, len(thresholds)):
-        parts.append(f"Class-{i + 1}: {thresholds[i - 1]:g} < dPPL <= {thresholds[i]:g}")
-    parts.append(f"Class-{len(thresholds) + 1}: dPPL > {thresholds[-1]:g}")
+        parts.append(f"Class-{i + 1}: {thresholds[i - 1]:g} < {d} <= {thresholds[i]:g}")
+    parts.append(f"Class-{len(thresholds) + 1}: {d} > {thresholds[-1]:g}")
     return "; ".join(parts)
 
 
-def _pivot(results: list[Result], row_of, col_of, row_order, col_order, thresholds, dataset=None):
+def metric_note(metric: Metric, thresholds: tuple[float, ...]) -> str:
+    """Which metric a classification rests on, on which data, with which bounds."""
+    if metric.kind == "task":
+        on = f"{metric.field} on task {metric.task} (drop from FP16)"
+    else:
+        on = f"{metric.name} on {metric.dataset}" if metric.dataset else f"mean {metric.name} over the datasets"
+        on += " (vs FP16)" if metric.kind == "ppl" else " (to FP16)"
+    paper = metric == replace(PPL, dataset=metric.dataset) and thresholds == DEFAULT_THRESHOLDS
+    bounds = ", ".join(f"{t:g}" for t in thresholds) + (" percent of the FP16 value" if metric.relative else "")
+    return f"rests on {on}; class bounds {bounds}" + (" (the paper's)" if paper else "")
+
+
+def _pivot(results: list[Result], row_of, col_of, row_order, col_order, thresholds, metric: Metric = PPL):
     rows_keys = sorted({row_of(r) for r in results}, key=row_order)
     cols_keys = sorted({col_of(r) for r in results}, key=col_order)
     cells = {(row_of(r), col_of(r)): r for r in results}
-    body = [[rk[-1], *[cell_text(cells[(rk, ck)], thresholds, dataset) if (rk, ck) in cells else ""
+    body = [[rk[-1], *[cell_text(cells[(rk, ck)], thresholds, metric) if (rk, ck) in cells else ""
                        for ck in cols_keys]] for rk in rows_keys]
     return [ck[-1] for ck in cols_keys], body, {(rk[-1], ck[-1]): cells[(rk, ck)] for (rk, ck) in cells}
 
 
-def _baseline_note(base: Result | None, datasets: list[str]) -> str:
+def _baseline_note(base: Result | None, datasets: list[str], metric: Metric = PPL) -> str:
     if base is None:
         return "FP16 baseline: not in the database (no degradation or class without it)"
     if not base.done:
         return f"FP16 baseline: {base.status}"
     per = ", ".join(f"{d} {base.ppl[d]:.3f}" for d in datasets if d in base.ppl)
-    return f"FP16 baseline: mean PPL {base.mean_ppl:.3f} ({per}); bits/weight {_fmt(base.bits_per_weight, '.2f')}"
+    text = f"FP16 baseline: mean PPL {base.mean_ppl:.3f} ({per}); bits/weight {_fmt(base.bits_per_weight, '.2f')}"
+    if metric.kind == "task":
+        text += f"; {metric.task} {metric.field} {_fmt(metric.value(base))}"
+    return text
+
+
+def _what(metric: Metric, datasets: list[str]) -> str:
+    if metric.kind == "task":
+        return f"{metric.task} {metric.field}"
+    return f"{metric.dataset} {metric.name}" if metric.dataset else f"mean {metric.name} over {', '.join(datasets)}"
 
 
 def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
-                   per_dataset: bool = False, top: int = 5) -> list[Section]:
+                   per_dataset: bool = False, top: int = 5, metric: Metric = PPL) -> list[Section]:
     sections: list[Section] = []
     groups: dict[tuple, list[Result]] = {}
     for r in results:
@@ -246,52 +425,72 @@ def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAUL
         quant = [r for r in group if r.kind == "quant" and not r.is_baseline]
         sens = [r for r in group if r.kind == "sensitivity"]
         title = f"{model} ({context_label(context)})"
-        sections.append(Section(title, [_baseline_note(base, datasets)], [], [], level=2, kind="model"))
+        sections.append(Section(title, [_baseline_note(base, datasets, metric)], [], [], level=2, kind="model"))
+        cells_note = f"cells: {metric.name} (class)" if metric.kind == "kld" else \
+            f"cells: {metric.name} ({metric.delta_name} vs FP16, class)"
+        split = [None, *(datasets if per_dataset and metric.kind != "task" else [])]
         if quant:
             labels = row_labels(quant)
             row_of = lambda r: (*_method_sort_key(r.spec), labels[id(r)])  # noqa: E731
             col_of = lambda r: (*precision_sort_key(r.spec), precision_label(r.spec))  # noqa: E731
-            for dataset in [None, *(datasets if per_dataset else [])]:
-                cols, body, cells = _pivot(quant, row_of, col_of, lambda k: k, lambda k: k, thresholds, dataset)
-                what = f"mean PPL over {', '.join(datasets)}" if dataset is None else f"{dataset} PPL"
+            for dataset in split:
+                m = metric if dataset is None else replace(metric, dataset=dataset)
+                cols, body, cells = _pivot(quant, row_of, col_of, lambda k: k, lambda k: k, thresholds, m)
                 sections.append(Section(
-                    f"{model}: {what}",
-                    [f"cells: PPL (dPPL vs FP16, class); {_class_legend(thresholds)}"],
+                    f"{model}: {_what(m, datasets)}", [f"{cells_note}; {_class_legend(thresholds, m)}"],
                     ["method", *cols], body, level=3, cells=cells))
-            sections.append(recommendations(model, quant, thresholds, top))
+            sections.append(recommendations(model, quant, thresholds, top, metric))
         for granularity in sorted({r.granularity for r in sens}):
             part = [r for r in sens if r.granularity == granularity]
             order = {t: i for i, t in enumerate(dict.fromkeys(r.target for r in part))}
             row_of = lambda r: (order[r.target], r.target)  # noqa: E731
             col_of = lambda r: (*precision_sort_key(r.spec), precision_label(r.spec))  # noqa: E731
-            for dataset in [None, *(datasets if per_dataset else [])]:
-                cols, body, cells = _pivot(part, row_of, col_of, lambda k: k, lambda k: k, thresholds, dataset)
-                what = "mean PPL" if dataset is None else f"{dataset} PPL"
+            for dataset in split:
+                m = metric if dataset is None else replace(metric, dataset=dataset)
+                cols, body, cells = _pivot(part, row_of, col_of, lambda k: k, lambda k: k, thresholds, m)
+                what = _what(m, datasets).split(" over ")[0]
                 sections.append(Section(
                     f"{model}: sensitivity per {granularity} (RTN on that part only), {what}",
-                    [f"cells: PPL (dPPL vs FP16, class); {_class_legend(thresholds)}"],
+                    [f"{cells_note}; {_class_legend(thresholds, m)}"],
                     [granularity, *cols], body, level=3, cells=cells, kind="sensitivity"))
     return sections
 
 
-def recommendations(model: str, quant: list[Result], thresholds: tuple[float, ...], top: int) -> Section:
-    """Per class (except the last), the configurations that stay in it: lowest bits first."""
+def _storage_order(metric: Metric):
+    return lambda r: (r.bits_per_weight if r.bits_per_weight is not None else 99, r.spec.get("abits", 16),
+                      metric.degradation(r))
+
+
+def recommendations(model: str, quant: list[Result], thresholds: tuple[float, ...], top: int,
+                    metric: Metric = PPL) -> Section:
+    """Per class (except the last), the configurations that stay in it: lowest bits first. A configuration
+    that beats its own FP16 baseline by more than noise is listed as flagged, not recommended."""
     labels = row_labels(quant)
     rows = []
-    done = [r for r in quant if r.delta() is not None]
+    done = [r for r in quant if metric.degradation(r) is not None]
+    flagged = [r for r in done if metric.beats_baseline(r, thresholds) is not None]
+    done = [r for r in done if r not in flagged]
+    value_name = metric.name if metric.kind != "ppl" or metric.dataset else "mean PPL"
     for k in range(1, len(thresholds) + 1):
-        fits = [r for r in done if classify(r.delta(), thresholds) <= k]
-        fits.sort(key=lambda r: (r.bits_per_weight if r.bits_per_weight is not None else 99,
-                                 r.spec.get("abits", 16), r.delta()))
+        fits = sorted((r for r in done if classify(metric.degradation(r), thresholds) <= k), key=_storage_order(metric))
         if not fits:
             rows.append([f"Class-{k}", "none", "", "", "", ""])
         for r in fits[: top or None]:
             rows.append([f"Class-{k}", labels[id(r)], precision_label(r.spec), _fmt(r.bits_per_weight, ".2f"),
-                         f"{r.mean_ppl:.3f}", _signed(r.delta())])
-    return Section(f"{model}: recommendations", [
-        "configurations within each class, lowest bits first (bits/weight includes scales, zero points and "
-        "LoRC factors; then activation bits)" + (f"; top {top} per class" if top else "")],
-        ["within", "method", "precision", "bits/w", "mean PPL", "dPPL"], rows, level=3, kind="recommendations")
+                         _value_text(metric, metric.value(r)), _signed(metric.degradation(r))])
+    for r in flagged:
+        rows.append(["flagged", labels[id(r)], precision_label(r.spec), _fmt(r.bits_per_weight, ".2f"),
+                     _value_text(metric, metric.value(r)), _signed(metric.degradation(r))])
+    notes = ["configurations within each class, lowest bits first (bits/weight includes scales, zero points and "
+             "LoRC factors; then activation bits)" + (f"; top {top} per class" if top else ""),
+             metric_note(metric, thresholds)]
+    if flagged:
+        notes.append("flagged: beats its own FP16 baseline by more than noise (2 standard errors of the paired "
+                     "per-window difference; the Class-1 bound where the record has no per-window NLLs): not "
+                     "recommended, look at it first (calibration on the evaluation text, a baseline on other data)")
+    return Section(f"{model}: recommendations", notes,
+                   ["within", "method", "precision", "bits/w", value_name, metric.delta_name], rows, level=3,
+                   kind="recommendations")
 
 
 def failures_section(results: list[Result]) -> Section | None:
@@ -359,14 +558,22 @@ def _iso(t: float | None) -> str:
 
 
 def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
-               per_dataset: bool = False) -> str:
-    """One line per run (every status), with its baseline, degradation and class."""
+               per_dataset: bool = False, metric: Metric = PPL) -> str:
+    """One line per run (every status), with its baseline, degradation and class (by PPL; with another
+    ``metric``, also that metric's value, degradation, class and flag), the mean KL divergence per dataset
+    and every task score the runs recorded."""
     datasets = sorted({d for r in results for d in r.spec.get("eval", [])}) if per_dataset else []
     header = ["model", "kind", "granularity", "target", "method", "lorc_rank", "row", "precision", "wbits", "wgroup",
               "wsym", "abits", "agroup", "act_sym", "status", "bits_per_weight", "mean_ppl", "baseline_mean_ppl",
               "delta_ppl", "class"]
     for d in datasets:
         header += [f"ppl_{d}", f"delta_{d}", f"class_{d}"]
+    kld_sets = sorted({d for r in results for d in ((r.row.get("metrics") or {}).get("kld") or {})})
+    task_cols = sorted({(t, m) for r in results for t, v in ((r.row.get("metrics") or {}).get("tasks") or {}).items()
+                        for m in v})
+    header += [f"kld_{d}" for d in kld_sets] + [f"{t}_{m}" for t, m in task_cols]
+    if metric != PPL:
+        header += ["metric", "metric_value", "metric_degradation", "metric_class", "metric_flagged"]
     header += ["seqlen", "eval", "max_eval_windows", "dtype", "run_hash", "record_hash", "worker", "attempts",
                "started_at", "finished_at", "error"]
     buf = io.StringIO()
@@ -391,6 +598,14 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
         for d in datasets:
             dd = r.delta(d)
             line += [num(r.ppl.get(d)), num(dd), "" if dd is None else classify(dd, thresholds)]
+        recorded = r.row.get("metrics") or {}
+        line += [num(((recorded.get("kld") or {}).get(d) or {}).get("mean")) for d in kld_sets]
+        line += [num(((recorded.get("tasks") or {}).get(t) or {}).get(m)) for t, m in task_cols]
+        if metric != PPL:
+            md = metric.degradation(r)
+            line += [metric.delta_name, num(metric.value(r)), num(md),
+                     "" if md is None else classify(md, thresholds),
+                     "" if md is None else metric.beats_baseline(r, thresholds) is not None]
         err = (r.row.get("error") or "").splitlines()
         line += [s.get("seqlen"), "+".join(s.get("eval", [])), s.get("max_eval_windows"), s.get("dtype"),
                  r.row["run_hash"], r.row.get("record_hash") or "", r.row.get("worker") or "", r.row["attempts"],
@@ -400,14 +615,17 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
 
 
 def report(db: str, fmt: str = "markdown", per_dataset: bool = False,
-           thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, top: int = 5) -> str:
+           thresholds: tuple[float, ...] | None = None, top: int = 5, metric: Metric = PPL) -> str:
+    """The report of a study database; ``metric`` (default: mean PPL, the paper's) is what classes, ranks and
+    recommendations rest on; ``thresholds`` None: that metric's default bounds (:data:`DEFAULT_BOUNDS`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    thresholds = thresholds or metric.default_thresholds
     results = load_results(db)
     if fmt == "csv":
-        return render_csv(results, thresholds, per_dataset)
-    sections = build_sections(results, thresholds, per_dataset, top)
-    sections += size_trend_sections(results, thresholds)  # empty unless 2+ sizes of a testbed family
+        return render_csv(results, thresholds, per_dataset, metric)
+    sections = build_sections(results, thresholds, per_dataset, top, metric)
+    sections += size_trend_sections(results, thresholds, metric.dataset, metric)  # 2+ sizes of a testbed family
     failures = failures_section(results)
     if failures is not None:
         sections.append(failures)
@@ -459,26 +677,31 @@ def size_trend_groups(results: list[Result]) -> dict[tuple, dict[int, list[Resul
 
 
 def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
-                        dataset: str | None = None) -> list[Section]:
+                        dataset: str | None = None, metric: Metric = PPL) -> list[Section]:
     """The size study's tables, per family and evaluation setting: dPPL of every configuration against
     the parameter count (with whether it falls or rises with size), the sensitivity class of each
     precision per size (best method), and per size the lowest-bit configuration of each class.
 
-    ``dataset`` None: the first evaluation dataset of the setting (``heldout`` in recipes/sizes.yaml).
+    ``dataset`` None: the first evaluation dataset of the setting (``heldout`` in recipes/sizes.yaml);
+    ``metric``: what the degradation is (default dPPL); a run that beats its FP16 by more than noise is not
+    recommended (:meth:`Metric.beats_baseline`).
     """
     sections: list[Section] = []
     for (family, context), by_size in size_trend_groups(results).items():
         ds = dataset or context[1][0]
+        m = replace(metric, dataset=ds) if metric.kind != "task" else metric
+        on = ds if metric.kind != "task" else metric.task
+        dn = m.delta_name
         sizes = sorted(by_size)
         cols = [_size_label(p) for p in sizes]
         models = {p: by_size[p][0].model for p in sizes}
         base = {p: by_size[p][0].baseline.ppl.get(ds) for p in sizes}
         sections.append(Section(
-            f"Size trends: {family} ({context_label(context)}), {ds} PPL",
+            f"Size trends: {family} ({context_label(context)}), {on} {m.name}",
             [f"models: {', '.join(f'{models[p]} ({_size_label(p)} parameters)' for p in sizes)}",
              "FP16 PPL: " + ", ".join(f"{_size_label(p)} {_fmt(base[p])}" for p in sizes)],
             [], [], level=2, kind="size-trend"))
-        # 1. dPPL of each configuration against size
+        # 1. the degradation of each configuration against size
         keyed: dict[tuple, dict[int, Result]] = {}
         for p in sizes:
             for r in by_size[p]:
@@ -488,7 +711,7 @@ def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = D
         rows, cells = [], {}
         for key in sorted(keyed):
             per = keyed[key]
-            deltas = [per[p].delta(ds) if p in per else None for p in sizes]
+            deltas = [m.degradation(per[p]) if p in per else None for p in sizes]
             known = [d for d in deltas if d is not None]
             row = [key[-2], key[-1]]
             for p, d in zip(sizes, deltas):
@@ -498,9 +721,9 @@ def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = D
             row.append(_trend_word(known) if len(known) == len(sizes) else "incomplete")
             rows.append(row)
         sections.append(Section(
-            f"{family}: dPPL vs parameter count ({ds})",
-            [f"cells: dPPL vs the size's own FP16 (class); {_class_legend(thresholds)}; "
-             "trend: how dPPL moves from the smallest to the largest size"],
+            f"{family}: {dn} vs parameter count ({on})",
+            [f"cells: {dn} vs the size's own FP16 (class); {_class_legend(thresholds, m)}; "
+             f"trend: how {dn} moves from the smallest to the largest size"],
             ["precision", "method", *cols, "trend"], rows, level=3, cells=cells, kind="size-trend"))
         # 2. class of each precision per size, with its best method
         prec: dict[tuple, dict[int, Result]] = {}
@@ -508,7 +731,9 @@ def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = D
             for p, r in per.items():
                 pk = (*precision_sort_key(r.spec), key[-2])
                 best = prec.setdefault(pk, {}).get(p)
-                if best is None or r.delta(ds) < best.delta(ds):
+                if m.degradation(r) is None:
+                    continue
+                if best is None or m.degradation(r) < m.degradation(best):
                     prec[pk][p] = r
         rows = []
         for pk in sorted(prec):
@@ -516,25 +741,34 @@ def size_trend_sections(results: list[Result], thresholds: tuple[float, ...] = D
             for p in sizes:
                 r = prec[pk].get(p)
                 row.append("" if r is None else
-                           f"Class-{classify(r.delta(ds), thresholds)} ({method_label(r.spec)}, {_signed(r.delta(ds))})")
+                           f"Class-{classify(m.degradation(r), thresholds)} ({method_label(r.spec)}, "
+                           f"{_signed(m.degradation(r))})")
             rows.append(row)
         sections.append(Section(
-            f"{family}: class by size ({ds})", ["cells: the class of the best method at that precision (its dPPL)"],
+            f"{family}: class by size ({on})", [f"cells: the class of the best method at that precision (its {dn})"],
             ["precision", *cols], rows, level=3, kind="size-trend"))
         # 3. per-size recommendation: the fewest bits that stay within each class
-        rows = []
+        rows, flagged = [], []
         for p in sizes:
             row = [f"{models[p]} ({_size_label(p)})"]
+            candidates = [r for r in by_size[p] if m.degradation(r) is not None]
+            flagged += [r for r in candidates if m.beats_baseline(r, thresholds) is not None]
+            candidates = [r for r in candidates if m.beats_baseline(r, thresholds) is None]
             for k in range(1, len(thresholds) + 1):
-                fits = [r for r in by_size[p] if r.delta(ds) is not None and classify(r.delta(ds), thresholds) <= k]
-                fits.sort(key=lambda r: (r.bits_per_weight if r.bits_per_weight is not None else 99,
-                                         r.spec.get("abits", 16), r.delta(ds)))
+                fits = sorted((r for r in candidates if classify(m.degradation(r), thresholds) <= k),
+                              key=_storage_order(m))
                 row.append("none" if not fits else
-                           f"{precision_label(fits[0].spec)} {method_label(fits[0].spec)} ({_signed(fits[0].delta(ds))})")
+                           f"{precision_label(fits[0].spec)} {method_label(fits[0].spec)} "
+                           f"({_signed(m.degradation(fits[0]))})")
             rows.append(row)
+        notes = ["the configuration with the fewest bits per weight (then activation bits) that stays within each "
+                 "class", metric_note(m, thresholds)]
+        if flagged:
+            notes.append("flagged, not recommended (beat their own FP16 by more than noise): " + ", ".join(
+                f"{r.model} {precision_label(r.spec)} {method_label(r.spec)} ({_signed(m.degradation(r))})"
+                for r in flagged))
         sections.append(Section(
-            f"{family}: recommendation per size ({ds})",
-            ["the configuration with the fewest bits per weight (then activation bits) that stays within each class"],
+            f"{family}: recommendation per size ({on})", notes,
             ["model", *[f"within Class-{k}" for k in range(1, len(thresholds) + 1)]], rows, level=3,
             kind="size-trend"))
     return sections

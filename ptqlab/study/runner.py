@@ -165,7 +165,9 @@ def _say(worker: str, message: str) -> None:
 def _ppl_text(record: dict) -> str:
     ppl = record["ppl"]
     mean = sum(ppl.values()) / len(ppl)
-    return " ".join(f"{k}={v:.3f}" for k, v in ppl.items()) + f" mean={mean:.3f} bits/w={record['bits_per_weight']:.2f}"
+    kld = " ".join(f"kld:{k}={v['mean']:.4f}" for k, v in record.get("kld", {}).items())
+    return " ".join(f"{k}={v:.3f}" for k, v in ppl.items()) + f" mean={mean:.3f}" + (f" {kld}" if kld else "") \
+        + f" bits/w={record['bits_per_weight']:.2f}"
 
 
 def _raise_interrupt(signum, frame):  # noqa: ANN001

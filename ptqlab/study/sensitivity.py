@@ -63,13 +63,15 @@ def targets(model: str, granularity: str) -> list[str]:
 def sensitivity_spec(model: str, granularity: str, target: str, wbits: int = 4, wgroup: int = 0, wsym: bool = True,
                      abits: int = 16, agroup: int = 0, act_sym: bool = True, seqlen: int | None = None,
                      eval: list[str] | None = None, max_eval_windows: int | None = None,
-                     dtype: str = "auto") -> dict:
-    """The run dict of one sensitivity run: RTN with a layer filter (an ordinary run of the config)."""
+                     dtype: str = "auto", **evaluation: object) -> dict:
+    """The run dict of one sensitivity run: RTN with a layer filter (an ordinary run of the config);
+    ``evaluation``: the other evaluation keys (metrics, tasks, ...: recipe.EVAL_KEYS)."""
     if wbits == 16 and abits == 16:
         raise RecipeError("sensitivity needs --wbits or --abits below 16")
     flat = {"model": model, "method": "rtn", "wbits": wbits, "wgroup": wgroup, "wsym": wsym, "abits": abits,
             "agroup": agroup, "act_sym": act_sym, "layers": f"{granularity}:{target}", "seqlen": seqlen,
-            "eval": list(eval or DEFAULTS["eval"]), "max_eval_windows": max_eval_windows, "dtype": dtype}
+            "eval": list(eval or DEFAULTS["eval"]), "max_eval_windows": max_eval_windows, "dtype": dtype,
+            **evaluation}
     return {"kind": "sensitivity", **from_flat(flat).to_flat()}
 
 
@@ -81,6 +83,6 @@ def plan_sensitivity(model: str, granularity: str, precisions: list[dict], eval_
     for precision in precisions:
         for target in targets(model, granularity):
             spec = sensitivity_spec(model, granularity, target, **precision,
-                                    **{k: eval_settings[k] for k in EVAL_KEYS})
+                                    **{k: eval_settings.get(k, DEFAULTS[k]) for k in EVAL_KEYS})
             runs.append(PlannedRun(spec, run_key(spec, data_dir)))
     return runs

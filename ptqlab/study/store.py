@@ -11,8 +11,10 @@ Tables
     ``config_json`` (``record["config"]``), ``record_hash``
     (``record["config_hash"]``), ``ppl_json``, ``mean_ppl``,
     ``bits_per_weight``, ``timings_json``, ``versions_json``,
-    ``data_sources_json``, ``layers_json``; ``started_at`` / ``finished_at``
-    are Unix times.
+    ``data_sources_json``, ``layers_json``, ``metrics_json`` (the record's
+    ``kld``, ``tasks`` and ``window_nll``; a column added to schema 1 in
+    place, databases without it read as having none); ``started_at`` /
+    ``finished_at`` are Unix times.
 ``ppl``
     The normalised perplexities: ``(run_hash, dataset, ppl)``.
 ``meta``
@@ -47,6 +49,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
+RECORD_METRICS = ("kld", "tasks", "window_nll")  # what metrics_json keeps of a record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -81,7 +84,8 @@ CREATE TABLE IF NOT EXISTS runs (
     versions_json     TEXT,
     data_sources_json TEXT,
     layers_json       TEXT,
-    error             TEXT
+    error             TEXT,
+    metrics_json      TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, model, seq);
 CREATE TABLE IF NOT EXISTS ppl (
@@ -157,6 +161,8 @@ class Store:
                                  + (f" of this version (schema {version}, this ptqlab reads {SCHEMA_VERSION})"
                                     if version is not None else " (it has no ptqlab schema)"))
             return
+        if version == SCHEMA_VERSION:
+            self._add_missing_columns()
         if version != SCHEMA_VERSION:  # only write when the schema is missing
             with self.transaction() as c:
                 for statement in _SCHEMA.split(";"):
@@ -167,6 +173,13 @@ class Store:
                     c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise StoreError(f"{self.path}: schema version {row[0]}, this ptqlab writes {SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to schema 1 after its first release (additive: older ptqlab ignores them)."""
+        have = {r[1] for r in self._conn.execute("PRAGMA table_info(runs)").fetchall()}
+        if "metrics_json" not in have:
+            with self.transaction() as c:
+                c.execute("ALTER TABLE runs ADD COLUMN metrics_json TEXT")
 
     def _schema_version(self) -> int | None:
         try:
@@ -309,13 +322,13 @@ class Store:
             cur = c.execute(
                 "UPDATE runs SET status = 'done', finished_at = ?, heartbeat_at = ?, claim_token = NULL, "
                 "config_json = ?, record_hash = ?, ppl_json = ?, mean_ppl = ?, bits_per_weight = ?, time_s = ?, "
-                "timings_json = ?, versions_json = ?, data_sources_json = ?, layers_json = ?, error = NULL "
-                "WHERE run_hash = ? AND claim_token = ? AND status = 'running'",
+                "timings_json = ?, versions_json = ?, data_sources_json = ?, layers_json = ?, metrics_json = ?, "
+                "error = NULL WHERE run_hash = ? AND claim_token = ? AND status = 'running'",
                 (time.time(), time.time(), json.dumps(record["config"], sort_keys=True), record.get("config_hash"),
                  json.dumps(ppl, sort_keys=True), mean, record.get("bits_per_weight"), record.get("time_s"),
                  json.dumps(timings), json.dumps(record.get("versions", {})),
                  json.dumps(record.get("data_sources", {})), json.dumps(record.get("layers", [])),
-                 claim.run_hash, claim.token),
+                 json.dumps({k: record[k] for k in RECORD_METRICS if k in record}), claim.run_hash, claim.token),
             )
             if not cur.rowcount:
                 return False
@@ -373,8 +386,8 @@ class Store:
         out = []
         for r in self._conn.execute(query, (kind,) if kind else ()).fetchall():
             d = dict(r)
-            for col in ("spec", "config", "ppl", "timings", "versions", "data_sources", "layers"):
-                raw = d.pop(f"{col}_json")
+            for col in ("spec", "config", "ppl", "timings", "versions", "data_sources", "layers", "metrics"):
+                raw = d.pop(f"{col}_json", None)
                 d[col] = json.loads(raw) if raw else None
             out.append(d)
         return out
