@@ -596,8 +596,10 @@ def _spec(fields: dict, prefix: str) -> QuantSpec:
     except QuantizationError as err:
         if fields.get("fmt", "int") == "int":
             raise
-        flags = f"--{prefix}fmt {fields['fmt']} --{prefix}bits {fields['bits']} --{prefix}group {fields['group_size']}"
-        raise QuantizationError(f"{flags}: {err}") from None
+        field = getattr(err, "field", None)
+        flag = {"bits": f"--{prefix}bits {fields['bits']}", "group_size": f"--{prefix}group {fields['group_size']}",
+                "symmetric": "--wasym" if prefix == "w" else "--act-asym"}.get(field, "")
+        raise QuantizationError(f"--{prefix}fmt {fields['fmt']} {flag}".strip() + f": {err}") from None
 
 
 def _check_table() -> None:

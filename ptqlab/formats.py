@@ -20,7 +20,8 @@ group, chosen as compressed-tensors 0.20 (and so llm-compressor and vLLM) choose
 Rounding is to the nearest grid value, ties to even, saturating at the format's maximum (NaN
 stays NaN): E4M3 by torch's own ``float8_e4m3fn`` cast after a clamp, E2M1 by
 compressed-tensors' ``cast_to_fp4``. A block of zeros gets scale 1 (it decodes to zeros under
-any scale), as ptqlab's integer grids do.
+any scale), as ptqlab's integer grids do; nvfp4 block scales are at least the smallest E4M3 number,
+2**-9 (zero blocks included), so no block scale is 0.
 
 Float formats are symmetric (sign and magnitude, no zero point): their ``zero`` is 0.
 """
@@ -139,19 +140,29 @@ register(Format("nvfp4", "NVFP4: E2M1 with an E4M3 scale per block of 16 and an 
 FORMAT_NAMES = tuple(FORMATS)
 
 
-def get_format(name: str) -> Format:
+def _error(field: str, message: str):
+    """A QuantizationError that says which field of the spec it is about (``bits``, ``group_size``, ``symmetric``),
+    so that the config can name the flag."""
     from .quantizers import QuantizationError
 
+    err = QuantizationError(message)
+    err.field = field
+    return err
+
+
+def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
+        from .quantizers import QuantizationError
+
         raise QuantizationError(f"unknown number format {name!r}; choose from {', '.join(FORMATS)}") from None
 
 
 def normalize(bits: int, symmetric: bool, group_size: int, fmt: str) -> tuple[int, int]:
     """``(bits, group_size)`` of a spec in format ``fmt``, checked: a float format fixes its bits (16, the
     "not quantized" default, is read as them) and its blocks (0, the per-row default, is read as its block)."""
-    from .quantizers import FULL_PRECISION_BITS, PER_ROW, QuantizationError
+    from .quantizers import FULL_PRECISION_BITS, PER_ROW
 
     f = get_format(fmt)
     if not f.is_float:
@@ -159,15 +170,15 @@ def normalize(bits: int, symmetric: bool, group_size: int, fmt: str) -> tuple[in
     if bits == FULL_PRECISION_BITS:
         bits = f.bits
     if bits != f.bits:
-        raise QuantizationError(f"{fmt} stores {f.bits}-bit values: bits must be {f.bits} (or left at the default), "
-                                f"got {bits}")
+        raise _error("bits", f"{fmt} stores {f.bits}-bit values: bits must be {f.bits} (or left at the default), "
+                             f"got {bits}")
     if not symmetric:
-        raise QuantizationError(f"{fmt} is a sign-magnitude float format (no zero point): it cannot be asymmetric")
+        raise _error("symmetric", f"{fmt} is a sign-magnitude float format (no zero point): it cannot be asymmetric")
     if group_size == PER_ROW and f.block:
         group_size = f.block
     if group_size not in f.groups:
-        raise QuantizationError(f"{fmt} allows group size {f.allowed_groups}"
-                                + (" (or the default 0, read as it)" if f.block else "") + f", got {group_size}")
+        raise _error("group_size", f"{fmt} allows group size {f.allowed_groups}"
+                     + (" (or the default 0, read as it)" if f.block else "") + f", got {group_size}")
     return bits, group_size
 
 
