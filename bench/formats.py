@@ -3,8 +3,8 @@
     OUT=bench/results python bench/formats.py --out $OUT/formats_h200.jsonl [--models ...] [--eval heldout]
 
 Per model: FP16; W8A8 INT8 (per channel / per token) against FP8 (E4M3, per channel / per token); W4A16 INT4 g128
-against MXFP4 (g32, E8M0 scales) and NVFP4 (g16, E4M3 scales + fp32 per tensor); W4A4 NVFP4 without rotation (a data
-point: rotations come with the transforms of the methods issue), each with RTN and GPTQ. Models: testbed-opt,
+against MXFP4 (g32, E8M0 scales) and NVFP4 (g16, E4M3 scales + fp32 per tensor); W4A4 NVFP4 without and with the
+rotation transform (``--transform rotate``), each with RTN and GPTQ. Models: testbed-opt,
 testbed-bloom, their -2m members and the ~25M/~60M members where they are built in $PTQLAB_TESTBED_CACHE (absent
 ones are skipped with a line saying so). One JSON line per run: the model, the run's name, its flat config, held-out
 PPL, bits per weight (the paper's count, every scale included) and stored bits per weight (bytes on disk), times.
@@ -33,6 +33,7 @@ PRECISIONS = [
     ("W4A16 mxfp4", {"wfmt": "mxfp4"}),
     ("W4A16 nvfp4", {"wfmt": "nvfp4"}),
     ("W4A4 nvfp4 (no rotation)", {"wfmt": "nvfp4", "afmt": "nvfp4"}),
+    ("W4A4 nvfp4 + rotation", {"wfmt": "nvfp4", "afmt": "nvfp4", "transform": "rotate"}),
 ]
 
 
