@@ -256,6 +256,14 @@ def _group(v: object) -> int:
     return v
 
 
+def _fmt(v: object) -> str:
+    from .formats import FORMATS
+
+    if v not in FORMATS:
+        raise ValueError(f"must be one of {', '.join(FORMATS)}")
+    return v
+
+
 def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError("must be true or false")
@@ -384,6 +392,14 @@ def _acts(spec: RunSpec) -> bool:
     return spec.config.act.enabled
 
 
+def _float_weights(spec: RunSpec) -> bool:  # 'int' is left out of records: old records and study keys stay as they were
+    return spec.config.weight.enabled and spec.config.weight.is_float
+
+
+def _float_acts(spec: RunSpec) -> bool:
+    return spec.config.act.enabled and spec.config.act.is_float
+
+
 def _lorc(spec: RunSpec) -> bool:
     return spec.config.lorc_rank > 0
 
@@ -510,11 +526,18 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
     Option("wgroup", "config.weight.group_size", _group,
            "weight group size along the input dim (0: per row, -1: per tensor)", _weights),
     Option("wsym", "config.weight.symmetric", _bool, "symmetric weights", _weights, negative="--wasym"),
+    Option("wfmt", "config.weight.fmt", _fmt,
+           "weight number format: int; fp8 (E4M3, per channel or --wgroup -1); mxfp4 (E2M1, E8M0 scale per 32); "
+           "nvfp4 (E2M1, E4M3 scale per 16 + fp32 per tensor). A float format sets --wbits and its block",
+           _float_weights),
     Option("abits", "config.act.bits", _bits, "activation bits, 2..8 (16: not quantized)"),
     Option("agroup", "config.act.group_size", _group,
            "activation group size along the hidden dim (0: per token, -1: per tensor)", _acts),
     Option("act_sym", "config.act.symmetric", _bool, "symmetric activations", _acts,
            negative="--act-asym", deprecated=("--asym", "--aasym")),
+    Option("afmt", "config.act.fmt", _fmt,
+           "activation number format: int; fp8 (E4M3 per token, or --agroup -1); mxfp4; nvfp4 (its fp32 scale per "
+           "token). A float format sets --abits and its block", _float_acts),
     Option("lorc_rank", "config.lorc_rank", _int_min(0), "LoRC rank (0: off)"),
     Option("lorc_bits", "config.lorc_bits", _bits, "bits of the LoRC factors (16: full precision)", _lorc),
     Option("lorc_aware", "config.lorc_aware", _bool, "activation-aware LoRC (SVD of E scaled by the Hessian)", _lorc),
@@ -621,7 +644,7 @@ def from_flat(flat: dict) -> RunSpec:
         node[leaf] = value
     c = nested["config"]
     config = QuantConfig(
-        method=c["method"], weight=QuantSpec(**c["weight"]), act=QuantSpec(**c["act"]), lorc_rank=c["lorc_rank"],
+        method=c["method"], weight=_spec(c["weight"], "w"), act=_spec(c["act"], "a"), lorc_rank=c["lorc_rank"],
         lorc_bits=c["lorc_bits"], lorc_aware=c["lorc_aware"], quantize_head=c["quantize_head"],
         layers=LayerFilter.parse(c["layers"]), transform=c["transform"],
         options=OptionSets({owner: OPTION_SETS[owner].cls(**fields) for owner, fields in c.get("options", {}).items()}),
@@ -630,6 +653,19 @@ def from_flat(flat: dict) -> RunSpec:
     for name in ("eval", "metrics", "tasks"):
         top[name] = tuple(top[name])
     return RunSpec(model=model, config=config, **top)
+
+
+def _spec(fields: dict, prefix: str) -> QuantSpec:
+    """The weight (``w``) or activation (``a``) spec of flat values; a format's error names the flags."""
+    try:
+        return QuantSpec(**fields)
+    except QuantizationError as err:
+        if fields.get("fmt", "int") == "int":
+            raise
+        field = getattr(err, "field", None)
+        flag = {"bits": f"--{prefix}bits {fields['bits']}", "group_size": f"--{prefix}group {fields['group_size']}",
+                "symmetric": "--wasym" if prefix == "w" else "--act-asym"}.get(field, "")
+        raise QuantizationError(f"--{prefix}fmt {fields['fmt']} {flag}".strip() + f": {err}") from None
 
 
 def _check_table() -> None:

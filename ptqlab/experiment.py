@@ -247,6 +247,12 @@ def check_save(spec: RunSpec, save: str | None, overwrite: bool = False, kernel:
     if not spec.config.weight.enabled:
         raise ValueError(f"--save: {spec.config.name()} leaves the weights unquantized; there is no quantized "
                          f"model to save")
+    from .export.checkpoint import ExportError, scheme_for
+
+    try:  # a (weight, activation) pair no compressed-tensors format carries is refused before the run
+        scheme_for(spec.config.weight, spec.config.act, ["Linear"])
+    except ExportError as err:
+        raise ValueError(f"--save: {err}") from None
     check_writable_folder(save, "--save")
     target = Path(save).expanduser()
     source = _model_folder(spec.model)
@@ -271,6 +277,13 @@ def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, k
     check_batch(calib_batch, "--calib-batch")
     if kernel not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {kernel!r}; choose one of {', '.join(KERNEL_MODES)}")
+    floats = [f"--{p}fmt {s.fmt}" for p, s in (("w", spec.config.weight), ("a", spec.config.act))
+              if s.enabled and s.is_float]
+    if kernel == "real" and floats:
+        from .kernels.real import available_kernels
+
+        raise ValueError(f"--kernel real: no real kernel runs {' / '.join(floats)} (real kernels run integer grids "
+                         f"only: {available_kernels()}); use --kernel fake, or auto (float layers stay fake)")
     if kernel == "real" and (not device.startswith("cuda") or offload):
         from .kernels.real import available_kernels
 

@@ -2,7 +2,8 @@
 
 Each quantized linear is written by compressed-tensors' own compressor for its
 format (``pack-quantized`` for weight-only and sub-8-bit weights, ``int-quantized``
-for 8-bit weights with quantized activations), from ptqlab's exact integer codes:
+for 8-bit weights with quantized activations; ``float-quantized``, ``mxfp4-pack-quantized``
+and ``nvfp4-pack-quantized`` for the float formats, ``float_formats.py``), from ptqlab's exact codes:
 the compressor's output is checked to hold those codes before anything is written.
 The activation spec becomes dynamic ``input_activations`` (per token, token groups
 or per tensor). LoRC factors go beside the model as a PEFT LoRA adapter
@@ -27,6 +28,7 @@ from torch import nn
 from ..data import sha256_file
 from ..models import QuantLinear, get_adapter
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, weight_codes
+from . import float_formats
 from .pack import pack_codes, pack_zero_points, to_signed
 
 PTQLAB_CONFIG_KEY = "ptqlab"
@@ -82,6 +84,8 @@ def _check_exportable(model: nn.Module) -> dict[str, QuantLinear]:
 def _weight_args(spec: QuantSpec):
     from compressed_tensors.quantization import QuantizationArgs
 
+    if spec.is_float:
+        return float_formats.weight_args(spec)
     if spec.group_size == PER_TENSOR:
         return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="tensor")
     if spec.group_size == PER_ROW:
@@ -96,6 +100,8 @@ def _act_args(spec: QuantSpec):
 
     if not spec.enabled:
         return None
+    if spec.is_float:
+        return float_formats.act_args(spec)
     common = dict(num_bits=spec.bits, type="int", symmetric=spec.symmetric, dynamic=True)
     if spec.group_size == PER_ROW:
         return QuantizationArgs(strategy="token", **common)
@@ -108,6 +114,12 @@ def format_for(weight: QuantSpec, act: QuantSpec) -> str:
     """The compressed-tensors format a (weight, activation) spec is stored in."""
     if not weight.enabled:
         raise ExportError(f"weights {weight.describe()} are not quantized: no compressed-tensors format applies")
+    reason = float_formats.exportable_reason(weight, act)
+    if reason:
+        raise ExportError(f"compressed-tensors cannot carry weights {weight.describe()} with activations "
+                          f"{act.describe()}: {reason}")
+    if weight.is_float:
+        return float_formats.FLOAT_FORMATS[weight.fmt]
     return "int-quantized" if weight.bits == 8 and act.enabled else "pack-quantized"
 
 
@@ -115,9 +127,10 @@ def scheme_for(weight: QuantSpec, act: QuantSpec, targets: list[str]):
     """The compressed-tensors ``QuantizationScheme`` for one (weight, activation) spec."""
     from compressed_tensors.quantization import QuantizationScheme
 
+    fmt = format_for(weight, act)  # a pair no format carries: ExportError with what is allowed
     try:
         return QuantizationScheme(targets=targets, weights=_weight_args(weight), input_activations=_act_args(act),
-                                  format=format_for(weight, act))
+                                  format=fmt)
     except (ValueError, NotImplementedError) as err:  # pydantic validation errors are ValueErrors
         raise ExportError(f"compressed-tensors cannot express weights {weight.describe()} with activations "
                           f"{act.describe()}: {err}") from err
@@ -161,7 +174,7 @@ def layer_codes(name: str, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tens
                           f"weight_scale/weight_zero ({float(off_grid.max()):.3g} steps off, {int(mismatch.sum())} "
                           f"weights differ from their {dtype} grid value): the layer's qparams do not describe its "
                           f"weight")
-    return codes.to(torch.uint8), scale, zero
+    return (codes if spec.is_float else codes.to(torch.uint8)), scale, zero
 
 
 def _scale_tensor(name: str, scale: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +189,9 @@ def scale_dtype_for(layers: dict[str, QuantLinear]) -> torch.dtype:
     """fp16 when every scale is exactly an fp16 number, else float32: the saved model is then exactly the
     measured one. (Rounding float32 scales to fp16 moves each weight by up to 2**-11 of itself; measured on
     testbed-opt W8A8 that moves the PPL by 0.1-0.4%, beyond the reload check's 0.1%.)"""
-    exact = all(torch.equal(m.weight_scale.float().half().float(), m.weight_scale.float()) for m in layers.values())
+    # mxfp4/nvfp4 store their scales in their own dtypes (E8M0, E4M3): only integer and fp8 layers read this
+    exact = all(torch.equal(m.weight_scale.float().half().float(), m.weight_scale.float()) for m in layers.values()
+                if m.weight_spec.fmt in ("int", "fp8"))
     return torch.float16 if exact else torch.float32
 
 
@@ -192,6 +207,11 @@ def compress_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype = tor
     spec, act = layer.weight_spec, layer.act_spec
     scheme = scheme_for(spec, act, [name])
     codes, scale, zero = layer_codes(name, layer)
+    if spec.is_float:
+        out = float_formats.compress_float_layer(name, spec, codes, scale, scheme, scale_dtype, ExportError)
+        if layer.bias is not None:
+            out["bias"] = layer.bias.detach()
+        return {k: v.contiguous() for k, v in out.items()}
     stored_scale = _scale_tensor(name, scale, spec, scale_dtype)
     groups = scale.shape[1]
     s_full = stored_scale.float().reshape(-1, 1 if spec.group_size == PER_TENSOR else groups)
@@ -219,6 +239,8 @@ def compress_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype = tor
 
 def weight_tensor_names(format_name: str, symmetric: bool) -> tuple[str, ...]:
     """The local names of a quantized linear's weight tensors in a format (what ``stored_bits_per_weight`` counts)."""
+    if format_name in float_formats.FLOAT_FORMATS.values():
+        return float_formats.weight_tensor_names(format_name)
     names = ("weight_packed", "weight_scale", "weight_shape") if format_name == "pack-quantized" else (
         "weight", "weight_scale")
     return names if symmetric else (*names, "weight_zero_point")
@@ -228,6 +250,8 @@ def _stored_weight_bytes(layer: QuantLinear, scale_bytes: int) -> int:
     """Bytes of one quantized linear's weight tensors on disk (bias excluded, as in ``bits_per_weight``)."""
     spec = layer.weight_spec
     out_f, in_f = layer.out_features, layer.in_features
+    if spec.is_float:
+        return float_formats.stored_weight_bytes(spec, out_f, in_f, scale_bytes)
     n_scales = 1 if spec.group_size == PER_TENSOR else out_f * (in_f // spec.group_size if spec.group_size > 0 else 1)
     fmt = format_for(spec, layer.act_spec)
     total = n_scales * scale_bytes

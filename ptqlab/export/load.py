@@ -6,7 +6,8 @@ codes (``(u - z) * scale`` in float32, then the model dtype), its
 the config's dynamic ``input_activations`` state; a LoRA adapter beside the
 model becomes ``lorc_u``/``lorc_v``. The model evaluates as ptqlab measured it,
 with no re-quantization. Folders written by other tools (llm-compressor) with
-integer pack-/int-quantized weights load too.
+integer pack-/int-quantized weights load too, and FP8 (``float-quantized``), MXFP4 and NVFP4
+(``mxfp4-``/``nvfp4-pack-quantized``) weights (``float_formats.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..models import QuantLinear
 from ..quantizers import PER_ROW, PER_TENSOR, QuantSpec
 from .adapter import ADAPTER_CONFIG, read_adapter
 from .checkpoint import ADAPTER_DIR, PTQLAB_CONFIG_KEY
+from .float_formats import decode_float_layer, spec_of_args
 from .pack import to_unsigned, unpack_codes, unpack_zero_points
 
 
@@ -72,9 +74,15 @@ def _read_weights(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
 
 
 def _spec(args, what: str, where: Path) -> QuantSpec:
-    """A compressed-tensors QuantizationArgs as a ptqlab QuantSpec (integers only)."""
+    """A compressed-tensors QuantizationArgs as a ptqlab QuantSpec (integers, fp8, mxfp4, nvfp4)."""
+    if args.type == "float":
+        spec = spec_of_args(args)
+        if spec is None:
+            raise LoadError(f"{where}: {what} are float {args.num_bits}-bit with the '{args.strategy}' strategy; "
+                            f"ptqlab models fp8 (per channel/token/tensor), mxfp4 (blocks of 32) and nvfp4 (16)")
+        return spec
     if args.type != "int":
-        raise LoadError(f"{where}: {what} are {args.type} {args.num_bits}-bit; ptqlab models integer grids only")
+        raise LoadError(f"{where}: {what} are {args.type} {args.num_bits}-bit; ptqlab models integer and float grids only")
     strategy = args.strategy
     if strategy in ("channel", "token"):
         group = PER_ROW
@@ -106,6 +114,12 @@ def _quant_linear(name: str, module: nn.Module, scheme, fmt: str, tensors: dict,
                         f"{module.in_features} inputs")
     out_f, in_f = module.out_features, module.in_features
     groups = in_f // spec.group_size if spec.group_size > 0 else 1
+    if spec.is_float:
+        values, scale = decode_float_layer(name, spec, fmt, lambda key: _take(tensors, key, config_path, files),
+                                           out_f, in_f, LoadError)
+        step = in_f // groups
+        weight = values * scale.repeat_interleave(step, 1)
+        return _finish(name, weight, scale, torch.zeros_like(scale), spec, scheme, tensors, config_path, dtype)
     scale, where = _take(tensors, f"{name}.weight_scale", config_path, files)
     expected_scale = (1,) if spec.group_size == PER_TENSOR else (out_f, groups)
     if tuple(scale.shape) not in (expected_scale, (1, 1) if spec.group_size == PER_TENSOR else expected_scale):
@@ -145,10 +159,16 @@ def _quant_linear(name: str, module: nn.Module, scheme, fmt: str, tensors: dict,
         raise LoadError(f"{where}: {name}: {err}; the config ({config_path.name}) disagrees with the tensors") from err
     step = in_f // groups
     weight = (codes.float() - zero.repeat_interleave(step, 1)) * scale.repeat_interleave(step, 1)
+    return _finish(name, weight, scale.contiguous(), zero.contiguous(), spec, scheme, tensors, config_path, dtype)
+
+
+def _finish(name: str, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, scheme,
+            tensors: dict, config_path: Path, dtype: torch.dtype) -> QuantLinear:
+    """The QuantLinear of a decoded weight (float32, cast here as the run cast it), its grid, bias and inputs."""
     bias = tensors.pop(f"{name}.bias", (None, None))[0]
     layer = QuantLinear(weight.to(dtype), None if bias is None else bias.to(dtype), name)
     layer.weight_spec = spec
-    layer.set_weight_qparams(scale.contiguous(), zero.contiguous())
+    layer.set_weight_qparams(scale, zero)
     if scheme.input_activations is not None:
         if not scheme.input_activations.dynamic:
             raise LoadError(f"{config_path}: {name} has static input activation scales; ptqlab quantizes "

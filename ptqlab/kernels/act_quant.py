@@ -64,8 +64,9 @@ def _act_quant_kernel(
 
 
 def supported(spec: QuantSpec) -> bool:
-    """Whether the fused kernel covers ``spec`` (per-tensor activation scales need a global reduction first)."""
-    return spec.enabled and spec.group_size != PER_TENSOR
+    """Whether the fused kernel covers ``spec`` (per-tensor activation scales need a global reduction first;
+    float formats round to their own grids, in :mod:`ptqlab.formats`)."""
+    return spec.enabled and spec.group_size != PER_TENSOR and not spec.is_float
 
 
 def _rows(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, int]:

@@ -85,6 +85,8 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
     a: QuantSpec = layer.act_spec
     if not w.enabled or w.group_size == PER_TENSOR or getattr(layer, "input_rotation", None):
         return None  # (no kernel here rotates its input online: the rotation transform's down-projections)
+    if w.is_float or a.is_float:
+        return None  # float formats (fp8, mxfp4, nvfp4) have no real kernel here: the kernels issue
     if a.enabled:
         if a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric and w.group_size == PER_ROW:
             return {8: "w8a8-int8", 4: "w4a8-int8"}.get(w.bits)

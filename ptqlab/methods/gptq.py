@@ -12,6 +12,11 @@ and compensating the rest is::
 Columns are processed in blocks of ``blocksize``; inside a block the update is
 applied column by column, to the rest of the matrix once per block (lazy batch
 updates), which is what makes it fast.
+
+``quant`` rounds onto the spec's grid in its number format (:mod:`ptqlab.formats`): a group's scale
+is fixed once, when the walk reaches the group (or from the weight before the walk, for per-row,
+per-tensor and act-order grids), and every column of it rounds to the format's grid with that
+scale. NVFP4's per-tensor second scale is taken from the weight before the walk.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import tensor_scale
 from ..options import option, register_options
-from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, quantize_codes, scale_and_zero
+from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, round_on_grid, scale_and_zero
 from .registry import Method, WeightResult, register
 
 
@@ -64,12 +70,12 @@ class GPTQResult:
     loss: float  # sum of (w - q)^2 / (2 U_jj^2): the reference code's estimate of the output error
 
 
-def _group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(w: torch.Tensor, spec: QuantSpec, ts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale/zero of ``w`` [out, cols] as one group per row (or one for the whole tensor)."""
     if spec.group_size == PER_TENSOR:
-        s, z = scale_and_zero(w.reshape(1, -1), spec)
+        s, z = scale_and_zero(w.reshape(1, -1), spec, ts)
         return s.expand(w.shape[0], 1), z.expand(w.shape[0], 1)
-    return scale_and_zero(w, spec)
+    return scale_and_zero(w, spec, ts)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> tuple[torch.Tensor, float]:
@@ -99,7 +105,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, name: str = "laye
     raise QuantizationError(f"{name}: Hessian could not be made positive definite (last damp {damp:.3g})")
 
 
-def _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group, spec, static, loss) -> torch.Tensor:
+def _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group, spec, static, loss, ts=None) -> torch.Tensor:
     """Columns ``i1:i2`` one at a time (the reference path); returns the scaled errors."""
     g = spec.group_size
     W1 = W[:, i1:i2].clone()
@@ -108,12 +114,12 @@ def _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group, spec, static, los
     for i in range(i2 - i1):
         col = i1 + i
         if not static and col % g == 0:
-            s, z = scale_and_zero(W1[:, i : i + g], spec)
+            s, z = scale_and_zero(W1[:, i : i + g], spec, ts)
             scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
         gi = col_group[col]
         s, z = scales[:, gi], zeros[:, gi]
         w = W1[:, i]
-        q = (quantize_codes(w, s, z, spec.maxq) - z) * s
+        q = round_on_grid(w, s, z, spec)
         d = Hinv1[i, i]
         Q[:, col] = q
         err = (w - q) / d
@@ -149,6 +155,7 @@ def gptq_quantize(
     any update ("static groups"), so the result can be stored group-wise.
     ``use_triton`` (default: when on CUDA and Triton is installed) runs each
     block of columns as one fused kernel; the torch loop below is the reference.
+    The kernel rounds to integer grids: float formats always take the torch loop.
     """
     if not spec.enabled:
         raise QuantizationError(f"{name}: GPTQ needs a weight spec of 2..8 bits")
@@ -177,10 +184,11 @@ def gptq_quantize(
     scales = torch.zeros(rows, n_groups, device=W.device)
     zeros = torch.zeros(rows, n_groups, device=W.device)
     static = not grouped or act_order
+    ts = tensor_scale(W, spec)  # nvfp4's second scale, fixed before the walk (None for the others)
     if not grouped:
-        scales[:, :1], zeros[:, :1] = _group_params(W, spec)
+        scales[:, :1], zeros[:, :1] = _group_params(W, spec, ts)
     elif act_order:
-        s, z = scale_and_zero(W.reshape(rows, n_groups, g), spec)
+        s, z = scale_and_zero(W.reshape(rows, n_groups, g), spec, ts)
         scales, zeros = s[..., 0].contiguous(), z[..., 0].contiguous()
 
     perm = None
@@ -197,7 +205,11 @@ def gptq_quantize(
     if grouped and not act_order:
         blocksize = max(g, (blocksize // g) * g)
 
-    kernel = _triton_block() if use_triton or (use_triton is None and W.is_cuda) else None
+    if use_triton and spec.is_float:
+        raise QuantizationError(f"{name}: the Triton GPTQ kernel rounds to integer grids, not {spec.fmt}; "
+                                f"use use_triton=False (the default for float formats)")
+    wants_kernel = use_triton or (use_triton is None and W.is_cuda and not spec.is_float)
+    kernel = _triton_block() if wants_kernel else None
     if use_triton and kernel is None:
         raise QuantizationError(f"{name}: the Triton GPTQ kernel needs the triton package")
     Q = torch.zeros_like(W)
@@ -210,7 +222,7 @@ def gptq_quantize(
             Err1 = kernel(W, Q, Hinv, i1, i2, scales, zeros, None if not static else col_group_i32,
                           g, spec.symmetric, spec.maxq, loss)
         else:
-            Err1 = _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group_list, spec, static, loss)
+            Err1 = _torch_block(W, Q, Hinv, i1, i2, scales, zeros, col_group_list, spec, static, loss, ts)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:

@@ -46,6 +46,7 @@ import yaml
 from ..config import DEPRECATED_KEYS, OPTIONS, config_hash, from_flat, parse_text_value
 from ..methods import get_method
 from ..data import data_fingerprint
+from ..formats import implied_bits
 from ..quantizers import QuantizationError
 
 DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
@@ -251,12 +252,15 @@ def _spec_parts(who: str, group: int, symmetric: bool, group_prefix: str) -> lis
 
 
 def precision_label(spec: dict) -> str:
-    """``W4A8``, ``W4A16 g128``, ``W8A8 w:asym a:tensor`` ... (the report's columns)."""
+    """``W4A8``, ``W4A16 g128``, ``W8A8 w:asym a:tensor``, ``W8A8 w:fp8 a:fp8``, ``W4A16 w:nvfp4 g16`` ...
+    (the report's columns)."""
     w, a = spec.get("wbits", 16), spec.get("abits", 16)
     parts = [f"W{w}A{a}"]
     if w != 16:
+        parts += [f"w:{spec['wfmt']}"] if spec.get("wfmt", "int") != "int" else []
         parts += _spec_parts("w", spec.get("wgroup", 0), spec.get("wsym", True), "g")
     if a != 16:
+        parts += [f"a:{spec['afmt']}"] if spec.get("afmt", "int") != "int" else []
         parts += _spec_parts("a", spec.get("agroup", 0), spec.get("act_sym", True), "ag")
     return " ".join(parts)
 
@@ -298,6 +302,10 @@ def canonical_run(raw: dict) -> tuple[dict | None, str | None]:
     """
     r = {**DEFAULTS, **raw}
     note = None
+    if r["method"] == "fp16":
+        r["wfmt"] = "int"  # W16: no weight format
+    # a float format fixes its bits: wbits/abits left at 16 are read as them (ptqlab.formats.normalize)
+    r["wbits"], r["abits"] = implied_bits(r["wfmt"], r["wbits"]), implied_bits(r["afmt"], r["abits"])
     if r["method"] == "fp16" and r["wbits"] != 16:
         note = "method fp16 keeps weights in full precision: its wbits is ignored (deduplicated)"
         r["wbits"] = 16

@@ -305,7 +305,8 @@ def _group_order(g: int) -> float:
 
 def precision_sort_key(spec: dict) -> tuple:
     return (-spec.get("abits", 16), -spec.get("wbits", 16), _group_order(spec.get("wgroup", 0)),
-            not spec.get("wsym", True), _group_order(spec.get("agroup", 0)), not spec.get("act_sym", True))
+            not spec.get("wsym", True), _group_order(spec.get("agroup", 0)), not spec.get("act_sym", True),
+            spec.get("wfmt", "int"), spec.get("afmt", "int"))
 
 
 def _method_sort_key(spec: dict) -> tuple:
