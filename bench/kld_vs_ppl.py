@@ -126,7 +126,7 @@ def main() -> int:
             continue
         session = ModelSession(model, a.device, progress=False)
         for label, config in grid:
-            spec = RunSpec(model=model, config=config, eval=("heldout",), calib="testbed", nsamples=nsamples,
+            spec = RunSpec(model=model, config=config, eval=("heldout",), seqlen=512, calib="testbed", nsamples=nsamples,
                            max_eval_windows=windows, metrics=("ppl", "kld"))
             record = run(spec, session, progress=False)
             record["label"] = label

@@ -38,6 +38,7 @@ import itertools
 import warnings
 import shlex
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,24 @@ from ..quantizers import QuantizationError
 
 DEFAULT_MODELS = ("testbed-opt", "testbed-bloom")
 
+class _OptionView(Mapping):
+    """A live view of :data:`ptqlab.config.OPTIONS` (a transform registered later adds its keys)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __getitem__(self, key: str) -> object:
+        return getattr(OPTIONS[key], self.what)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OPTIONS)
+
+    def __len__(self) -> int:
+        return len(OPTIONS)
+
+
 # Every key a run dict can hold, with its default: the config's options (ptqlab.config.OPTIONS).
-DEFAULTS: dict[str, object] = {key: option.default for key, option in OPTIONS.items()}
+DEFAULTS: Mapping[str, object] = _OptionView("default")
 # What identifies the evaluation a run is compared under (its baseline shares these).
 EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype", "metrics", "tasks", "num_fewshot", "limit",
              "tasks_dir")
@@ -64,7 +81,7 @@ class RecipeError(ValueError):
     """A malformed recipe or grid; the message names the key and, for YAML, the line."""
 
 
-VALIDATORS = {key: option.check for key, option in OPTIONS.items()}
+VALIDATORS: Mapping[str, object] = _OptionView("check")
 
 
 def _canonical_key(key: object, where: str) -> object:
