@@ -10,86 +10,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_args import DeprecatedFlag, Parser, _cli_value, add_option, at_least, checked_int, device_arg  # noqa: F401
 from .config import OPTIONS, QuantConfig, RunSpec, from_flat, help_with_default, parse_text_value
 from .preflight import check_writable_file
 from .quantizers import QuantSpec
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the project's form of a usage error: one line starting with ``error:``, exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-class DeprecatedFlag(argparse.Action):
-    """An old spelling of a boolean flag: sets the value and warns once."""
-
-    def __init__(self, option_strings, dest, const=None, new_flag="", **kwargs) -> None:
-        super().__init__(option_strings, dest, nargs=0, const=const, **kwargs)
-        self.new_flag = new_flag
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        warnings.warn(f"{option_string} is deprecated and will be removed in the next release: use {self.new_flag}",
-                      FutureWarning, stacklevel=2)
-        setattr(namespace, self.dest, self.const)
-
-
-def _cli_value(option):
-    """argparse ``type=``: a command-line string checked as the option checks recipe values."""
-
-    def convert(text: str):
-        value = parse_text_value(option.key, text)
-        try:
-            return option.validate(value, cli=True)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
-
-    convert.__name__ = option.key  # argparse names it in "invalid ... value"
-    return convert
-
-
-def checked_int(check: Callable[[int], None], name: str) -> Callable[[str], int]:
-    """argparse ``type=``: an integer that ``check`` (raising ValueError) accepts, checked while parsing."""
-
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        try:
-            check(value)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return value
-
-    convert.__name__ = name
-    return convert
-
-
-def at_least(lo: int, flag: str) -> Callable[[str], int]:
-    def check(value: int) -> None:
-        if value < lo:
-            raise ValueError(f"{flag} must be at least {lo}, got {value}")
-
-    return checked_int(check, flag)
-
-
-def device_arg(text: str) -> str:
-    """argparse ``type=`` of ``--device``: cpu, cuda or cuda:N (whether CUDA is there is checked later)."""
-    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
-
-
-def add_option(p, key: str, default: object = ..., help: str | None = None) -> None:  # noqa: A002
-    """``--key`` of a config option (:data:`ptqlab.config.OPTIONS`) on another command than ``run``:
-    the option's own check and help, with this command's default."""
-    option = OPTIONS[key]
-    default = option.default if default is ... else default
-    text = help or option.help
-    p.add_argument(option.flag, dest=key, type=_cli_value(option), default=default,
-                   help=help_with_default(text, option.unset if default is None else default))
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -214,11 +138,11 @@ class RecordSink:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .experiment import ModelSession, check_run, run
-    from .export import is_quantized_folder
+    from .export import format_of
 
     device = _default_device(a.device)
     sink = RecordSink(a.output)
-    if a.model and is_quantized_folder(a.model):
+    if a.model and format_of(a.model) is not None:
         return _run_saved(a, device, sink)
     spec = spec_from_args(a, a.model or "testbed-opt")
     # every check that needs no model, before the model is loaded
@@ -227,7 +151,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
                            a.calib_batch, a.calib_offload)
     record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save,
-                 overwrite=a.overwrite)
+                 overwrite=a.overwrite, save_format=a.save_format)
     sink.add(record)
     print_table([record])
     if a.save:
@@ -354,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused if DIR is not empty, unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="with --save: replace DIR if it holds a saved model (written beside it, then swapped in)")
+    from .export import EXPORT_FORMATS
+
+    p.add_argument("--save-format", default="compressed-tensors", choices=list(EXPORT_FORMATS),
+                   help="with --save: the format (" + "; ".join(f"{k}: {f.summary}" for k, f in EXPORT_FORMATS.items())
+                   + ") (default: compressed-tensors)")
     p.add_argument("--no-verify", action="store_true",
                    help="with --model DIR (a saved folder): skip checking its files against the sha256 digests "
                         "recorded at save time (one read of the folder)")

@@ -30,73 +30,11 @@ from .preflight import available_memory, check_writable_folder, gib
 from .pipeline import quantize_model
 from .restore import PristineWeights
 from .testbed import is_testbed_model
+from .runtime import (check_batch, device_name, evaluate_splits, fits_on_device, resolve_dtype,  # noqa: F401
+                      versions)
 
 __all__ = ["ModelSession", "RunSpec", "check_run", "run"]
 
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype '{dtype}'; choose auto, float16, bfloat16 or float32") from None
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
-def versions(device: str, with_lm_eval: bool = False) -> dict:
-    import transformers
-
-    out = {"ptqlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "device": device_name(device)}
-    if with_lm_eval:
-        from .tasks import lm_eval_version
-
-        out["lm_eval"] = lm_eval_version()
-    return out
-
-
-def evaluate_splits(model: nn.Module, eval_data: dict[str, tuple[torch.Tensor, str]], seqlen: int,
-                    max_windows: int | None, device: str, offload: bool, eval_batch: int | None, progress: bool,
-                    references: dict | None = None) -> tuple[dict, dict, dict]:
-    """``(ppl, window_nll, kld)`` per dataset, one pass of the model over each split's windows; KL divergence
-    for the datasets that have a reference (:mod:`ptqlab.kld`)."""
-    from .kld import KLDivergence
-
-    ppl, window_nll, kld = {}, {}, {}
-    for name, (tokens, _) in eval_data.items():
-        desc = f"eval {name}"
-        windows = eval_windows(tokens, seqlen, max_windows, desc)
-        metrics = [Perplexity(desc)]
-        if references and name in references:
-            metrics.append(KLDivergence(references[name], device, desc))
-        evaluate_windows(model, windows, metrics, device, offload, eval_batch, desc, progress)
-        ppl[name], window_nll[name] = metrics[0].result(), metrics[0].window_nll
-        if len(metrics) > 1:
-            kld[name] = metrics[1].result()
-    return ppl, window_nll, kld
-
-
-def check_batch(windows: int | None, flag: str) -> None:
-    """A batch size in windows (None: sized automatically) is at least one window."""
-    if windows is not None and windows < 1:
-        raise ValueError(f"{flag} must be at least 1 window, got {windows}")
-
-
-def fits_on_device(model: torch.nn.Module, device: str, headroom: float = 0.7) -> bool:
-    """Whether the whole model fits in ``headroom`` of the device's free memory (always true on the CPU)."""
-    if not device.startswith("cuda"):
-        return True
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return size < headroom * free
 
 
 class ModelSession:
@@ -259,11 +197,11 @@ def check_save(spec: RunSpec, save: str | None, overwrite: bool = False, kernel:
     if source is not None and (target.resolve() == source or target.resolve() in source.parents):
         raise ValueError(f"--save {save} would replace the model folder {source} that the run reads")
     if target.is_dir() and any(target.iterdir()):
-        from .export import is_quantized_folder
+        from .export import format_of
 
         if not overwrite:
             raise ValueError(f"--save: {save} already exists and is not empty; pass --overwrite to replace it")
-        if not is_quantized_folder(target):
+        if format_of(target) is None:
             # --overwrite deletes the folder: only one that --save wrote, never any folder named by mistake
             raise ValueError(f"--save: {save} holds files that are not a saved quantized model; --overwrite "
                              f"replaces only a folder written by --save")
@@ -357,12 +295,13 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
         progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, save_format: str = "compressed-tensors") -> dict:
     """Run one experiment and return its JSON-ready record.
 
     ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
     ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto;
     ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`);
+    ``save_format``: an entry of :data:`ptqlab.export.EXPORT_FORMATS`;
     ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed).
     """
     start = time.perf_counter()
@@ -453,5 +392,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     }
     if save:
         record["saved_to"] = str(save)
-        save_quantized(model, session.tokenizer, save, record, overwrite=overwrite)
+        from .export import get_format
+
+        get_format(save_format).save(model, session.tokenizer, save, record, overwrite=overwrite)
     return record

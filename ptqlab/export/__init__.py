@@ -10,7 +10,9 @@ model with the LoRC adapter applied by PEFT.
 
 from .checkpoint import ExportError, save_quantized, stored_bits_per_weight
 from .load import LoadError, is_quantized_folder, load_quantized
+from .registry import EXPORT_FORMATS, ExportFormat, format_of, get_format, register_format
 from .transformers_load import load_with_transformers
 
-__all__ = ["ExportError", "LoadError", "is_quantized_folder", "load_quantized", "load_with_transformers",
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportFormat", "LoadError", "format_of", "get_format",
+           "is_quantized_folder", "register_format", "load_quantized", "load_with_transformers",
            "save_quantized", "stored_bits_per_weight"]

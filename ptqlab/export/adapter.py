@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from ..models import QuantLinear
+from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoadError, read_safetensors
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _key(name: str, factor: str) -> str:
@@ -69,7 +68,6 @@ def read_adapter(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module name: (U [out, r], V [r, in])}`` from a LoRA adapter folder, the LoRA scale folded into U."""
     import json
 
-    from .load import LoadError, read_safetensors
 
     config_path = folder / ADAPTER_CONFIG
     try:

@@ -29,11 +29,11 @@ from ..data import sha256_file
 from ..models import QuantLinear, get_adapter
 from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec, weight_codes
 from . import float_formats
+from .adapter import write_adapter
+from .layout import ADAPTER_DIR, PTQLAB_CONFIG_KEY
 from .pack import pack_codes, pack_zero_points, to_signed
 
-PTQLAB_CONFIG_KEY = "ptqlab"
 FORMAT_VERSION = 1
-ADAPTER_DIR = "adapter"
 
 
 class ExportError(QuantizationError):
@@ -416,7 +416,7 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
     """
     from safetensors.torch import save_file
 
-    from .adapter import write_adapter
+
 
     target = Path(directory)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):

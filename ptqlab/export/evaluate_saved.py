@@ -8,7 +8,8 @@ import torch
 
 from ..data import eval_tokens, load_text
 from ..evaluate import eval_windows
-from .load import load_quantized
+from .load import LoadError
+from .registry import format_of
 
 
 def _saved_reference(base: str, windows: torch.Tensor, dtype: torch.dtype, device: str, vocab: int, offload: bool,
@@ -43,13 +44,16 @@ def evaluate_saved(directory: str, eval_names: tuple[str, ...], seqlen: int | No
     (:mod:`ptqlab.tasks`). ``bits_per_weight`` is the saved record's, or computed
     from the loaded layers for folders saved without one (the Python API without a record, other tools).
     """
-    from ..experiment import evaluate_splits, fits_on_device, resolve_dtype, versions
+    from ..runtime import evaluate_splits, fits_on_device, resolve_dtype, versions
     from ..models import get_adapter
     from ..pipeline import model_bits_per_weight
 
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, device)
-    model, tokenizer, entry = load_quantized(directory, torch_dtype, verify=verify)
+    fmt = format_of(directory)
+    if fmt is None:
+        raise LoadError(f"{directory}: not a saved quantized model of any known format")
+    model, tokenizer, entry = fmt.load(directory, torch_dtype, verify=verify)
     load_time = time.perf_counter() - start
     saved = entry.get("record", {})
     saved_config = saved.get("config", {})

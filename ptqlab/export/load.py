@@ -21,39 +21,15 @@ from torch import nn
 
 from ..models import QuantLinear
 from ..quantizers import PER_ROW, PER_TENSOR, QuantSpec
-from .adapter import ADAPTER_CONFIG, read_adapter
-from .checkpoint import ADAPTER_DIR, PTQLAB_CONFIG_KEY
+from .adapter import read_adapter
+from .layout import ADAPTER_CONFIG, ADAPTER_DIR, PTQLAB_CONFIG_KEY, LoadError, is_quantized_folder, read_safetensors
 from .float_formats import decode_float_layer, spec_of_args
 from .pack import to_unsigned, unpack_codes, unpack_zero_points
 
 
-class LoadError(ValueError):
-    """A saved quantized folder that cannot be loaded (the message names the file)."""
 
 
-def is_quantized_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a model folder whose config.json declares compressed-tensors quantization."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (data.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file, with a clear error for a missing, truncated or corrupt file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise LoadError(f"{path}: file missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise LoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 def _read_weights(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ADAPTER_CONFIG
-from .checkpoint import ADAPTER_DIR
+from .layout import ADAPTER_CONFIG, ADAPTER_DIR
 
 
 def activation_schemes(directory: str | os.PathLike) -> list[str]:

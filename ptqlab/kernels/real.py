@@ -24,6 +24,8 @@ LoRC runs as a thin side GEMM (``y += (x V^T) U^T``).  Integer codes come from t
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,16 +36,32 @@ KERNEL_MODES = ("auto", "fake", "real")
 #: up to this many tokens W4A16 runs tinygemm; above, unpack + cuBLAS (crossover measured on an H100)
 TINYGEMM_MAX_M = 16
 
-#: what exists, for error messages and the README
-KERNELS: dict[str, str] = {
-    "w4a16-gemlite": "4-bit weights (per row or groups), fp16 activations: gemlite A16Wn (optional package)",
-    "w8a16-gemlite": "8-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
-    "w2a16-gemlite": "2-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
-    "w4a16-tinygemm": "4-bit weights in groups of 32/64/128/256: torch._weight_int4pack_mm (<= 16 tokens), "
-                      "else Triton unpack + cuBLAS",
-    "w8a8-int8": "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
-    "w4a8-int8": "4-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
-}
+@dataclass(frozen=True)
+class KernelBackend:
+    """One real kernel: which (weight, activation) specs it runs, how it lays out a layer's codes, and its GEMM.
+
+    ``supports(w, a, w4a16_backend)``: whether it runs these specs (``w4a16_backend`` is the user's choice
+    between the 4-bit weight-only backends); ``build(real, codes, scale, zero, group)`` registers the packed
+    buffers on the :class:`RealLinear`; ``forward(real, x, x2)`` returns ``(y [tokens, out], lorc_input)``
+    for the input ``x`` and its ``[tokens, in]`` view ``x2``.
+    """
+
+    name: str
+    summary: str
+    supports: Callable[[QuantSpec, QuantSpec, str], bool]
+    build: Callable[..., None]
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+KERNEL_BACKENDS: dict[str, KernelBackend] = {}
+
+
+def register_kernel(backend: KernelBackend) -> KernelBackend:
+    """Add a backend; the first registered that supports a layer's specs runs it (so order is preference)."""
+    if backend.name in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend '{backend.name}' is registered twice")
+    KERNEL_BACKENDS[backend.name] = backend
+    return backend
 
 
 class KernelError(QuantizationError):
@@ -51,7 +69,7 @@ class KernelError(QuantizationError):
 
 
 def available_kernels() -> str:
-    return "; ".join(f"{k} ({v})" for k, v in KERNELS.items())
+    return "; ".join(f"{k} ({b.summary})" for k, b in KERNEL_BACKENDS.items())
 
 
 def weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,13 +105,7 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
         return None  # (no kernel here rotates its input online: the rotation transform's down-projections)
     if w.is_float or a.is_float:
         return None  # float formats (fp8, mxfp4, nvfp4) have no real kernel here: the kernels issue
-    if a.enabled:
-        if a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric and w.group_size == PER_ROW:
-            return {8: "w8a8-int8", 4: "w4a8-int8"}.get(w.bits)
-        return None
-    if w.bits == 4 and w4a16_backend == "tinygemm" and w.group_size in (32, 64, 128, 256):
-        return "w4a16-tinygemm"
-    return {8: "w8a16-gemlite", 4: "w4a16-gemlite", 2: "w2a16-gemlite"}.get(w.bits)
+    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, w4a16_backend)), None)
 
 
 def _describe(layer: nn.Module) -> str:
@@ -116,35 +128,8 @@ class RealLinear(nn.Module):
         self.bias = layer.bias
         self.lorc_u, self.lorc_v = layer.lorc_u, layer.lorc_v
         codes, scale, zero = weight_codes(layer)
-        n_groups = scale.shape[1]
-        group = self.in_features // n_groups
-        if scheme.endswith("-int8"):
-            # symmetric grid: codes - 2**(bits-1) are the signed integers; one float32 scale per output row
-            self.register_buffer("w_int8", (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8).contiguous())
-            self.register_buffer("w_scale", scale[:, 0].contiguous())
-        elif scheme == "w4a16-tinygemm":
-            # tinygemm's grid: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale; bf16 scales/zeros
-            packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
-            self.register_buffer("w_packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
-            sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
-            self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
-            self.group = group
-            # the large-M layout: two codes a byte plus the exact float32 grid
-            self.register_buffer("w_nibbles", pack_int4(codes))
-            self.register_buffer("w_scale", scale.contiguous())
-            self.register_buffer("w_zero", zero.contiguous())
-        else:
-            try:
-                from gemlite.helper import A16Wn
-            except ImportError as err:
-                raise KernelError(f"{self.name}: {scheme} needs the gemlite package (pip install gemlite)") from err
-            try:
-                self.gemlite = A16Wn(device=str(layer.weight.device), dtype=self.dtype).from_weights(
-                    codes, scale.to(self.dtype), zero.to(self.dtype), self.weight_spec.bits, group,
-                    bias=None if self.bias is None else self.bias.data,
-                )
-            except Exception as err:  # gemlite asserts on shapes/groups it does not cover
-                raise KernelError(f"{self.name}: gemlite cannot pack {_describe(layer)} at {tuple(codes.shape)}: {err}") from err
+        self.backend = KERNEL_BACKENDS[scheme]
+        self.backend.build(self, codes, scale, zero, self.in_features // scale.shape[1])
 
     def _int8_gemm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from .act_quant import SHARED_INPUTS
@@ -159,23 +144,7 @@ class RealLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.scheme.endswith("-int8"):
-            y, codes, sx = self._int8_gemm(x)
-            lorc_in = codes.to(self.dtype) * sx[:, None].to(self.dtype) if self.lorc_u is not None else None
-        elif self.scheme == "w4a16-tinygemm" and x2.shape[0] > TINYGEMM_MAX_M:
-            from .int4_dequant import dequant_int4
-
-            y = nn.functional.linear(x2, dequant_int4(self.w_nibbles, self.w_scale, self.w_zero, self.dtype), self.bias)
-            lorc_in = x2
-        elif self.scheme == "w4a16-tinygemm":
-            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.w_packed, self.group, self.scales_and_zeros)
-            y = y.to(self.dtype)
-            if self.bias is not None:
-                y += self.bias
-            lorc_in = x2
-        else:
-            y = self.gemlite(x2)
-            lorc_in = x2
+        y, lorc_in = self.backend.forward(self, x, x2)
         if self.lorc_u is not None:
             y.addmm_(nn.functional.linear(lorc_in, self.lorc_v), self.lorc_u.t())
         return y.view(*x.shape[:-1], self.out_features)
@@ -228,3 +197,104 @@ def select_kernels(model: nn.Module, mode: str = "fake", device: str | torch.dev
         setattr(parent, child, RealLinear(quantized[name], scheme))
         summary["real"][scheme] = summary["real"].get(scheme, 0) + 1
     return summary
+
+
+# ---------------------------------------------------------------- the backends, in order of preference
+
+
+def _build_int8(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
+    # symmetric grid: codes - 2**(bits-1) are the signed integers; one float32 scale per output row
+    real.register_buffer("w_int8", (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8).contiguous())
+    real.register_buffer("w_scale", scale[:, 0].contiguous())
+
+
+def _forward_int8(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y, codes, sx = real._int8_gemm(x)
+    lorc_in = codes.to(real.dtype) * sx[:, None].to(real.dtype) if real.lorc_u is not None else None
+    return y, lorc_in
+
+
+def _w_a8(bits: int) -> Callable[[QuantSpec, QuantSpec, str], bool]:
+    def supports(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+        return (w.bits == bits and a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric
+                and w.group_size == PER_ROW)
+
+    return supports
+
+
+def _build_tinygemm(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group: int) -> None:
+    # tinygemm's grid: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale; bf16 scales/zeros
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+    real.register_buffer("w_packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
+    sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+    real.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+    real.group = group
+    # the large-M layout: two codes a byte plus the exact float32 grid
+    real.register_buffer("w_nibbles", pack_int4(codes))
+    real.register_buffer("w_scale", scale.contiguous())
+    real.register_buffer("w_zero", zero.contiguous())
+
+
+def _forward_tinygemm(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x2.shape[0] > TINYGEMM_MAX_M:
+        from .int4_dequant import dequant_int4
+
+        w = dequant_int4(real.w_nibbles, real.w_scale, real.w_zero, real.dtype)
+        return nn.functional.linear(x2, w, real.bias), x2
+    y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), real.w_packed, real.group, real.scales_and_zeros)
+    y = y.to(real.dtype)
+    if real.bias is not None:
+        y += real.bias
+    return y, x2
+
+
+def _build_gemlite(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
+    try:
+        from gemlite.helper import A16Wn
+    except ImportError as err:
+        raise KernelError(f"{real.name}: {real.scheme} needs the gemlite package (pip install gemlite)") from err
+    try:
+        real.gemlite = A16Wn(device=str(codes.device), dtype=real.dtype).from_weights(
+            codes, scale.to(real.dtype), zero.to(real.dtype), real.weight_spec.bits, group,
+            bias=None if real.bias is None else real.bias.data,
+        )
+    except Exception as err:  # gemlite asserts on shapes/groups it does not cover
+        raise KernelError(f"{real.name}: gemlite cannot pack W {real.weight_spec.describe()} at "
+                          f"{tuple(codes.shape)}: {err}") from err
+
+
+def _forward_gemlite(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return real.gemlite(x2), x2
+
+
+def _weight_only(bits: int, tinygemm: bool = False) -> Callable[[QuantSpec, QuantSpec, str], bool]:
+    def supports(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+        if a.enabled or w.bits != bits:
+            return False
+        return pref == "tinygemm" and w.group_size in (32, 64, 128, 256) if tinygemm else True
+
+    return supports
+
+
+register_kernel(KernelBackend(
+    "w8a8-int8", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
+    _w_a8(8), _build_int8, _forward_int8))
+register_kernel(KernelBackend(
+    "w4a8-int8", "4-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
+    _w_a8(4), _build_int8, _forward_int8))
+register_kernel(KernelBackend(
+    "w4a16-tinygemm", "4-bit weights in groups of 32/64/128/256: torch._weight_int4pack_mm (<= 16 tokens), "
+    "else Triton unpack + cuBLAS", _weight_only(4, tinygemm=True), _build_tinygemm, _forward_tinygemm))
+register_kernel(KernelBackend(
+    "w4a16-gemlite", "4-bit weights (per row or groups), fp16 activations: gemlite A16Wn (optional package)",
+    _weight_only(4), _build_gemlite, _forward_gemlite))
+register_kernel(KernelBackend(
+    "w8a16-gemlite", "8-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
+    _weight_only(8), _build_gemlite, _forward_gemlite))
+register_kernel(KernelBackend(
+    "w2a16-gemlite", "2-bit weights (per row or groups), fp16 activations: gemlite A16Wn",
+    _weight_only(2), _build_gemlite, _forward_gemlite))
+
+#: name -> what it runs (for error messages and the README), read from the table
+KERNELS: dict[str, str] = {name: b.summary for name, b in KERNEL_BACKENDS.items()}

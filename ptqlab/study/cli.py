@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cli import DeprecatedFlag, add_option, at_least, device_arg
+from ..cli_args import DeprecatedFlag, add_option, at_least, device_arg
 from ..config import help_with_default
 
 
