@@ -61,8 +61,14 @@ def _ones_where_zero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _exact_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` rounded once, on every device: CUDA divides by a Python scalar as a multiplication by its
+    reciprocal (1/448 is inexact), which moved scales by one float32 ulp from the CPU's."""
+    return x / torch.full_like(x, d)
+
+
 def _fp8_scales(xg: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
-    return _ones_where_zero(_absmax(xg) / E4M3_MAX)
+    return _ones_where_zero(_exact_div(_absmax(xg), E4M3_MAX))
 
 
 def _mx_scales(xg: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
@@ -90,7 +96,7 @@ def nvfp4_tensor_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
 def _nv_scales(xg: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
     if tensor_scale is None:
         raise ValueError("nvfp4 block scales need the tensor's second-level scale")
-    local = round_e4m3(tensor_scale * _absmax(xg) / E2M1_MAX).clamp(min=E4M3_MIN_SUBNORMAL)
+    local = round_e4m3(_exact_div(tensor_scale * _absmax(xg), E2M1_MAX)).clamp(min=E4M3_MIN_SUBNORMAL)
     return local / tensor_scale
 
 
