@@ -63,10 +63,10 @@ def test_activation_quantizer_applied_to_every_linear_input(arch, tiny_models, m
     seen: list[str] = []
     real = models_mod.fake_quantize
 
-    def counting(x, spec, name="tensor"):
+    def counting(x, spec, name="tensor", **kwargs):
         if spec.enabled:
             seen.append(name)
-        return real(x, spec, name)
+        return real(x, spec, name, **kwargs)
 
     monkeypatch.setattr(models_mod, "fake_quantize", counting)
     model(torch.randint(0, model.config.vocab_size, (1, 8)))

@@ -48,7 +48,7 @@ def test_a_run_gives_the_same_digits_alone_and_after_other_runs(alone, data_dir)
 def test_the_comparison_catches_a_leaking_restore(alone, data_dir, monkeypatch):
     from ptqlab.restore import PristineWeights
 
-    monkeypatch.setattr(PristineWeights, "_reload", lambda self, model: None)  # modules put back, weights not
+    monkeypatch.setattr(PristineWeights, "_reload", lambda self, model, everything=False: None)  # modules put back, weights not
     session = _session(data_dir)
     for config in BEFORE:
         _ppl(session, config)
