@@ -30,7 +30,7 @@ import yaml
 from .methods.gptq import GPTQOptions
 from .methods.registry import METHODS, get_method
 from .methods.zeroquant import ZQOptions
-from .options import OPTION_SETS, OptionField, OptionSet, OptionSets, on_register
+from .options import OPTION_SETS, OptionField, OptionSet, OptionSets, on_register, positive_float
 from .quantizers import QuantizationError, QuantSpec
 from .transforms import TRANSFORMS, get_transform
 
@@ -282,15 +282,7 @@ def _int_min(lo: int, optional: bool = False) -> Callable[[object], int | None]:
     return check
 
 
-def _pos_float(v: object) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)  # YAML 1.1 reads 1e-3 as text
-        except ValueError:
-            pass
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-        raise ValueError("must be a positive number")
-    return float(v)
+_pos_float = positive_float  # the one check of a positive number (ptqlab.options)
 
 
 def _method(v: object) -> str:

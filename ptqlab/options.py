@@ -36,6 +36,42 @@ def option(default: object, help: str, key: str | None = None, check: Callable[[
     return dataclasses.field(default=default, metadata={"ptqlab": OptionMeta(key or "", help, check, choices)})
 
 
+def int_at_least(lo: int) -> Callable[[object], int]:
+    """A check: an integer (not a bool) of at least ``lo``."""
+
+    def check(v: object) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"must be an integer >= {lo}")
+        return v
+
+    return check
+
+
+def _as_number(v: object) -> object:
+    if isinstance(v, str):
+        try:
+            return float(v)  # YAML 1.1 reads 1e-3 as text
+        except ValueError:
+            pass
+    return v
+
+
+def positive_float(v: object) -> float:
+    """A check: a number > 0 (text such as ``1e-3`` read as a number)."""
+    v = _as_number(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+def unit_float(v: object) -> float:
+    """A check: a number in [0, 1]."""
+    v = _as_number(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+        raise ValueError("must be a number in [0, 1]")
+    return float(v)
+
+
 @dataclass(frozen=True)
 class OptionField:
     """One registered field: which set it belongs to, its name there, and its flat key."""

@@ -27,34 +27,17 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import tensor_scale
-from ..options import option, register_options
+from ..options import int_at_least, option, positive_float, register_options
 from ..quantizers import PER_TENSOR, QuantizationError, QuantSpec, check_finite, round_on_grid, scale_and_zero
 from .registry import Method, WeightResult, register
 
 
-def _positive_int(v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError("must be an integer >= 1")
-    return v
-
-
-def _positive_float(v: object) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)  # YAML 1.1 reads 1e-3 as text
-        except ValueError:
-            pass
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-        raise ValueError("must be a positive number")
-    return float(v)
-
-
 @dataclass(frozen=True)
 class GPTQOptions:
-    blocksize: int = option(128, "GPTQ lazy-update block size", key="blocksize", check=_positive_int)
+    blocksize: int = option(128, "GPTQ lazy-update block size", key="blocksize", check=int_at_least(1))
     # the GPTQ paper's 1% of the mean Hessian diagonal; activation-aware LoRC damps its Hessian the same way
     percdamp: float = option(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal", key="percdamp",
-                             check=_positive_float)
+                             check=positive_float)
     act_order: bool = option(False, "GPTQ: columns by decreasing Hessian diagonal", key="act_order")
 
 

@@ -25,8 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quantizers import QuantSpec, fake_quantize, weight_qparams
-from ..options import option, register_options
-from .gptq import _positive_float, _positive_int
+from ..options import int_at_least, option, positive_float, register_options
 from .registry import BlockProblem, Method, WeightResult, register
 
 
@@ -34,9 +33,9 @@ from .registry import BlockProblem, Method, WeightResult, register
 class ZQOptions:
     # measured on both testbed models (bench/README.md): 100 steps at lr 1e-3 is the best worst case for
     # ZQ-Global and ties 300 steps for ZQ-Local, so both methods share one setting
-    steps: int = option(100, "ZQ-Local/Global optimisation steps", key="zq_steps", check=_positive_int)
-    lr: float = option(1e-3, "ZQ learning rate, relative to the weight RMS", key="zq_lr", check=_positive_float)
-    batch_size: int = option(8, "ZQ-Global batch size (windows)", key="zq_batch", check=_positive_int)
+    steps: int = option(100, "ZQ-Local/Global optimisation steps", key="zq_steps", check=int_at_least(1))
+    lr: float = option(1e-3, "ZQ learning rate, relative to the weight RMS", key="zq_lr", check=positive_float)
+    batch_size: int = option(8, "ZQ-Global batch size (windows)", key="zq_batch", check=int_at_least(1))
 
 
 register_options("zq", ZQOptions)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import option, register_options
+from ..options import int_at_least, option, register_options
 from ..quantizers import PER_TENSOR, fake_quantize
 from .registry import BlockContext, Transform, register_transform
 from .scaling import linear_inputs, pair_applies, put_back, scale_norm, scale_pair, snapshot
@@ -26,15 +26,9 @@ CLIP_TOKENS = 512  # input rows kept per linear for the clipping search
 _NO_CLIP = ("q_proj", "k_proj", "query_key_value")
 
 
-def _grid(v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError("must be an integer >= 1")
-    return v
-
-
 @dataclass(frozen=True)
 class AWQOptions:
-    grid: int = option(20, "AWQ: points of the scale exponent grid in [0, 1)", key="awq_grid", check=_grid)
+    grid: int = option(20, "AWQ: points of the scale exponent grid in [0, 1)", key="awq_grid", check=int_at_least(1))
     clip: bool = option(True, "AWQ: also search the clipping of each group's range", key="awq_clip")
 
 

@@ -24,20 +24,14 @@ from torch import nn
 
 from ..kernels.hadamard import HadamardError, hadamard_block, hadamard_matrix
 from ..models import QuantLinear
-from ..options import option, register_options
+from ..options import int_at_least, option, register_options
 from .registry import ModelContext, Transform, register_transform
-
-
-def _seed(v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError("must be an integer >= 0")
-    return v
 
 
 @dataclass(frozen=True)
 class RotateOptions:
     seed: int = option(0, "rotation: seed of the random signs of the residual rotation", key="rotate_seed",
-                       check=_seed)
+                       check=int_at_least(0))
     online: bool = option(True, "rotation: also rotate the MLP down-projection input online (Hadamard)",
                           key="rotate_online")
 

@@ -12,26 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import option, register_options
+from ..options import option, register_options, unit_float
 from .registry import BlockContext, Transform, register_transform
 from .scaling import linear_inputs, scale_norm
-
-
-def _unit(v: object) -> float:
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            pass
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
-        raise ValueError("must be a number in [0, 1]")
-    return float(v)
 
 
 @dataclass(frozen=True)
 class SmoothQuantOptions:
     alpha: float = option(0.5, "SmoothQuant migration strength (0: none, 1: all of the range to the weights)",
-                          key="sq_alpha", check=_unit)
+                          key="sq_alpha", check=unit_float)
 
 
 register_options("smoothquant", SmoothQuantOptions)
