@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from .cli_args import DeprecatedFlag, Parser, _cli_value, add_option, at_least, checked_int, device_arg  # noqa: F401

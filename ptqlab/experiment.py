@@ -11,7 +11,6 @@ the model's size in host memory, not twice that.
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
 from .config import RunSpec, config_hash
 from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
 from .evaluate import Perplexity, eval_windows, evaluate_windows
