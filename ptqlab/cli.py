@@ -11,6 +11,7 @@ from .cli_args import DeprecatedFlag, Parser, _cli_value, add_option, at_least, 
 from .config import OPTIONS, QuantConfig, RunSpec, from_flat, help_with_default, parse_text_value
 from .preflight import check_writable_file
 from .quantizers import QuantSpec
+from .tiny import TINY_ARCHS
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-tiny", help="write a tiny random model + tokenizer (offline)")
-    p.add_argument("--arch", required=True, choices=["opt", "bloom", "llama", "gpt2"], help="architecture (required)")
+    p.add_argument("--arch", required=True, choices=TINY_ARCHS, help="architecture (required)")
     p.add_argument("--out", required=True, help="the folder to write (required)")
     p.add_argument("--text", default=None, help="train the BPE tokenizer on this text file (default: bytes only)")
     p.add_argument("--hidden", type=at_least(1, "--hidden"), default=64, help=help_with_default("hidden size", 64))

@@ -23,6 +23,7 @@ _LAYOUTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "llama": ("model.layers", ("model.norm",), "lm_head"),
     "mistral": ("model.layers", ("model.norm",), "lm_head"),
     "qwen2": ("model.layers", ("model.norm",), "lm_head"),
+    "qwen3": ("model.layers", ("model.norm",), "lm_head"),
     "gpt2": ("transformer.h", ("transformer.ln_f",), "lm_head"),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
@@ -91,6 +92,8 @@ MAPPINGS: dict[str, FamilyMapping] = {
     "llama": _LLAMA_MAPPING,
     "mistral": _LLAMA_MAPPING,
     "qwen2": _LLAMA_MAPPING,
+    # Qwen3's per-head q/k RMSNorms act on q_proj/k_proj outputs: inputs scaled or rotated reach them unchanged
+    "qwen3": _LLAMA_MAPPING,
 }
 
 

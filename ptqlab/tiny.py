@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-TINY_ARCHS = ("opt", "bloom", "llama", "gpt2")
+TINY_ARCHS = ("opt", "bloom", "llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
 def make_tokenizer(text_file: str | Path | None = None, vocab_size: int = 512):
@@ -36,21 +36,31 @@ def make_tokenizer(text_file: str | Path | None = None, vocab_size: int = 512):
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                 max_positions: int = 512):
-    from transformers import BloomConfig, GPT2Config, LlamaConfig, OPTConfig
+    """A small config of ``arch``; the Llama-shaped ones (llama, mistral, qwen2, qwen3) use grouped-query
+    attention with half as many key/value heads as query heads, as their released models do."""
+    import transformers
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if arch == "opt":
-        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         ffn_dim=4 * hidden, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
-                         **common)
+        return transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                      ffn_dim=4 * hidden, max_position_embeddings=max_positions,
+                                      word_embed_proj_dim=hidden, **common)
     if arch == "bloom":
-        return BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
-    if arch == "llama":
-        return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           num_key_value_heads=heads, intermediate_size=2 * hidden,
-                           max_position_embeddings=max_positions, **common)
+        return transformers.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **common)
+        return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                                       **common)
+    gated = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+    if arch in gated:
+        extra = {}
+        if arch == "qwen3":
+            extra["head_dim"] = hidden // heads  # Qwen3 sets its head size apart from hidden / heads
+        if arch == "mistral":
+            extra["sliding_window"] = max_positions
+        return getattr(transformers, gated[arch])(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), intermediate_size=2 * hidden,
+            max_position_embeddings=max_positions, tie_word_embeddings=False, **extra, **common)
     raise ValueError(f"unknown architecture '{arch}'; choose from {', '.join(TINY_ARCHS)}")
 
 

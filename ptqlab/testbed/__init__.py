@@ -1,8 +1,9 @@
 """The trained testbed models of ptqlab (see MODEL_CARD.md).
 
-Two architectures (OPT, BLOOM), each a family of sizes trained on the same Debian-documentation
-corpus with the same tokenizer. ``testbed-opt`` / ``testbed-bloom`` (~7M parameters) and the
-~2M members ship in this package; the larger members are rebuilt on a GPU by one command
+Three architectures (OPT, BLOOM and Llama: RMSNorm, SwiGLU, rotary positions, grouped-query attention),
+each a family of sizes trained on the same Debian-documentation corpus with the same tokenizer.
+``testbed-opt`` / ``testbed-bloom`` / ``testbed-llama`` (~7M parameters) and the ~2M members ship in this
+package; the larger members are rebuilt on a GPU by one command
 (``python scripts/testbed/train_family.py --sizes 25m,60m``) into a cache folder,
 ``$PTQLAB_TESTBED_CACHE/<arch>-<size>`` (default ``~/.cache/ptqlab/testbed``), where
 :func:`resolve_model_path` finds them.
@@ -24,7 +25,7 @@ BUILD_COMMAND = "python scripts/testbed/train_family.py --arch {arch} --sizes {s
 class FamilyMember:
     """One size of the testbed family: its architecture, shape and training settings."""
 
-    arch: str  # "opt" | "bloom"
+    arch: str  # "opt" | "bloom" | "llama"
     size: str  # "2m", "7m", ...
     hidden: int
     layers: int
@@ -38,6 +39,8 @@ class FamilyMember:
     # residual dropout in training: the ~60M members overfit the 19.4M-token corpus without it (MODEL_CARD.md)
     dropout: float = 0.0
     folder: str = ""  # package folder of a shipped member (default "<arch>-<size>")
+    kv_heads: int = 0  # key/value heads (grouped-query attention; 0 = one per query head)
+    intermediate: int = 0  # MLP width (0 = 4 x hidden); Llama's SwiGLU has three matrices, so ~8/3 x hidden
 
     @property
     def name(self) -> str:
@@ -45,7 +48,11 @@ class FamilyMember:
 
     @property
     def ffn(self) -> int:
-        return 4 * self.hidden
+        return self.intermediate or 4 * self.hidden
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
 
     def path(self) -> Path:
         """The package folder of a shipped member, else (or when a shipped ~2M member was left out of
@@ -61,23 +68,40 @@ class FamilyMember:
 def _members() -> dict[str, FamilyMember]:
     # params: exact unique counts of the built models (OPT has a position table of 514 rows, BLOOM none)
     specs = [
-        # arch, size, hidden, layers, heads, opt params, bloom params, shipped, lr, budget, dropout
+        # size, hidden, layers, heads, opt params, bloom params, shipped, lr, budget, dropout
         ("2m", 128, 4, 4, 1_907_712, 1_842_176, True, 3e-3, 25.0, 0.0),
         ("7m", 256, 6, 8, 6_967_808, 6_836_736, True, 2e-3, 0.0, 0.0),
         ("25m", 512, 7, 8, 26_525_184, 26_263_040, False, 1.5e-3, 130.0, 0.0),
         ("60m", 768, 8, 12, 63_390_720, 62_997_504, False, 1e-3, 240.0, 0.1),
     ]
+    # Llama: the same hidden x layers x heads and peak LR; grouped-query attention (fewer KV heads than query
+    # heads) and a SwiGLU width near 8/3 x hidden, a multiple of 128 (groups of 128 on down_proj's input), so
+    # the parameter counts match the other two families'. Every size trains alone on the family corpus
+    # (train_family.py; the ~7M member for 100 s, as the other ~7M members were not trained on this corpus).
+    llama = {
+        # size: kv heads, intermediate, params, budget, dropout
+        "2m": (2, 384, 1_836_160, 25.0, 0.0),
+        "7m": (4, 768, 6_819_072, 100.0, 0.0),
+        "25m": (4, 1536, 26_222_080, 130.0, 0.0),
+        "60m": (4, 2304, 61_354_752, 240.0, 0.1),
+    }
     out: dict[str, FamilyMember] = {}
-    for arch in ("opt", "bloom"):
+    for arch in ARCHS:
         for size, hidden, layers, heads, p_opt, p_bloom, shipped, lr, budget, dropout in specs:
-            m = FamilyMember(arch, size, hidden, layers, heads, p_opt if arch == "opt" else p_bloom, shipped,
-                             lr, budget, dropout, folder=arch if size == "7m" else "")
+            if arch == "llama":
+                kv, inter, params, budget, dropout = llama[size]
+                m = FamilyMember(arch, size, hidden, layers, heads, params, shipped, lr, budget, dropout,
+                                 folder="llama" if size == "7m" else "", kv_heads=kv, intermediate=inter)
+            else:
+                m = FamilyMember(arch, size, hidden, layers, heads, p_opt if arch == "opt" else p_bloom, shipped,
+                                 lr, budget, dropout, folder=arch if size == "7m" else "")
             out[m.name] = m
     return out
 
 
+ARCHS = ("opt", "bloom", "llama")
 FAMILY: dict[str, FamilyMember] = _members()
-ALIASES = {f"testbed-{a}-7m": f"testbed-{a}" for a in ("opt", "bloom")}
+ALIASES = {f"testbed-{a}-7m": f"testbed-{a}" for a in ARCHS}
 # the members shipped in this package (their package folders)
 TESTBED_MODELS = {name: TESTBED_DIR / (m.folder or f"{m.arch}-{m.size}") for name, m in FAMILY.items() if m.shipped}
 

@@ -770,7 +770,13 @@ def fetch_deb(package: str, version: str | None, debs_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="aptdl-"))
     os.chmod(tmp, 0o777)
     try:
-        subprocess.run(["apt-get", "download", spec], cwd=tmp, check=True)
+        if subprocess.run(["apt-get", "download", spec], cwd=tmp).returncode != 0:
+            if version is None:
+                raise RuntimeError(f"apt-get download {spec} failed")
+            # the archive keeps only the newest security or point release: take it, say so, and let the
+            # manifest record the version used (the text may differ from the pinned build's)
+            print(f"WARNING: {spec} is no longer in the archive; using its current version", flush=True)
+            subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
         got = sorted(tmp.glob(f"{package}_*.deb"))
         if not got:
             raise RuntimeError(f"apt-get download {spec} produced no .deb")
@@ -870,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pin:
         pinned = json.loads(args.pin.read_text())
         # a family manifest pins its extra packages too
-        pins = {p["package"]: p["version"] for p in pinned["packages"] + pinned.get("extra_packages", [])}
+        pins = {p["package"]: p["version"] for p in pinned["packages"] + pinned.get("extra_packages", [])
+                if isinstance(p, dict)}  # a family manifest lists the extra packages by name only
 
     all_sources = SOURCES + (EXTRA_SOURCES if args.family else [])
     need_download = any(not list(debs_dir.glob(f"{s['package']}_*.deb")) for s in all_sources)

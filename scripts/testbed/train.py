@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Train one of ptqlab's small testbed language models (OPT or BLOOM) from scratch.
+"""Train one of ptqlab's small testbed language models (OPT, BLOOM or Llama) from scratch.
 
-The models are transformers' own ``OPTForCausalLM`` / ``BloomForCausalLM`` built from a
-config (vocab 8192, hidden 256, 6 layers, 8 heads, FFN 1024, tied embeddings), trained on
+The models are transformers' own ``OPTForCausalLM`` / ``BloomForCausalLM`` / ``LlamaForCausalLM``
+built from a config (vocab 8192, hidden 256, 6 layers, 8 heads, FFN 1024, tied embeddings), trained on
 random 512-token windows of ``DATA/train.bin`` (see train_tokenizer.py) with AdamW, a
 linear-warmup + cosine learning-rate schedule and bf16 autocast. The held-out loss on
 ``DATA/heldout.bin`` (non-overlapping 512-token windows, every token predicted once) is
@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 
 def build_model(arch: str, vocab_size: int, seq_len: int, dropout: float, bos: int, pad: int,
-                hidden: int = 256, layers: int = 6, heads: int = 8, ffn: int = 1024):
+                hidden: int = 256, layers: int = 6, heads: int = 8, ffn: int = 1024, kv_heads: int = 0):
     """The testbed architecture; the defaults are the shipped ~7M models (BLOOM's FFN is always 4 x hidden)."""
-    from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM)
 
     common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=bos, pad_token_id=pad,
                   tie_word_embeddings=True, use_cache=True)
@@ -60,10 +61,44 @@ def build_model(arch: str, vocab_size: int, seq_len: int, dropout: float, bos: i
             pretraining_tp=1, slow_but_exact=False, **common,
         )
         model = BloomForCausalLM(cfg)
+    elif arch == "llama":
+        # Llama 3's shape at small scale: RMSNorm, SwiGLU (ffn = its width), rotary positions, grouped-query
+        # attention, no biases. max_position_embeddings = the training window, so ptqlab evaluates on 512
+        # tokens as for OPT; rope_theta 10000 is plenty at this length.
+        cfg = LlamaConfig(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads, intermediate_size=ffn, hidden_act="silu",
+            max_position_embeddings=seq_len, rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False,
+            mlp_bias=False, attention_dropout=0.0, initializer_range=0.02, **common,
+        )
+        model = LlamaForCausalLM(cfg)
+        if dropout > 0:
+            add_residual_dropout(model, dropout)
     else:
         raise ValueError(arch)
     model.tie_weights()
     return model
+
+
+def add_residual_dropout(model, p: float) -> None:
+    """Dropout on what each Llama attention and MLP adds to the residual stream, while training only.
+
+    Llama has no residual dropout of its own (OPT's ``dropout`` / BLOOM's ``hidden_dropout`` are exactly
+    this); the ~60M members need it against overfitting the 19.4M-token corpus. Forward hooks leave the
+    saved model a plain ``LlamaForCausalLM``, and they are inactive in eval mode.
+    """
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
 
 
 def count_params(model) -> dict:
@@ -139,7 +174,7 @@ def evaluate(model, held: torch.Tensor, seq_len: int, batch: int, device, use_am
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=["opt", "bloom"], required=True)
+    ap.add_argument("--arch", choices=["opt", "bloom", "llama"], required=True)
     ap.add_argument("--data", type=Path, default=Path("scripts/testbed/build"),
                     help="folder with train.bin, heldout.bin, tokens_meta.json, tokenizer/")
     ap.add_argument("--out", type=Path, required=True, help="output model folder (save_pretrained)")
@@ -148,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=256, help="hidden size (the shipped ~7M models: 256)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=1024, help="OPT's FFN width (BLOOM's is 4 x hidden)")
+    ap.add_argument("--ffn", type=int, default=1024, help="OPT's FFN / Llama's SwiGLU width (BLOOM's is 4 x hidden)")
+    ap.add_argument("--kv-heads", type=int, default=0, help="Llama's key/value heads (0 = as many as --heads)")
     ap.add_argument("--extra-heldout", type=Path, default=None,
                     help="another uint16 token file: the saved model's loss on it is added to the summary")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -195,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     held = torch.from_numpy(held_np.astype(np.int64)).to(device)
 
     model = build_model(args.arch, vocab, args.seq_len, args.dropout, bos, pad,
-                        args.hidden, args.layers, args.heads, args.ffn).to(device)
+                        args.hidden, args.layers, args.heads, args.ffn, args.kv_heads).to(device)
     params = count_params(model)
     model.train()
     fwd = torch.compile(model) if args.compile else model

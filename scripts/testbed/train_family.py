@@ -12,7 +12,9 @@ shipped sizes (~2M) to ``--out`` (default: a folder per member under the cache),
 Usage (GPU, minutes):
   python scripts/testbed/train_family.py --arch opt,bloom --sizes 25m,60m
   python scripts/testbed/train_family.py --arch opt --sizes 2m --out ptqlab/testbed --no-compile   # the shipped ~2M member
-The ~7M members are the shipped testbed-opt / testbed-bloom (scripts/testbed/README.md, steps 1-5).
+  python scripts/testbed/train_family.py --arch llama --sizes 2m,7m --out ptqlab/testbed           # shipped Llama members
+The ~7M OPT/BLOOM members are the shipped testbed-opt / testbed-bloom (scripts/testbed/README.md, steps 1-5);
+every Llama size, the ~7M one included, is trained here.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ def train_member(arch: str, size: str, data: Path, out_root: Path | None, log_di
                  time_scale: float, extra: list[str]) -> Path:
     import train
 
-    name = f"testbed-{arch}-{size}"
-    member = FAMILY.get(name)
-    if member is None or size == "7m":
-        sizes = sorted({m.size for m in FAMILY.values() if m.size != "7m"})
-        raise SystemExit(f"no trainable family member '{name}' (sizes: {', '.join(sizes)}; "
-                         "the 7m members are the shipped testbed-opt / testbed-bloom)")
-    dest = (out_root / f"{arch}-{size}") if out_root else member.path()
+    member = FAMILY.get(f"testbed-{arch}" if size == "7m" else f"testbed-{arch}-{size}")
+    if member is None or member.time_budget_s == 0:
+        trainable = sorted(f"{m.arch}-{m.size}" for m in FAMILY.values() if m.time_budget_s > 0)
+        raise SystemExit(f"no trainable family member '{arch}-{size}' (trainable: {', '.join(trainable)}; "
+                         "testbed-opt / testbed-bloom are the shipped ~7M models of steps 1-5)")
+    name = member.name
+    folder = member.folder or f"{arch}-{size}"
+    dest = (out_root / folder) if out_root else member.path()
     if out_root is None and member.shipped:
         dest = cache_dir() / f"{arch}-{size}"
     tmp = dest.with_name(dest.name + ".partial")
@@ -47,9 +50,10 @@ def train_member(arch: str, size: str, data: Path, out_root: Path | None, log_di
     argv = ["--arch", arch, "--data", str(data), "--out", str(tmp),
             "--log", str(log_dir / f"{arch}-{size}_train_log.jsonl"),
             "--hidden", str(member.hidden), "--layers", str(member.layers), "--heads", str(member.heads),
-            "--ffn", str(member.ffn), "--lr", str(member.lr), "--dropout", str(member.dropout),
+            "--ffn", str(member.ffn), "--kv-heads", str(member.key_value_heads), "--lr", str(member.lr), "--dropout", str(member.dropout),
             "--time-budget", str(member.time_budget_s * time_scale), "--batch-size", "128",
             "--extra-heldout", str(data / "heldout_extra.bin"), *extra]
+    check_params(member)
     print(f"== {name}: train.py {' '.join(argv)}", flush=True)
     rc = train.main(argv)
     if rc != 0:
@@ -62,9 +66,22 @@ def train_member(arch: str, size: str, data: Path, out_root: Path | None, log_di
     return dest
 
 
+def check_params(member) -> None:
+    """Refuse to train a member whose built architecture does not have the parameter count FAMILY states."""
+    import torch
+    import train
+
+    with torch.device("meta"):
+        model = train.build_model(member.arch, 8192, 512, member.dropout, 1, 0, member.hidden, member.layers,
+                                  member.heads, member.ffn, member.key_value_heads)
+    got = train.count_params(model)["total_unique"]
+    if got != member.params:
+        raise SystemExit(f"{member.name}: the architecture has {got:,} parameters, FAMILY says {member.params:,}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="opt,bloom", help="comma-separated: opt, bloom")
+    ap.add_argument("--arch", default="opt,bloom", help="comma-separated: opt, bloom, llama")
     ap.add_argument("--sizes", default="25m,60m", help="comma-separated sizes, e.g. 2m,25m,60m")
     ap.add_argument("--data", type=Path, default=ROOT / "scripts/testbed/build/family",
                     help="the family's token files (tokenize_family.py)")
