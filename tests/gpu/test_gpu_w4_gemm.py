@@ -163,7 +163,7 @@ def test_fp8_activation_quantization_is_the_formats_grid():
     if GPU:  # the hardware cast: round to nearest even, exactly torch's
         assert torch.equal(values.float(), ref)
     else:  # the interpreter's numpy cast neither rounds to nearest nor keeps subnormals: within one E4M3 step
-        assert bool(((values.float() - ref).abs() <= ref.abs() / 8 + 2.0**-9).all())
+        assert bool(((values.float() - ref).abs() <= ref.abs() / 8 + 2.0**-6).all())
 
 
 @pytest.mark.skipif(not GPU or torch.cuda.get_device_capability() < (8, 9), reason="FP8 _scaled_mm: sm_89+")
