@@ -111,17 +111,23 @@ def dequant_int4_reference(packed: torch.Tensor, scale: torch.Tensor, zero: torc
     return ((codes - zero.repeat_interleave(reps, 1)) * scale.repeat_interleave(reps, 1)).to(dtype)
 
 
+def kernel_for(w: QuantSpec, a: QuantSpec, preference: str = DEFAULT_PREFERENCE) -> str | None:
+    """The first backend that runs weights ``w`` with activations ``a`` (None: none does)."""
+    if preference not in PREFERENCES:
+        raise KernelError(f"unknown kernel preference {preference!r}; choose one of {', '.join(PREFERENCES)}")
+    if not w.enabled or w.group_size == PER_TENSOR:
+        return None
+    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, preference)), None)
+
+
 def scheme_of(layer: nn.Module, w4a16_backend: str = DEFAULT_PREFERENCE) -> str | None:
     """The real kernel for this layer's (weight, activation) specs, or None if there is none.
 
     ``w4a16_backend``: the preferred kernel family (:data:`PREFERENCES`; the name is historical)."""
-    w: QuantSpec = layer.weight_spec
-    a: QuantSpec = layer.act_spec
-    if w4a16_backend not in PREFERENCES:
-        raise KernelError(f"unknown kernel preference {w4a16_backend!r}; choose one of {', '.join(PREFERENCES)}")
-    if not w.enabled or w.group_size == PER_TENSOR or getattr(layer, "input_rotation", None):
-        return None  # (no kernel here rotates its input online: the rotation transform's down-projections)
-    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, w4a16_backend)), None)
+    if getattr(layer, "input_rotation", None):
+        kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)  # (the preference is still checked)
+        return None  # no kernel here rotates its input online: the rotation transform's down-projections
+    return kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)
 
 
 def _describe(layer: nn.Module) -> str:
