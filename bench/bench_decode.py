@@ -33,12 +33,15 @@ SCHEMES = {
     "w4a16-lorc8": (QuantSpec(4, True, 128), FP, 8),
     "w8a8": (QuantSpec(8, True, 0), QuantSpec(8, True, 0), 0),
     "w4a8": (QuantSpec(4, True, 0), QuantSpec(8, True, 0), 0),
+    "w8a8-fp8": (QuantSpec(fmt="fp8"), QuantSpec(fmt="fp8"), 0),
 }
 def step_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step must read: the real kernels' read set (tinygemm's layout at small M, not
     the large-M one it also keeps), LoRC factors, biases, and every other parameter (tied LM head counted once)."""
     read_set = {"w4a16-tinygemm": ("w_packed", "scales_and_zeros"), "w8a8-int8": ("w_int8", "w_scale"),
-                "w4a8-int8": ("w_int8", "w_scale")}
+                "w4a8-int8": ("w_int8", "w_scale"), "w4a16-triton": ("w_packed", "w_scale", "w_zero"),
+                "w4a8-triton": ("w_packed", "w_scale"), "w8a8-triton": ("w_int8", "w_scale"),
+                "w8a8-fp8": ("w_fp8", "w_scale")}
     seen: set[int] = set()
     total = 0
 
@@ -197,13 +200,14 @@ def run_graph(model, batch: int, prompt: int, new: int) -> tuple[float, torch.Te
 
 
 def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: list[int], prompt: int, new: int,
-                 bw: float) -> None:
+                 bw: float, backend: str = "tinygemm") -> None:
+    """``backend``: the kernel preference (ptqlab.kernels.real.PREFERENCES) the real layers are chosen with."""
     wspec, aspec, rank = SCHEMES[scheme]
     rtn_with_grid(layers, wspec, aspec, rank, originals=originals, svd=False)
     undo = None
     kernels = {}
     if scheme != "fp16":
-        summary, undo = swap_real(model, "real", torch.device("cuda"), backend="tinygemm")
+        summary, undo = swap_real(model, "real", torch.device("cuda"), backend=backend)
         kernels = summary["real"]
     wbytes = step_bytes(model)
     hidden, n_layers, _, _ = SHAPES[shape]
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--backend", default="tinygemm", help="kernel preference: triton, tinygemm or gemlite")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = wrap_model(model)
         originals = [layer.weight.data.clone() for layer in layers]
         for scheme in args.schemes.split(","):
-            bench_scheme(model, layers, originals, shape, scheme, batches, args.prompt, args.new, bw)
+            bench_scheme(model, layers, originals, shape, scheme, batches, args.prompt, args.new, bw, args.backend)
         del model, layers, originals
         gc.collect()
         torch.cuda.empty_cache()

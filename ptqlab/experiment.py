@@ -216,10 +216,12 @@ def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, k
     floats = [f"--{p}fmt {s.fmt}" for p, s in (("w", spec.config.weight), ("a", spec.config.act))
               if s.enabled and s.is_float]
     if kernel == "real" and floats:
-        from .kernels.real import available_kernels
+        from .kernels.real import available_kernels, kernel_for
 
-        raise ValueError(f"--kernel real: no real kernel runs {' / '.join(floats)} (real kernels run integer grids "
-                         f"only: {available_kernels()}); use --kernel fake, or auto (float layers stay fake)")
+        if kernel_for(spec.config.weight, spec.config.act) is None:
+            raise ValueError(f"--kernel real: no real kernel runs {' / '.join(floats)} (float formats: fp8 weights "
+                             f"and activations per row/token only; {available_kernels()}); use --kernel fake, or "
+                             f"auto (float layers stay fake)")
     if kernel == "real" and (not device.startswith("cuda") or offload):
         from .kernels.real import available_kernels
 

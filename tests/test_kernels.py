@@ -103,28 +103,46 @@ def test_weight_codes_need_the_recorded_grid():
         weight_codes(layer)
 
 
-@pytest.mark.parametrize("w, a, want", [
-    (QuantSpec(4, True, 128), QuantSpec(), "w4a16-tinygemm"),
-    (QuantSpec(4, False, 32), QuantSpec(), "w4a16-tinygemm"),
-    (QuantSpec(4, True, 512), QuantSpec(), "w4a16-gemlite"),  # tinygemm groups: 32..256
-    (QuantSpec(4, False, 0), QuantSpec(), "w4a16-gemlite"),
-    (QuantSpec(8, True, 0), QuantSpec(), "w8a16-gemlite"),
-    (QuantSpec(3, True, 128), QuantSpec(), None),
-    (QuantSpec(4, True, -1), QuantSpec(), None),
-    (QuantSpec(8, True, 0), QuantSpec(8, True, 0), "w8a8-int8"),
-    (QuantSpec(4, True, 0), QuantSpec(8, True, 0), "w4a8-int8"),
-    (QuantSpec(4, True, 128), QuantSpec(8, True, 0), None),  # groups do not fit one scale per int8 row
-    (QuantSpec(8, True, 0), QuantSpec(8, False, 0), None),
-    (QuantSpec(8, True, 0), QuantSpec(4, True, 0), None),
-    (QuantSpec(), QuantSpec(8, True, 0), None),
+FP8 = QuantSpec(fmt="fp8")
+
+
+@pytest.mark.parametrize("w, a, want, tinygemm", [
+    (QuantSpec(4, True, 128), QuantSpec(), "w4a16-triton", "w4a16-tinygemm"),
+    (QuantSpec(4, False, 32), QuantSpec(), "w4a16-triton", "w4a16-tinygemm"),
+    (QuantSpec(4, True, 512), QuantSpec(), "w4a16-triton", "w4a16-gemlite"),  # tinygemm groups: 32..256
+    (QuantSpec(4, True, 16), QuantSpec(), "w4a16-gemlite", "w4a16-gemlite"),  # Triton chunks: groups >= 32
+    (QuantSpec(4, True, 96), QuantSpec(), "w4a16-gemlite", "w4a16-gemlite"),  # ... of a power of two
+    (QuantSpec(4, False, 0), QuantSpec(), "w4a16-triton", "w4a16-gemlite"),
+    (QuantSpec(8, True, 0), QuantSpec(), "w8a16-gemlite", "w8a16-gemlite"),
+    (QuantSpec(3, True, 128), QuantSpec(), None, None),
+    (QuantSpec(4, True, -1), QuantSpec(), None, None),
+    (QuantSpec(8, True, 0), QuantSpec(8, True, 0), "w8a8-triton", "w8a8-int8"),
+    (QuantSpec(4, True, 0), QuantSpec(8, True, 0), "w4a8-triton", "w4a8-int8"),
+    (QuantSpec(4, True, 128), QuantSpec(8, True, 0), None, None),  # groups do not fit one scale per int8 row
+    (QuantSpec(8, True, 0), QuantSpec(8, False, 0), None, None),
+    (QuantSpec(8, True, 0), QuantSpec(4, True, 0), None, None),
+    (QuantSpec(), QuantSpec(8, True, 0), None, None),
+    (FP8, FP8, "w8a8-fp8", "w8a8-fp8"),
+    (FP8, QuantSpec(), None, None),  # FP8 weight-only: no real kernel
+    (FP8, QuantSpec(8, True, 0), None, None),
+    (QuantSpec(8, True, 0), FP8, None, None),
+    (QuantSpec(4, True, 0, fmt="mxfp4"), QuantSpec(), None, None),
 ])
-def test_scheme_of(w, a, want):
+def test_scheme_of(w, a, want, tinygemm):
     layer = _layer()
     layer.weight_spec, layer.act_spec = w, a
     assert scheme_of(layer) == want
-    if want == "w4a16-tinygemm":
+    assert scheme_of(layer, "tinygemm") == tinygemm
+    if want == "w4a16-triton" and tinygemm == "w4a16-tinygemm":
         assert scheme_of(layer, "gemlite") == "w4a16-gemlite"
     assert want is None or want in KERNELS
+
+
+def test_scheme_of_rejects_an_unknown_preference():
+    layer = _layer()
+    layer.weight_spec = QuantSpec(4, True, 128)
+    with pytest.raises(KernelError, match="unknown kernel preference 'marlin'; choose one of triton, tinygemm"):
+        scheme_of(layer, "marlin")
 
 
 def _model_with(w: QuantSpec, a: QuantSpec) -> torch.nn.Module:
@@ -137,7 +155,7 @@ def _model_with(w: QuantSpec, a: QuantSpec) -> torch.nn.Module:
 def test_kernel_selection_fake_and_cpu():
     model = _model_with(QuantSpec(4, True, 16), QuantSpec())
     assert select_kernels(model, "fake", "cuda") == {"mode": "fake", "real": {}, "fake": 2}
-    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-tinygemm"):
+    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-triton"):
         select_kernels(model, "real", "cpu")
     with pytest.raises(KernelError, match="offloaded evaluation"):
         select_kernels(model, "real", "cuda", offloaded=True)

@@ -63,6 +63,39 @@ def _act_quant_kernel(
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fp8_rows_kernel(X, Y, S, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # FP8 E4M3 per token, ptqlab.formats' grid: scale = absmax / 448 (IEEE division; 1 for a zero row), values
+    # x / scale rounded to nearest-even E4M3 by the saturating cast (|x / scale| <= 448 by construction)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    rmask = r < rows
+    mask = rmask[:, None] & (c < C)[None, :]
+    offs = r[:, None] * C + c[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = tl.max(tl.where(x - x == 0.0, 0, 1), axis=1) > 0
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
+    scale = tl.where(scale > 0, scale, 1.0)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -448.0), 448.0)
+    tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
+    tl.store(S + r, tl.where(bad, float("nan"), scale), mask=rmask)
+
+
+def quantize_fp8_rows(x: torch.Tensor, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 per-token quantization of ``x [..., K]`` in one pass: ``float8_e4m3fn`` values ``[rows, K]`` and
+    float32 scales ``[rows]``; ``values * scale`` equals :func:`ptqlab.quantizers.fake_quantize` with the ``fp8``
+    per-row spec (before its cast to ``x.dtype``).  A row with NaN/Inf gets a NaN scale."""
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    rows, c = x2.shape
+    values = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=x.device)
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, 4096 // block_c)
+    _fp8_rows_kernel[(triton.cdiv(rows, block_r),)](x2, values, scales, rows, c, BLOCK_R=block_r, BLOCK_C=block_c,
+                                                     num_warps=4 if block_r * block_c <= 4096 else 8)
+    return values, scales
+
+
 def supported(spec: QuantSpec) -> bool:
     """Whether the fused kernel covers ``spec`` (per-tensor activation scales need a global reduction first;
     float formats round to their own grids, in :mod:`ptqlab.formats`)."""
@@ -129,6 +162,10 @@ class SharedInputCache(InputCache):
     def get_int8(self, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`quantize_int8_rows` of ``x``."""
         return self.lookup(x, (spec, "int8"), lambda: quantize_int8_rows(x, spec, name))
+
+    def get_fp8(self, x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`quantize_fp8_rows` of ``x``."""
+        return self.lookup(x, (spec, "fp8"), lambda: quantize_fp8_rows(x, name))
 
 
 SHARED_INPUTS = SharedInputCache()

@@ -4,18 +4,28 @@ Fake quantization keeps dequantized fp16 weights and runs fp16 GEMMs: right numb
 gain.  Here a quantized layer becomes a :class:`RealLinear` that stores integer codes and runs a kernel
 that reads them:
 
-* ``w4a16-tinygemm`` (the default for 4-bit groups): up to ``TINYGEMM_MAX_M`` tokens PyTorch's own int4
+* ``w4a16-triton`` (the default for 4-bit weight-only layers, groups of 32..4096 or per row, either zero
+  point): ptqlab's own Triton GEMV (1 token) / tensor-core GEMM (up to ``w4_gemm.GEMM_MAX_M`` tokens) reading the
+  packed codes directly (:mod:`ptqlab.kernels.w4_gemm`), above that the same layout unpacked once and cuBLAS;
+  one layout, 0.5 byte a weight plus fp16 scales (and zero points);
+* ``w4a8-triton`` / ``w8a8-triton`` (the defaults for symmetric per-row weights with 8-bit per-token
+  activations): the input quantized per token by one fused Triton pass
+  (:func:`ptqlab.kernels.act_quant.quantize_int8_rows`), then one Triton int8 tensor-core GEMM that reads the
+  weight as packed 4-bit codes (unpacked to int8 in registers) or int8, with the per-token x per-channel scales
+  and the bias applied to the int32 accumulator in its epilogue;
+* ``w8a8-fp8``: FP8 E4M3 weights per output channel and activations per token (``--weight-format fp8``):
+  one fused Triton pass quantizes the input (:func:`ptqlab.kernels.act_quant.quantize_fp8_rows`), then
+  ``torch._scaled_mm`` with row-wise scales (Hopper and later);
+* ``w4a16-tinygemm``: up to ``TINYGEMM_MAX_M`` tokens PyTorch's own int4
   weight-only GEMM (``torch._weight_int4pack_mm``: bf16 activations and scales on CUDA, so its numbers
   differ from the fp16 model by bf16 rounding); above, the weight unpacked by one Triton kernel
-  (:mod:`ptqlab.kernels.int4_dequant`, bit-identical to the fake-quant weight) and cuBLAS, because tinygemm
-  runs at a few percent of cuBLAS at thousands of tokens.  It keeps both layouts (about 1.06 bytes a weight);
+  (:mod:`ptqlab.kernels.int4_dequant`, bit-identical to the fake-quant weight) and cuBLAS.  It keeps both
+  layouts (about 1.06 bytes a weight); chosen with the ``tinygemm`` preference;
 * ``w4a16-gemlite`` / ``w8a16-gemlite`` / ``w2a16-gemlite``: weight-only through gemlite's Triton
-  GEMV/GEMM (``A16Wn``, optional dependency; grouped or per-row grids); slower than the above on an H100
-  in our measurements, kept for per-row and 8/2-bit weights and for comparison;
-* ``w8a8-int8`` / ``w4a8-int8``: symmetric per-row weights as int8, the input quantized per token by the
-  fused Triton kernel (:func:`ptqlab.kernels.act_quant.quantize_int8_rows`), ``torch._int_mm`` on the
-  int8 tensor cores, then one Triton epilogue (scales, bias, cast).  4-bit weights run on the int8 path
-  (int8 storage: its speed, not 4-bit memory).
+  GEMV/GEMM (``A16Wn``, optional dependency; grouped or per-row grids); kept for 8/2-bit weights and for
+  comparison (``gemlite`` preference for 4 bits);
+* ``w8a8-int8`` / ``w4a8-int8`` (the ``tinygemm`` preference: the previous int8 path): ``torch._int_mm`` and a
+  separate Triton epilogue over its int32 result; 4-bit weights stored as int8.
 
 LoRC runs as a thin side GEMM (``y += (x V^T) U^T``).  Integer codes come from the layer's
 ``weight_scale``/``weight_zero`` (``codes = clamp(round(W / scale) + zero, 0, 2**bits - 1)``).
@@ -35,13 +45,17 @@ from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec
 KERNEL_MODES = ("auto", "fake", "real")
 #: up to this many tokens W4A16 runs tinygemm; above, unpack + cuBLAS (crossover measured on an H100)
 TINYGEMM_MAX_M = 16
+#: the kernel family a layer gets when several run it: ptqlab's Triton kernels, or "tinygemm" (PyTorch's int4
+#: GEMM and ``torch._int_mm``: the previous default) or "gemlite" (4-bit weight-only through gemlite)
+PREFERENCES = ("triton", "tinygemm", "gemlite")
+DEFAULT_PREFERENCE = "triton"
 
 @dataclass(frozen=True)
 class KernelBackend:
     """One real kernel: which (weight, activation) specs it runs, how it lays out a layer's codes, and its GEMM.
 
-    ``supports(w, a, w4a16_backend)``: whether it runs these specs (``w4a16_backend`` is the user's choice
-    between the 4-bit weight-only backends); ``build(real, codes, scale, zero, group)`` registers the packed
+    ``supports(w, a, preference)``: whether it runs these specs (``preference``: one of :data:`PREFERENCES`,
+    the user's choice between backends that run the same specs); ``build(real, codes, scale, zero, group)`` registers the packed
     buffers on the :class:`RealLinear`; ``forward(real, x, x2)`` returns ``(y [tokens, out], lorc_input)``
     for the input ``x`` and its ``[tokens, in]`` view ``x2``.
     """
@@ -97,15 +111,23 @@ def dequant_int4_reference(packed: torch.Tensor, scale: torch.Tensor, zero: torc
     return ((codes - zero.repeat_interleave(reps, 1)) * scale.repeat_interleave(reps, 1)).to(dtype)
 
 
-def scheme_of(layer: nn.Module, w4a16_backend: str = "tinygemm") -> str | None:
-    """The real kernel for this layer's (weight, activation) specs, or None if there is none."""
-    w: QuantSpec = layer.weight_spec
-    a: QuantSpec = layer.act_spec
-    if not w.enabled or w.group_size == PER_TENSOR or getattr(layer, "input_rotation", None):
-        return None  # (no kernel here rotates its input online: the rotation transform's down-projections)
-    if w.is_float or a.is_float:
-        return None  # float formats (fp8, mxfp4, nvfp4) have no real kernel here: the kernels issue
-    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, w4a16_backend)), None)
+def kernel_for(w: QuantSpec, a: QuantSpec, preference: str = DEFAULT_PREFERENCE) -> str | None:
+    """The first backend that runs weights ``w`` with activations ``a`` (None: none does)."""
+    if preference not in PREFERENCES:
+        raise KernelError(f"unknown kernel preference {preference!r}; choose one of {', '.join(PREFERENCES)}")
+    if not w.enabled or w.group_size == PER_TENSOR:
+        return None
+    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, preference)), None)
+
+
+def scheme_of(layer: nn.Module, w4a16_backend: str = DEFAULT_PREFERENCE) -> str | None:
+    """The real kernel for this layer's (weight, activation) specs, or None if there is none.
+
+    ``w4a16_backend``: the preferred kernel family (:data:`PREFERENCES`; the name is historical)."""
+    if getattr(layer, "input_rotation", None):
+        kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)  # (the preference is still checked)
+        return None  # no kernel here rotates its input online: the rotation transform's down-projections
+    return kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)
 
 
 def _describe(layer: nn.Module) -> str:
@@ -116,11 +138,12 @@ def _describe(layer: nn.Module) -> str:
 class RealLinear(nn.Module):
     """A quantized linear layer executed by a real low-bit kernel (see the module docstring)."""
 
-    def __init__(self, layer: nn.Module, scheme: str) -> None:
+    def __init__(self, layer: nn.Module, scheme: str, keep_original: bool = True) -> None:
         super().__init__()
         self.name, self.scheme = layer.name, scheme
-        # the module the QuantLinear replaced, for the session's restore (a plain attribute, not a submodule)
-        object.__setattr__(self, "original", getattr(layer, "original", None))
+        # the module the QuantLinear replaced, for the session's restore (a plain attribute, not a submodule);
+        # without a restore to come (keep_original False) it is dropped, and its fp16 weight with it
+        object.__setattr__(self, "original", getattr(layer, "original", None) if keep_original else None)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.act_spec: QuantSpec = layer.act_spec
         self.weight_spec: QuantSpec = layer.weight_spec
@@ -155,11 +178,14 @@ class RealLinear(nn.Module):
 
 
 def select_kernels(model: nn.Module, mode: str = "fake", device: str | torch.device = "cpu",
-                   w4a16_backend: str = "tinygemm", offloaded: bool = False) -> dict:
+                   w4a16_backend: str = DEFAULT_PREFERENCE, offloaded: bool = False,
+                   keep_original: bool = True) -> dict:
     """Swap quantized layers for real kernels according to ``mode`` (auto|fake|real); returns a summary.
 
     ``real``: every quantized layer must have a kernel, on CUDA (else a :class:`KernelError` listing what
     exists).  ``auto``: real where a kernel exists, fake elsewhere, with a one-line notice.
+    ``w4a16_backend``: the preferred kernel family (:data:`PREFERENCES`).  ``keep_original`` False: drop the
+    ``nn.Linear`` each layer replaced (no restore to come: the memory of the packed model alone).
     """
     from ..models import QuantLinear
 
@@ -194,12 +220,116 @@ def select_kernels(model: nn.Module, mode: str = "fake", device: str | torch.dev
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RealLinear(quantized[name], scheme))
+        setattr(parent, child, RealLinear(quantized[name], scheme, keep_original))
         summary["real"][scheme] = summary["real"].get(scheme, 0) + 1
     return summary
 
 
 # ---------------------------------------------------------------- the backends, in order of preference
+
+
+def _w4_group_ok(w: QuantSpec) -> bool:
+    # the Triton kernels read one scale row per chunk of K: groups of a power of two >= 32, or one per row
+    return w.group_size == PER_ROW or (w.group_size >= 32 and w.group_size & (w.group_size - 1) == 0)
+
+
+def _triton_w4a16(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+    return pref == "triton" and w.bits == 4 and not w.is_float and not a.enabled and _w4_group_ok(w)
+
+
+def _needs_k8(real: RealLinear) -> None:
+    if real.in_features % 8:
+        raise KernelError(f"{real.name}: {real.scheme} packs 8 codes a word along the input dimension, which must "
+                          f"be divisible by 8 (got {real.in_features}); use --kernel fake or auto")
+
+
+def _build_w4a16_triton(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        group: int) -> None:
+    from .w4_gemm import WORKSPACE, pack_int4_k
+
+    _needs_k8(real)
+    real.register_buffer("w_packed", pack_int4_k(codes))  # [K/8, N] int32: the only copy of the weight
+    real.register_buffer("w_scale", scale.t().to(torch.float16).contiguous())  # [G, N]
+    symmetric = bool((zero == 8).all())  # (a symmetric 4-bit grid has zero point 8 everywhere)
+    real.register_buffer("w_zero", None if symmetric else zero.t().to(torch.float16).contiguous())
+    real.group = group
+    WORKSPACE.reserve(real.out_features, codes.device)  # before any CUDA-graph capture
+
+
+def _forward_w4a16_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import w4_gemm
+
+    if x2.shape[0] > w4_gemm.GEMM_MAX_M:  # compute-bound: unpack once, cuBLAS
+        wt = w4_gemm.dequant_w4(real.w_packed, real.w_scale, real.w_zero, real.group, x2.dtype)
+        y = torch.mm(x2, wt) if real.bias is None else torch.addmm(real.bias, x2, wt)
+        return y, x2
+    return w4_gemm.w4a16_gemm(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias), x2
+
+
+def _triton_w_a8(bits: int) -> Callable[[QuantSpec, QuantSpec, str], bool]:
+    def supports(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+        return pref == "triton" and _w_a8(bits)(w, a, "tinygemm")
+
+    return supports
+
+
+def _build_int_triton(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      group: int) -> None:
+    from .w4_gemm import WORKSPACE, pack_int4_k
+
+    if real.weight_spec.bits == 4:  # 4-bit codes stay packed: 0.5 byte a weight
+        _needs_k8(real)
+        real.register_buffer("w_packed", pack_int4_k(codes))
+    else:
+        real.register_buffer("w_int8", (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8).contiguous())
+    real.register_buffer("w_scale", scale[:, 0].contiguous())
+    WORKSPACE.reserve(real.out_features, codes.device)
+
+
+def _forward_int_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant import SHARED_INPUTS
+    from .w4_gemm import int_gemm
+
+    codes, sx = SHARED_INPUTS.get_int8(x, real.act_spec, f"{real.name} input")
+    w4 = real.weight_spec.bits == 4
+    y = int_gemm(codes, sx, real.w_packed if w4 else real.w_int8, real.w_scale, real.bias, real.dtype, w4)
+    lorc_in = codes.to(real.dtype) * sx[:, None].to(real.dtype) if real.lorc_u is not None else None
+    return y, lorc_in
+
+
+def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+    return w.fmt == "fp8" and a.fmt == "fp8" and w.group_size == PER_ROW and a.group_size == PER_ROW
+
+
+def _build_fp8(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
+    if real.in_features % 16 or real.out_features % 16:
+        raise KernelError(f"{real.name}: torch._scaled_mm needs both dimensions divisible by 16, got "
+                          f"{real.in_features}->{real.out_features}; use --kernel fake or auto")
+    real.register_buffer("w_fp8", codes.to(torch.float8_e4m3fn).contiguous())  # E4M3 values, exact
+    real.register_buffer("w_scale", scale[:, 0].reshape(1, -1).contiguous())  # [1, N] float32
+    real.fp8_out = real.dtype  # the output dtype _scaled_mm takes (row-wise scaling: bf16 only on some builds)
+
+
+def _forward_fp8(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant import SHARED_INPUTS
+
+    q, sx = SHARED_INPUTS.get_fp8(x, real.act_spec, f"{real.name} input")
+
+    def mm(out: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch._scaled_mm(q, real.w_fp8.t(), scale_a=sx[:, None], scale_b=real.w_scale, bias=bias,
+                                out_dtype=out)
+
+    if real.fp8_out == real.dtype:
+        try:
+            y = mm(real.dtype, real.bias)
+        except RuntimeError:  # e.g. "only bf16 output for row-wise scaling": decided once, on the first call
+            real.fp8_out = torch.bfloat16
+    if real.fp8_out != real.dtype:
+        y = mm(torch.bfloat16, None).to(real.dtype)
+        if real.bias is not None:
+            y += real.bias
+    lorc_in = (q.to(torch.float32) * sx[:, None]).to(real.dtype) if real.lorc_u is not None else None
+    return y, lorc_in
 
 
 def _build_int8(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
@@ -216,8 +346,8 @@ def _forward_int8(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[
 
 def _w_a8(bits: int) -> Callable[[QuantSpec, QuantSpec, str], bool]:
     def supports(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
-        return (w.bits == bits and a.bits == 8 and a.symmetric and a.group_size == PER_ROW and w.symmetric
-                and w.group_size == PER_ROW)
+        return (pref != "triton" and w.bits == bits and a.bits == 8 and a.symmetric and a.group_size == PER_ROW
+                and w.symmetric and w.group_size == PER_ROW and not w.is_float and not a.is_float)
 
     return supports
 
@@ -270,13 +400,26 @@ def _forward_gemlite(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tup
 
 def _weight_only(bits: int, tinygemm: bool = False) -> Callable[[QuantSpec, QuantSpec, str], bool]:
     def supports(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
-        if a.enabled or w.bits != bits:
+        if a.enabled or w.bits != bits or w.is_float:
             return False
         return pref == "tinygemm" and w.group_size in (32, 64, 128, 256) if tinygemm else True
 
     return supports
 
 
+register_kernel(KernelBackend(
+    "w8a8-triton", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: Triton int8 GEMM with "
+    "the scales and bias in its epilogue", _triton_w_a8(8), _build_int_triton, _forward_int_triton))
+register_kernel(KernelBackend(
+    "w4a8-triton", "4-bit symmetric per-row weights kept packed, 8-bit symmetric per-token activations: Triton int8 "
+    "GEMM unpacking the weight in registers", _triton_w_a8(4), _build_int_triton, _forward_int_triton))
+register_kernel(KernelBackend(
+    "w8a8-fp8", "FP8 E4M3 per-channel weights and per-token activations: fused Triton activation quantization + "
+    "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8))
+register_kernel(KernelBackend(
+    "w4a16-triton", "4-bit weights per row or in groups of 32..4096 (power of two), fp16/bf16 activations: Triton "
+    "GEMV/GEMM on the packed codes, unpack + cuBLAS at many tokens", _triton_w4a16, _build_w4a16_triton,
+    _forward_w4a16_triton))
 register_kernel(KernelBackend(
     "w8a8-int8", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
     _w_a8(8), _build_int8, _forward_int8))

@@ -7,8 +7,14 @@ package. Output of each run is kept in ``bench/results/gpu_tests_<gpu>.txt``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+#: Triton's CPU interpreter (TRITON_INTERPRET=1, triton installed): modules that set INTERPRETER_OK run on CPU
+#: tensors, on their small shapes (slow; a developer's check without a GPU, never CI's)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -16,5 +22,6 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "tests/gpu/" in item.nodeid.replace("\\", "/"):
             item.add_marker(pytest.mark.gpu)
-            if not torch.cuda.is_available():
+            interpretable = INTERPRET and getattr(item.module, "INTERPRETER_OK", False)
+            if not torch.cuda.is_available() and not interpretable:
                 item.add_marker(skip)

@@ -1,0 +1,326 @@
+"""Integer GEMMs that read packed low-bit weights directly: W4A16, W4A8 (4-bit weights, int8 activations), W8A8.
+
+One weight layout, the GPTQ/gemlite one: 4-bit codes packed along K, eight to an int32, ``P [K/8, N]`` with the
+code of input column ``8i + j`` in bits ``4j..4j+3`` of row ``i``; scales (and asymmetric zero points, as small
+integers) ``[G, N]`` in fp16.  N is the contiguous axis, so a ``[BLOCK_K/8, BLOCK_N]`` tile is one coalesced
+load, and one shift per nibble (a broadcast over a third axis of 8) unpacks it to ``[BLOCK_K, BLOCK_N]`` in the
+order K needs.  0.5 byte a weight plus 2 (4, asymmetric) bytes per group column: 0.27x FP16 at g128.
+
+Two kernels (the bench picks the crossover, :data:`GEMM_MAX_M` above which W4A16 hands off to unpack + cuBLAS):
+
+* :func:`_gemv_kernel`, one token: no tensor cores (a 1-row product wastes 15/16 of an MMA and forces the
+  unpacked tile through shared memory); the weight is unpacked with the float "magic number" trick (``q | 0x4B000000``
+  read as float32 is ``2**23 + q``, so ``- (2**23 + zero)`` gives ``q - zero`` exactly without a slow int->float
+  conversion), multiplied by the token's inputs in registers, and the group scale is applied once per 8 weights;
+* :func:`_gemm_kernel`, 2+ tokens, on the tensor cores: the same unpack to fp16 (``q | 0x6400`` read as fp16 is
+  ``1024 + q``) or, for int8 activations, to int8 ``q - 8``, then ``tl.dot``; the int8 variant applies the per-token
+  x per-channel scales and the bias in the epilogue, on the int32 accumulator in registers (no int32 round trip
+  through memory as with ``torch._int_mm``).  W8A8 uses the same kernel with an int8 ``[N, K]`` weight.
+
+Few tokens give few output tiles, too few to fill the GPU, so both kernels can split K (``SPLIT_K`` programs per
+tile): each adds its float32 partial to a shared workspace with atomics, and the last one to arrive (a ticket
+counter per tile) adds the bias, writes the output and zeroes the workspace and ticket for the next call: one
+launch, no memset.  Block sizes and the split come from ``triton.autotune`` over a handful of configs keyed on
+(M bucket, N, K, group).  A chunk of K never straddles a quantization group (``BLOCK_K`` divides the group).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: W4A16 above this many tokens: unpack the weight to fp16 and cuBLAS (compute-bound there, cuBLAS is faster)
+GEMM_MAX_M = 256
+#: split-K only up to this many tokens (it bounds the workspace: SPLIT_MAX_M x N float32)
+SPLIT_MAX_M = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for M: 1, 2..16, 32, 64, 128, 256, larger (configs differ by bucket, not by exact M)."""
+    return 1 if m == 1 else min(max(16, triton.next_power_of_2(m)), 512)
+
+
+def _prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Keep the configs of this M bucket; BLOCK_K clamped to the group (a chunk reads one scale row); no split-K
+    above SPLIT_MAX_M (no workspace there) or beyond the K chunks there are."""
+    bucket, group, k = nargs["M_BUCKET"], nargs["GROUP"], nargs["K"]
+    seen, out = set(), []
+    for c in configs:
+        kw = dict(c.kwargs)
+        if kw.pop("BUCKETS") and bucket not in c.kwargs["BUCKETS"]:
+            continue
+        if group & (group - 1) == 0:  # a power-of-two group (else: per row, one group of any K)
+            kw["BLOCK_K"] = min(kw["BLOCK_K"], group)
+        kw["BLOCK_K"] = min(kw["BLOCK_K"], max(32, triton.next_power_of_2(k)))
+        if bucket > SPLIT_MAX_M:
+            kw["SPLIT_K"] = 1
+        kw["SPLIT_K"] = max(1, min(kw["SPLIT_K"], triton.cdiv(k, kw["BLOCK_K"])))
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": min(32, group), "SPLIT_K": 1})]
+
+
+def _cfg(buckets: tuple[int, ...], bm: int, bn: int, bk: int, split: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BUCKETS": buckets, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+                         num_warps=warps, num_stages=stages)
+
+
+def _bench(fn, quantiles=None):  # a short autotune benchmark: a handful of configs per (bucket, N, K)
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+GEMV_CONFIGS = [_cfg((1,), 1, bn, bk, s, w, st) for bn, bk, s, w, st in (
+    (64, 128, 4, 4, 2), (128, 128, 4, 4, 2), (64, 128, 8, 4, 2), (128, 64, 8, 4, 3), (256, 64, 4, 8, 2))]
+GEMM_CONFIGS = [
+    *[_cfg((16,), 16, bn, bk, s, w, st) for bn, bk, s, w, st in (
+        (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 64, 8, 4, 4), (128, 64, 4, 4, 4))],
+    *[_cfg((32, 64), bm, bn, bk, s, w, st) for bm, bn, bk, s, w, st in (
+        (32, 64, 128, 4, 4, 3), (32, 128, 64, 2, 4, 4), (64, 128, 64, 2, 4, 4), (64, 64, 128, 2, 4, 3))],
+    *[_cfg((128, 256, 512), bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
+        (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))],
+]
+if _INTERPRET:  # the interpreter cannot time configs: one small config (twice: autotune prunes only a list)
+    GEMV_CONFIGS = [_cfg((), 1, 32, 64, 2, 4, 1), _cfg((0,), 1, 32, 64, 2, 4, 1)]
+    GEMM_CONFIGS = [_cfg((), 16, 32, 64, 2, 4, 1), _cfg((0,), 16, 32, 64, 2, 4, 1)]
+_TUNE = {"key": ["M_BUCKET", "N", "K", "GROUP"], "prune_configs_by": {"early_config_prune": _prune}}
+if not _INTERPRET:
+    _TUNE["do_bench"] = _bench
+
+
+@triton.jit
+def _unpack(p, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K/8, BLOCK_N]`` int32 words -> ``[BLOCK_K/8, 8, BLOCK_N]`` codes 0..15 (column 8i + j at [i, j])."""
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
+    return (p[:, None, :] >> shifts) & 15
+
+
+@triton.jit
+def _finish(y, rm, rn, mask, Y, B, WS, CNT, tile, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store ``y`` (+ bias); with split-K, accumulate into the workspace and let the last program of the tile store."""
+    offs = rm[:, None] * N + rn[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(WS + offs, y, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is issued before the ticket (release) is taken
+        ticket = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            # read the sum where the atomics were performed (L2), then zero it for the next call (a later launch)
+            total = tl.atomic_add(WS + offs, tl.zeros_like(y), mask=mask, sem="acquire")
+            tl.store(WS + offs, tl.zeros_like(y), mask=mask)
+            if HAS_BIAS:
+                total += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + offs, total.to(Y.dtype.element_ty), mask=mask)
+            tl.store(CNT + tile, 0)
+
+
+@triton.autotune(configs=GEMV_CONFIGS, **_TUNE)
+@triton.jit
+def _gemv_kernel(X, P, S, Z, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
+                 SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    ri = tl.arange(0, BLOCK_K // 8)
+    rj = tl.arange(0, 8)
+    chunks = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(chunks, SPLIT_K)
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # reduced over K rows once, at the end
+    for c in range(pid_k * per, tl.minimum(pid_k * per + per, chunks)):
+        k0 = c * BLOCK_K
+        rows = k0 // 8 + ri
+        p = tl.load(P + rows[:, None] * N + rn[None, :], mask=(rows < K // 8)[:, None] & nmask[None, :], other=0)
+        xk = k0 + ri[:, None] * 8 + rj[None, :]
+        x = tl.load(X + xk, mask=xk < K, other=0.0).to(tl.float32)
+        g = k0 // GROUP
+        s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+        if SYM:
+            zc = 8388616.0  # 2**23 + 8
+        else:
+            zc = (8388608.0 + tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32))[None, None, :]
+        v = (_unpack(p, BLOCK_K, BLOCK_N) | 0x4B000000).to(tl.float32, bitcast=True) - zc  # = code - zero, exact
+        acc += tl.sum(x[:, :, None] * v, axis=1) * s[None, :]
+    y = tl.sum(acc, axis=0)[None, :]
+    _finish(y, tl.zeros((1,), dtype=tl.int32), rn, nmask[None, :], Y, B, WS, CNT, pid_n, N, HAS_BIAS, SPLIT_K)
+
+
+@triton.autotune(configs=GEMM_CONFIGS, **_TUNE)
+@triton.jit
+def _gemm_kernel(X, P, S, Z, SX, B, Y, WS, CNT, M, N, K, GROUP, M_BUCKET,
+                 W4: tl.constexpr, A8: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # weight: W4 packed [K/8, N] int32 with fp16 scales [G, N] (A16) / float32 row scales [N] (A8),
+    #         or (not W4) int8 [N, K] with float32 row scales [N];  input: fp16/bf16 [M, K] or int8 codes + SX [M]
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // tiles_n, pid % tiles_n  # consecutive programs share an input tile, stream the weight
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < M, rn < N
+    rk = tl.arange(0, BLOCK_K)
+    ri = tl.arange(0, BLOCK_K // 8)
+    chunks = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(chunks, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
+    for c in range(pid_k * per, tl.minimum(pid_k * per + per, chunks)):
+        k0 = c * BLOCK_K
+        kmask = k0 + rk < K
+        a = tl.load(X + rm[:, None] * K + (k0 + rk)[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+        if W4:
+            rows = k0 // 8 + ri
+            p = tl.load(P + rows[:, None] * N + rn[None, :], mask=(rows < K // 8)[:, None] & nmask[None, :], other=0)
+            q = _unpack(p, BLOCK_K, BLOCK_N)
+            if A8:
+                w = tl.reshape((q - 8).to(tl.int8), (BLOCK_K, BLOCK_N))  # symmetric grid: signed codes
+            else:
+                g = k0 // GROUP
+                s = tl.load(S + g * N + rn, mask=nmask, other=0.0)
+                v = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + code, exact
+                if SYM:
+                    d = v - 1032.0  # 1024 + 8
+                else:
+                    z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float16)
+                    d = v - (z + 1024.0)[None, None, :]
+                w = tl.reshape(d * s[None, None, :], (BLOCK_K, BLOCK_N)).to(X.dtype.element_ty)
+        else:
+            w = tl.load(P + rn[None, :] * K + (k0 + rk)[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+        if A8:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc)
+    if A8:  # the int32 accumulator scaled in registers: per token x per output channel
+        sx = tl.load(SX + rm, mask=mmask, other=0.0)
+        sw = tl.load(S + rn, mask=nmask, other=0.0)
+        y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    else:
+        y = acc
+    _finish(y, rm, rn, mmask[:, None] & nmask[None, :], Y, B, WS, CNT, pid, N, HAS_BIAS, SPLIT_K)
+
+
+# ---------------------------------------------------------------- layout and launch
+
+
+def pack_int4_k(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes 0..15 (K a multiple of 8) to the kernels' ``[K/8, N]`` int32 words (module docstring)."""
+    n, k = codes.shape
+    if k % 8:
+        raise ValueError(f"packing 4-bit codes along K needs K divisible by 8, got {k}")
+    c = codes.t().reshape(k // 8, 8, n).to(torch.int64)
+    words = (c << (4 * torch.arange(8, device=codes.device)).view(1, 8, 1)).sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_int4_k_reference(packed: torch.Tensor) -> torch.Tensor:
+    """Torch inverse of :func:`pack_int4_k`: ``[N, K]`` uint8 codes."""
+    k8, n = packed.shape
+    codes = (packed.to(torch.int64)[:, None, :] >> (4 * torch.arange(8, device=packed.device)).view(1, 8, 1)) & 15
+    return codes.reshape(k8 * 8, n).t().to(torch.uint8).contiguous()
+
+
+class Workspace:
+    """The split-K partial sums (float32 ``[SPLIT_MAX_M, N]``) and tile tickets of one device, zero between calls.
+
+    Shared by every layer (one kernel runs at a time on a stream); sized at build time, before any CUDA-graph
+    capture, so that a forward never allocates it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reserve(self, n: int, device: torch.device) -> None:
+        ws, cnt = self.buffers.get(device, (None, None))
+        if ws is None or ws.numel() < SPLIT_MAX_M * n:
+            self.buffers[device] = (torch.zeros(SPLIT_MAX_M * n, dtype=torch.float32, device=device),
+                                    torch.zeros(SPLIT_MAX_M * triton.cdiv(n, 16), dtype=torch.int32, device=device))
+
+    def get(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reserve(n, device)
+        return self.buffers[device]
+
+
+WORKSPACE = Workspace()
+
+
+def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               group: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` for the 4-bit weight ``W = (code - zero) * scale`` in the packed layout.
+
+    ``scale``/``zero`` ``[G, N]`` fp16 (``zero`` None: symmetric, zero point 8); ``group`` = K / G.  Any M (the
+    caller hands large M to :func:`dequant_w4`); the output has ``x``'s dtype.  ``perm``: act-order weights whose
+    groups are not contiguous in K (GPTQ's ``g_idx``) are stored with their columns sorted by group, ``W[:, perm]``;
+    the input is permuted the same way (``x[:, perm] @ W[:, perm]^T = x @ W^T``).
+    """
+    m, k = x.shape
+    n = packed.shape[1]
+    x = x.contiguous() if perm is None else x.index_select(1, perm)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, cnt = WORKSPACE.get(n, x.device)
+    z = zero if zero is not None else scale
+    b = bias if bias is not None else scale
+    if m == 1:
+        def grid(meta):
+            return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+        _gemv_kernel[grid](x, packed, scale, z, b, y, ws, cnt, n, k, group, 1,
+                           SYM=zero is None, HAS_BIAS=bias is not None)
+        return y
+    _launch_gemm(x, packed, scale, z, scale, b, y, ws, cnt, m, n, k, group, w4=True, a8=False,
+                 sym=zero is None, has_bias=bias is not None)
+    return y
+
+
+def int_gemm(codes: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, sw: torch.Tensor,
+             bias: torch.Tensor | None, dtype: torch.dtype, w4: bool) -> torch.Tensor:
+    """``(codes * sx[:, None]) @ (W * sw[:, None])^T + bias`` in ``dtype``: int8 input codes ``[M, K]``, the weight
+    as signed int8 ``[N, K]`` (``w4`` False) or symmetric 4-bit codes packed ``[K/8, N]`` (``w4``), float32 scales."""
+    m, k = codes.shape
+    n = weight.shape[1] if w4 else weight.shape[0]
+    y = torch.empty(m, n, dtype=dtype, device=codes.device)
+    ws, cnt = WORKSPACE.get(n, codes.device)
+    _launch_gemm(codes.contiguous(), weight, sw, sw, sx, bias if bias is not None else sw, y, ws, cnt, m, n, k,
+                 k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
+    return y
+
+
+def _launch_gemm(x, w, s, z, sx, b, y, ws, cnt, m, n, k, group, w4, a8, sym, has_bias) -> None:
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+    _gemm_kernel[grid](x, w, s, z, sx, b, y, ws, cnt, m, n, k, group, m_bucket(m),
+                       W4=w4, A8=a8, SYM=sym, HAS_BIAS=has_bias)
+
+
+@triton.jit
+def _dequant_kernel(P, S, Z, W, N, K, GROUP, SYM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one [BLOCK_K, BLOCK_N] tile of W^T [K, N] (BLOCK_K divides the group, or the group is the whole row)
+    rk8 = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    g = tl.program_id(0) * BLOCK_K // GROUP
+    p = tl.load(P + rk8[:, None] * N + rn[None, :], mask=(rk8 < K // 8)[:, None] & nmask[None, :], other=0)
+    s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+    if SYM:
+        z = 8.0
+    else:
+        z = tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32)[None, None, :]
+    w = tl.reshape((_unpack(p, BLOCK_K, BLOCK_N).to(tl.float32) - z) * s[None, None, :], (BLOCK_K, BLOCK_N))
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(W + rk[:, None] * N + rn[None, :], w.to(W.dtype.element_ty), mask=(rk < K)[:, None] & nmask[None, :])
+
+
+def dequant_w4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The transposed weight ``W^T [K, N]`` of ``dtype`` (for ``torch.addmm(bias, x, W^T)``), one pass."""
+    k, n = packed.shape[0] * 8, packed.shape[1]
+    w = torch.empty(k, n, dtype=dtype, device=packed.device)
+    block_k = 32
+    _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, 128))](
+        packed, scale, zero if zero is not None else scale, w, n, k, group, SYM=zero is None,
+        BLOCK_K=block_k, BLOCK_N=128, num_warps=4)
+    return w

@@ -1,0 +1,172 @@
+"""ptqlab's own Triton kernels (ptqlab.kernels.w4_gemm, the FP8 path) against float64 products of the dequantized
+weight: odd shapes, symmetric and asymmetric grids (zero points 0 and 15 included), groups 32/64/128 and per row,
+M from 1 to 4096 (every dispatch: GEMV, split-K GEMM, tiled GEMM, unpack + cuBLAS).
+
+On a GPU: ``pytest -m gpu tests/gpu``.  Without one, the same tests run on small shapes in Triton's interpreter:
+``TRITON_INTERPRET=1 PYTHONPATH=<triton>:. pytest tests/gpu/test_gpu_w4_gemm.py`` (slow; CI has no triton).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqlab.models import QuantLinear
+from ptqlab.quantizers import QuantSpec, fake_quantize, weight_qparams
+
+pytest.importorskip("triton", reason="Triton (CUDA installs, or the interpreter)")
+from ptqlab.kernels import w4_gemm  # noqa: E402
+from ptqlab.kernels.real import RealLinear  # noqa: E402
+
+INTERPRETER_OK = True
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEV == "cuda"
+A8 = QuantSpec(8, True, 0)
+# (k, n): odd output counts, an input dimension that no power-of-two block divides (per row only)
+SHAPES = [(4096, 4096), (2048, 1000), (768, 2312), (1024, 33), (200, 264)] if GPU else [(256, 40), (128, 33), (200, 24)]
+MS = [1, 2, 7, 16, 17, 33, 64, 100, 256, 257, 2048, 4096] if GPU else [1, 5, 17, 300]
+
+
+def _layer(n: int, k: int, wspec: QuantSpec, aspec: QuantSpec, seed: int, dtype=torch.float16) -> QuantLinear:
+    """A QuantLinear with an RTN weight on its recorded grid; rows 0/1 all positive / all negative, so that an
+    asymmetric grid has zero points 0 and 15 there."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(n, k, device=DEV, generator=g, dtype=torch.float32) * 0.02
+    w[0] = w[0].abs() + 1e-3
+    w[1] = -w[1].abs() - 1e-3
+    layer = QuantLinear(w.to(dtype), (torch.randn(n, device=DEV, generator=g) * 0.1).to(dtype), "layer")
+    layer.weight_spec, layer.act_spec = wspec, aspec
+    layer.set_weight_qparams(*weight_qparams(w, wspec))
+    layer.weight.data.copy_(fake_quantize(w, wspec).to(dtype))
+    return layer
+
+
+def _check(layer: QuantLinear, scheme: str, m: int, bound: float) -> None:
+    real = RealLinear(layer, scheme)
+    x = torch.randn(m, layer.in_features, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m))
+    x = x.to(layer.weight.dtype)
+    with torch.no_grad():
+        got = real(x).double()
+        xq = fake_quantize(x.float(), layer.act_spec).double()
+        if layer.act_spec.bits == 8 and not layer.act_spec.is_float:
+            # the int8 input codes themselves (equal to fake_quantize on a GPU: test_gpu_kernels; the interpreter's
+            # division rounds differently): this test is about the GEMM
+            from ptqlab.kernels.act_quant import quantize_int8_rows
+
+            codes, sx = quantize_int8_rows(x, layer.act_spec)
+            xq = codes.double() * sx.double()[:, None]
+        ref = xq @ layer.weight.double().t() + layer.bias.double()
+    assert got.dtype == torch.float64 and bool(torch.isfinite(got).all())
+    err = float((got - ref).norm() / ref.norm())
+    assert err < bound, (scheme, m, err)
+
+
+def _cases(groups):
+    for k, n in SHAPES:
+        for group in groups:
+            if group and k % group:
+                continue
+            yield k, n, group
+
+
+@pytest.mark.parametrize(("k", "n", "group"), list(_cases([32, 64, 128, 0])))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", MS)
+def test_w4a16_matches_the_dequantized_reference(k, n, group, symmetric, m):
+    if GPU and m > 300 and (k, n) != SHAPES[0] and group not in (128, 0):
+        pytest.skip("large M: the one big shape and g128/per row suffice")
+    _check(_layer(n, k, QuantSpec(4, symmetric, group), QuantSpec(), seed=k + n + group), "w4a16-triton", m, 2e-3)
+
+
+@pytest.mark.skipif(not GPU, reason="bf16 in the interpreter: numpy has no bfloat16")
+@pytest.mark.parametrize("m", [1, 16, 64, 2048])
+def test_w4a16_bf16(m):
+    layer = _layer(4096, 4096, QuantSpec(4, False, 128), QuantSpec(), seed=5, dtype=torch.bfloat16)
+    _check(layer, "w4a16-triton", m, 1e-2)
+
+
+@pytest.mark.parametrize(("k", "n", "group"), list(_cases([0])))
+@pytest.mark.parametrize("scheme", ["w4a8-triton", "w8a8-triton"])
+@pytest.mark.parametrize("m", MS)
+def test_int8_gemm_matches_the_reference(k, n, group, scheme, m):
+    bits = 4 if scheme.startswith("w4") else 8
+    _check(_layer(n, k, QuantSpec(bits, True, 0), A8, seed=k + n), scheme, m, 2e-3)
+
+
+def test_split_k_leaves_its_workspace_zero():
+    # every split-K call zeroes the partial sums and tickets it used (the next call, or graph replay, needs them so)
+    layer = _layer(SHAPES[0][1], SHAPES[0][0], QuantSpec(4, False, 64 if SHAPES[0][0] % 64 == 0 else 0), A8, 1)
+    layer.act_spec = QuantSpec()
+    real = RealLinear(layer, "w4a16-triton")
+    x = torch.randn(3, layer.in_features, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        first = real(x[:1])
+        assert torch.equal(first, real(x[:1]))  # a second call starts from a clean workspace
+        real(x)
+    for ws, cnt in w4_gemm.WORKSPACE.buffers.values():
+        assert not bool(ws.any()) and not bool(cnt.any())
+
+
+def test_act_order_permutation_of_the_input():
+    # GPTQ act-order with g_idx: a column's group is not k // group; stored sorted by group, the input permuted
+    k, n, group = (512, 64, 128) if GPU else (128, 24, 32)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    g_idx = torch.randperm(k, device=DEV, generator=g) // group
+    perm = torch.argsort(g_idx, stable=True)
+    codes = torch.randint(0, 16, (n, k), device=DEV, generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, device=DEV, generator=g) * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), device=DEV, generator=g).float()
+    w = (codes.double() - zero.double()[:, g_idx]) * scale.half().double()[:, g_idx]
+    x = torch.randn(5, k, device=DEV, generator=g, dtype=torch.float16)
+    y = w4_gemm.w4a16_gemm(x, w4_gemm.pack_int4_k(codes[:, perm]), scale.t().half().contiguous(),
+                           zero.t().half().contiguous(), group, perm=perm)
+    ref = x.double() @ w.t()
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_packing_round_trips_and_unpack_matches():
+    g = torch.Generator(device=DEV).manual_seed(4)
+    codes = torch.randint(0, 16, (24, 64), device=DEV, generator=g, dtype=torch.uint8)
+    codes[0] = 15  # top nibble set: the int32 word is negative
+    packed = w4_gemm.pack_int4_k(codes)
+    assert packed.shape == (8, 24) and packed.dtype == torch.int32
+    assert torch.equal(w4_gemm.unpack_int4_k_reference(packed), codes)
+    scale = torch.rand(2, 24, device=DEV, generator=g).half() * 0.01 + 1e-3
+    zero = torch.randint(0, 16, (2, 24), device=DEV, generator=g).half()
+    wt = w4_gemm.dequant_w4(packed, scale, zero, 32, torch.float16)
+    ref = (codes.float() - zero.float().t().repeat_interleave(32, 1)) * scale.float().t().repeat_interleave(32, 1)
+    assert torch.equal(wt.t(), ref.half())
+
+
+def test_packed_w4_memory_and_no_fp16_copy():
+    layer = _layer(4096, 4096, QuantSpec(4, True, 128), QuantSpec(), seed=6)
+    layer.original = torch.nn.Linear(1, 1)
+    assert RealLinear(layer, "w4a16-triton").original is layer.original
+    real = RealLinear(layer, "w4a16-triton", keep_original=False)
+    assert real.original is None
+    weight_bytes = sum(b.numel() * b.element_size() for name, b in real.named_buffers() if name.startswith("w_"))
+    assert weight_bytes <= 0.30 * 2 * 4096 * 4096, weight_bytes / (2 * 4096 * 4096)  # one layout: 0.27x FP16
+    assert {name for name, _ in real.named_buffers()} == {"w_packed", "w_scale"}  # symmetric: no zero points
+
+
+def test_fp8_activation_quantization_is_the_formats_grid():
+    from ptqlab.formats import grid_values, group_scales
+    from ptqlab.kernels.act_quant import quantize_fp8_rows
+
+    spec = QuantSpec(fmt="fp8")
+    x = torch.randn(37, 1000 if GPU else 200, device=DEV).half()
+    x[0], x[1, 5], x[2] = 0, 3e4, x[2] * 1e-4
+    values, scales = quantize_fp8_rows(x)
+    ref_scale = group_scales(x.float()[:, None, :], spec)[:, 0, 0]
+    assert torch.equal(scales, ref_scale)
+    ref = grid_values(x.float(), ref_scale[:, None], spec)
+    if GPU:  # the hardware cast rounds to nearest even, as torch's; the interpreter's emulation truncates
+        assert torch.equal(values.float(), ref)  # (-126.9 -> -64), so there only the scales are checked
+
+
+@pytest.mark.skipif(not GPU or torch.cuda.get_device_capability() < (8, 9), reason="FP8 _scaled_mm: sm_89+")
+@pytest.mark.parametrize(("k", "n"), [(4096, 4096), (1024, 272)])
+@pytest.mark.parametrize("m", [1, 16, 17, 2048])
+def test_fp8_layer_matches_the_reference(k, n, m):
+    fp8 = QuantSpec(fmt="fp8")
+    _check(_layer(n, k, fp8, fp8, seed=k + n), "w8a8-fp8", m, 2e-3)
