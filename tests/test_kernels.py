@@ -106,7 +106,7 @@ def test_weight_codes_need_the_recorded_grid():
 FP8 = QuantSpec(fmt="fp8")
 
 
-@pytest.mark.parametrize("w, a, want, tinygemm", [
+@pytest.mark.parametrize("w, a, triton, tinygemm", [
     (QuantSpec(4, True, 128), QuantSpec(), "w4a16-triton", "w4a16-tinygemm"),
     (QuantSpec(4, False, 32), QuantSpec(), "w4a16-triton", "w4a16-tinygemm"),
     (QuantSpec(4, True, 512), QuantSpec(), "w4a16-triton", "w4a16-gemlite"),  # tinygemm groups: 32..256
@@ -128,14 +128,15 @@ FP8 = QuantSpec(fmt="fp8")
     (QuantSpec(8, True, 0), FP8, None, None),
     (QuantSpec(4, True, 0, fmt="mxfp4"), QuantSpec(), None, None),
 ])
-def test_scheme_of(w, a, want, tinygemm):
+def test_scheme_of(w, a, triton, tinygemm):
     layer = _layer()
     layer.weight_spec, layer.act_spec = w, a
-    assert scheme_of(layer) == want
+    assert scheme_of(layer) == tinygemm  # the default preference: tinygemm, until the Triton family is benchmarked
+    assert scheme_of(layer, "triton") == triton
     assert scheme_of(layer, "tinygemm") == tinygemm
-    if want == "w4a16-triton" and tinygemm == "w4a16-tinygemm":
+    if triton == "w4a16-triton" and tinygemm == "w4a16-tinygemm":
         assert scheme_of(layer, "gemlite") == "w4a16-gemlite"
-    assert want is None or want in KERNELS
+    assert triton is None or triton in KERNELS
 
 
 def test_scheme_of_rejects_an_unknown_preference():
@@ -155,7 +156,7 @@ def _model_with(w: QuantSpec, a: QuantSpec) -> torch.nn.Module:
 def test_kernel_selection_fake_and_cpu():
     model = _model_with(QuantSpec(4, True, 16), QuantSpec())
     assert select_kernels(model, "fake", "cuda") == {"mode": "fake", "real": {}, "fake": 2}
-    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-triton"):
+    with pytest.raises(KernelError, match=r"needs the model on a CUDA device \(got cpu\).*w4a16-gemlite"):
         select_kernels(model, "real", "cpu")
     with pytest.raises(KernelError, match="offloaded evaluation"):
         select_kernels(model, "real", "cuda", offloaded=True)

@@ -9,6 +9,7 @@
 #   can be split over several device calls of at most 10 minutes while the machine is held:
 #     call 1: bash scripts/testbed/llama_gpu.sh $OUT 2m,7m,25m      (~6 min on an H200)
 #     call 2: bash scripts/testbed/llama_gpu.sh $OUT 60m,study DIR  (~7 min)
+#   STUDY_MODELS (default: all four sizes) limits the study, e.g. to re-run one retrained size.
 #   The ~2M and ~7M members come back as OUT/ship_llama-2m.tar and OUT/ship_llama.tar (folders for ptqlab/testbed;
 #   a device call returns at most 8 files of 16 MiB), the logs as OUT/logs.tar.
 # Needs scripts/testbed/build/family (tokenize_family.py).
@@ -44,10 +45,12 @@ done
 
 if [[ ",$SIZES," == *",study,"* ]]; then
     # testbed-llama (the ~7M member) is found only in the package folder: put this machine's copy there
-    [ -f ptqlab/testbed/llama/config.json ] || cp -r "$PTQLAB_TESTBED_CACHE/llama-7m" ptqlab/testbed/llama
+    [ -f ptqlab/testbed/llama/config.json ] || [ ! -d "$PTQLAB_TESTBED_CACHE/llama-7m" ] || \
+        cp -r "$PTQLAB_TESTBED_CACHE/llama-7m" ptqlab/testbed/llama
     log "size study of testbed-llama, $WORKERS workers"
     python3 -c "import sys; from ptqlab.cli import main; sys.exit(main())" study recipes/sizes.yaml --db "$OUT/sizes_llama.db" --data-dir "$DATA" --workers "$WORKERS" \
-        --model testbed-llama-2m,testbed-llama,testbed-llama-25m,testbed-llama-60m > "$OUT/logs/study.txt" 2>&1
+        --model "${STUDY_MODELS:-testbed-llama-2m,testbed-llama,testbed-llama-25m,testbed-llama-60m}" \
+        > "$OUT/logs/study.txt" 2>&1
     log "study: exit $?"
     tail -n 5 "$OUT/logs/study.txt"
 fi

@@ -124,15 +124,20 @@ def test_real_layer_matches_the_dequantized_reference(scheme, wspec, aspec, rank
         assert torch.equal(got, layer(x).float())
 
 
+@pytest.mark.parametrize("model", ["testbed-opt", "testbed-llama"])
 @pytest.mark.parametrize(("wbits", "wgroup", "abits"), [(4, 128, 16), (8, 0, 8), (4, 0, 8)])
-def test_real_kernels_give_the_fake_quant_ppl_on_the_testbed(wbits, wgroup, abits):
-    """`ptqlab run --kernel real` against `--kernel fake` on testbed-opt: within 0.5% (the kernels' own rounding)."""
+def test_real_kernels_give_the_fake_quant_ppl_on_the_testbed(model, wbits, wgroup, abits):
+    """`ptqlab run --kernel real` against `--kernel fake` on testbed-opt and testbed-llama (grouped-query
+    attention, SwiGLU): within 0.5% (the kernels' own rounding)."""
     from ptqlab.config import QuantConfig, RunSpec
     from ptqlab.experiment import ModelSession, run
+    from ptqlab.testbed import family_member
 
-    session = ModelSession("testbed-opt", "cuda", "float16", progress=False)
+    if not (family_member(model).path() / "config.json").exists():
+        pytest.skip(f"{model} is not in this tree")
+    session = ModelSession(model, "cuda", "float16", progress=False)
     config = QuantConfig(method="rtn", weight=QuantSpec(wbits, True, wgroup), act=QuantSpec(abits, True, 0))
-    spec = RunSpec(model="testbed-opt", config=config, eval=("heldout",), seqlen=512, dtype="float16")
+    spec = RunSpec(model=model, config=config, eval=("heldout",), seqlen=512, dtype="float16")
     fake = run(spec, session, progress=False, kernel="fake")["ppl"]["heldout"]
     real = run(spec, session, progress=False, kernel="real")
     assert real["execution"]["kernels"]["real"], real["execution"]
