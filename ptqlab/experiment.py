@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import RunSpec, config_hash
+from .distributed import SINGLE, Distributed, tensor_digest
 from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
 from .evaluate import Perplexity, eval_windows, evaluate_windows
 from .kernels.real import KERNEL_MODES
@@ -293,16 +294,19 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
         progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None,
-        overwrite: bool = False, save_format: str = "compressed-tensors") -> dict:
+        overwrite: bool = False, save_format: str = "compressed-tensors", dist: Distributed = SINGLE) -> dict | None:
     """Run one experiment and return its JSON-ready record.
 
     ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
     ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto;
     ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`);
     ``save_format``: an entry of :data:`ptqlab.export.EXPORT_FORMATS`;
-    ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed).
+    ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed);
+    ``dist``: this process's rank in a distributed run (:mod:`ptqlab.distributed`): each rank calibrates on its
+    share of the windows; rank 0 alone evaluates, saves and returns the record, the others return None.
     """
     start = time.perf_counter()
+    dist.check_supported(spec.config)
     check_execution(spec, session.device if session else device, eval_batch, kernel, save, overwrite,
                     session.offload if session else None, session.calib_batch if session else 8)
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
@@ -315,6 +319,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     calib_windows, calib_source = None, None
     if spec.config.needs_calibration:
         calib_windows, calib_source = session.calibration(spec.calib, spec.nsamples, calib_seqlen, spec.seed)
+        dist.check_agree("calibration windows", tensor_digest(calib_windows))
     eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}
     eval_sources = {name: src for name, (_, src) in eval_data.items()}
     if calib_source:
@@ -322,7 +327,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
 
     model = session.fresh_model(transformed=spec.config.transform != "none")
     references, reference_time = {}, 0.0
-    if "kld" in spec.metrics:  # the FP16 distributions, from the pristine model before it is quantized
+    if "kld" in spec.metrics and dist.is_main:  # the FP16 distributions, from the pristine model before it is quantized
         t0 = time.perf_counter()
         ref_offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
         for name, (tokens, _) in eval_data.items():
@@ -331,9 +336,13 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
                                                      f"KL reference {name}")
         reference_time = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = quantize_model(model, spec.config, calib_windows, session.device, progress, session.calib_batch,
-                            session.calib_offload)
+    mine = None if calib_windows is None else dist.shard(calib_windows, session.calib_batch)
+    report = quantize_model(model, spec.config, mine, session.device, progress and dist.is_main,
+                            session.calib_batch, session.calib_offload, dist=dist)
+    dist.barrier("finishing the quantization")  # every rank holds the whole quantized model now
     quant_time = time.perf_counter() - t0
+    if not dist.is_main:
+        return None
     report.calibration = calib_source
 
     offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
@@ -386,7 +395,8 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,
                       **({"eval_batch": eval_batch} if eval_batch is not None else {}),
-                      **({"kernels": kernels} if kernel != "fake" else {})},
+                      **({"kernels": kernels} if kernel != "fake" else {}),
+                      **({"world_size": dist.world_size, "backend": dist.backend} if dist.active else {})},
     }
     if save:
         record["saved_to"] = str(save)
