@@ -91,8 +91,11 @@ def test_two_gloo_processes_match_one(tmp_path, data_dir):
     assert two["execution"]["world_size"] == 2 and two["execution"]["backend"] == "gloo"
     assert [e["layer"] for e in one["layers"]] == [e["layer"] for e in two["layers"]]
     # codes: the Hessians are summed in another order (each rank's batches, then the two ranks), so a code
-    # may sit on the other side of a rounding tie; nearly all agree, and the first block's inputs are the
-    # same windows in both runs
+    # may sit on the other side of a rounding tie. In block 0 (the same inputs in both runs) that is all;
+    # from there GPTQ's error feedback and the next blocks' Hessians amplify it, exactly as they amplify
+    # any change of float order: one process with 2 BLAS threads instead of 1 agrees with itself on 91.5%
+    # of the codes of this run (99.98% in block 0) and moves the PPL by 1.0%. A missing reduction or
+    # broadcast would leave block 0 far apart (half the windows' Hessian, unsolved groups).
     a, b = _codes(one_dir), _codes(two_dir)
     assert a.keys() == b.keys() and len(a) == 36
     equal = sum(int((_unpack(a[k]) == _unpack(b[k])).sum()) for k in a)
@@ -101,8 +104,10 @@ def test_two_gloo_processes_match_one(tmp_path, data_dir):
     equal0 = sum(int((_unpack(a[k]) == _unpack(b[k])).sum()) for k in first)
     total0 = sum(_unpack(a[k]).numel() for k in first)
     assert equal0 / total0 > 0.999, (equal0, total0)
-    assert equal / total > 0.99, (equal, total)
-    assert two["ppl"]["heldout"] == pytest.approx(one["ppl"]["heldout"], rel=5e-3)
+    assert equal / total > 0.85, (equal, total)
+    assert two["ppl"]["heldout"] == pytest.approx(one["ppl"]["heldout"], rel=2e-2)
+    for x, y in zip(one["layers"][:6], two["layers"][:6]):  # block 0's error log: the same up to float order
+        assert y["rel_output_error"] == pytest.approx(x["rel_output_error"], rel=2e-3), (x, y)
     print(f"codes equal: {equal}/{total} ({equal / total:.5f}); block 0: {equal0}/{total0}; ppl "
           f"{one['ppl']['heldout']:.4f} vs {two['ppl']['heldout']:.4f}; {time.perf_counter() - t0:.0f} s")
 
@@ -117,11 +122,11 @@ def test_ranks_with_different_runs_stop_with_a_clear_error(tmp_path, data_dir):
 
 
 def test_a_rank_that_dies_mid_calibration_stops_the_others(tmp_path, data_dir):
-    """Rank 1 dies while quantizing block 2: rank 0 stops with a clear error, without a record or checkpoint."""
+    """Rank 1 dies as it starts block 1: rank 0 stops with a clear error, without a record or checkpoint."""
     prelude = ("import os, ptqlab.pipeline as p\n"
                "_q = p._quantize_block\n"
                "def _dying(index, *a, **k):\n"
-               "    if index == 2 and os.environ['RANK'] == '1':\n"
+               "    if index == 1 and os.environ['RANK'] == '1':\n"
                "        os._exit(9)\n"
                "    return _q(index, *a, **k)\n"
                "p._quantize_block = _dying")
