@@ -157,14 +157,23 @@ def _run_spec(a: argparse.Namespace, device: str, dist) -> int:
     sink = RecordSink(a.output if dist.is_main else None)
     spec = spec_from_args(a, a.model or "testbed-opt")
     # every check that needs no model, before the model is loaded
+    if a.stream:
+        from .streaming import check_stream
+
+        check_stream(spec, a.save, a.kernel, a.save_format)
     dist.check_supported(spec.config)
     check_run(spec, device, a.data_dir, a.eval_batch, a.kernel, a.save, a.overwrite, a.offload, a.calib_batch,
               a.calib_offload)
     dist.check_agree("run description", run_description_digest(spec.to_flat(), {
         "calib_batch": a.calib_batch, "device": device.split(":")[0], "model_files": model_files_digest(spec.model)}))
     progress = not a.no_progress and dist.is_main
-    session = ModelSession(spec.model, device, a.dtype, a.data_dir, progress, a.offload, a.calib_batch,
-                           a.calib_offload)
+    if a.stream:
+        from .streaming import StreamSession
+
+        session = StreamSession(spec.model, device, a.dtype, a.data_dir, progress, a.calib_batch, a.calib_offload)
+    else:
+        session = ModelSession(spec.model, device, a.dtype, a.data_dir, progress, a.offload, a.calib_batch,
+                               a.calib_offload)
     record = run(spec, session, progress=progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save,
                  overwrite=a.overwrite, save_format=a.save_format, dist=dist)
     if record is None:  # a rank other than 0: its share is done, rank 0 evaluates and writes
@@ -303,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the quantized model to DIR (compressed-tensors folder, LoRC as a PEFT adapter); "
                         "refused if DIR is not empty, unless --overwrite")
+    p.add_argument("--stream", action="store_true",
+                   help="with --save: quantize block by block from the checkpoint's memory-mapped safetensors, "
+                        "writing each block as it finishes (for models larger than host memory; evaluated block "
+                        "by block, as --offload)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --save: replace DIR if it holds a saved model (written beside it, then swapped in)")
     from .export import EXPORT_FORMATS

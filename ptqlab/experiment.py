@@ -104,6 +104,11 @@ class ModelSession:
             if not offload:
                 model.to("cpu")
 
+    def block_stream(self, spec: RunSpec, eval_data: dict, seqlen: int, save: str | None):
+        """Where a run's blocks come from and go (:class:`ptqlab.pipeline.BlockStream`): None, they are in the
+        model in host memory; a streamed session's (:mod:`ptqlab.streaming`) reads and writes them one by one."""
+        return None
+
     def fresh_model(self, transformed: bool = False) -> nn.Module:
         """The model with its pristine weights, for one run to quantize in place; ``transformed``: that run
         also changes parameters outside the block linears (a transform), so the next restore reloads them all."""
@@ -326,6 +331,7 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         _warn_if_calibrating_on_eval(calib_source, eval_sources)
 
     model = session.fresh_model(transformed=spec.config.transform != "none")
+    blocks = session.block_stream(spec, eval_data, seqlen, save)
     references, reference_time = {}, 0.0
     if "kld" in spec.metrics and dist.is_main:  # the FP16 distributions, from the pristine model before it is quantized
         t0 = time.perf_counter()
@@ -338,13 +344,21 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     t0 = time.perf_counter()
     mine = None if calib_windows is None else dist.shard(calib_windows, session.calib_batch)
     report = quantize_model(model, spec.config, mine, session.device, progress and dist.is_main,
-                            session.calib_batch, session.calib_offload, dist=dist)
+                            session.calib_batch, session.calib_offload, dist=dist, blocks=blocks)
     dist.barrier("finishing the quantization")  # every rank holds the whole quantized model now
     quant_time = time.perf_counter() - t0
     if not dist.is_main:
         return None
     report.calibration = calib_source
 
+    if blocks is not None:  # streamed: evaluated block by block as they were quantized, the head now
+        t0 = time.perf_counter()
+        evaluation = blocks.evaluation()
+        return _record(spec, session, report, evaluation, {}, None, start,
+                       {"quantize": quant_time, "eval": time.perf_counter() - t0}, calib_seqlen, seqlen, calib_source, eval_sources,
+                       eval_batch, kernel, dist, save, lambda record: blocks.save(model, session.tokenizer, save,
+                                                                                  record, overwrite=overwrite),
+                       model, memory=blocks.memory())
     offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
     if spec.tasks and offload:
         raise ValueError("--tasks scores the model on the device, and this one does not fit there (offloaded "
@@ -369,6 +383,23 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     if not offload:
         model.to("cpu")
 
+    timings = {"quantize": quant_time, "eval": eval_time, **({"kld_reference": reference_time} if references else {}),
+               **({"tasks": tasks_time} if tasks is not None else {})}
+    from .export import get_format
+
+    return _record(spec, session, report, (ppl, window_nll, kld), tasks or {}, kernels, start, timings,
+                   calib_seqlen, seqlen, calib_source, eval_sources, eval_batch, kernel, dist, save,
+                   lambda record: get_format(save_format).save(model, session.tokenizer, save, record,
+                                                               overwrite=overwrite), model,
+                   with_tasks=tasks is not None)
+
+
+def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tasks: dict, kernels, start: float,
+            timings: dict, calib_seqlen: int, seqlen: int, calib_source: str | None, eval_sources: dict,
+            eval_batch: int | None, kernel: str, dist: Distributed, save: str | None, write, model: nn.Module,
+            with_tasks: bool = False, memory: dict | None = None) -> dict:
+    """The run's JSON-ready record, and its saved folder written (``write(record)``) where ``save`` asks."""
+    ppl, window_nll, kld = evaluation
     config = spec.to_flat()
     config["seqlen"] = seqlen
     if spec.config.needs_calibration:
@@ -380,27 +411,34 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "name": spec.config.name(),
         "ppl": ppl,
         **({"kld": kld} if kld else {}),
-        **({"tasks": tasks} if tasks is not None else {}),
+        **({"tasks": tasks} if with_tasks else {}),
         "window_nll": window_nll,
         "bits_per_weight": report.bits_per_weight,
         "stored_bits_per_weight": stored_bits_per_weight(model),
         "time_s": time.perf_counter() - start,
-        "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time,
-                    **({"kld_reference": reference_time} if references else {}),
-                    **({"tasks": tasks_time} if tasks is not None else {}), **report.timings},
+        "timings": {"load": session.load_time, **timings, **report.timings},
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
         "layers": report.layers,
-        "versions": versions(session.device, with_lm_eval=tasks is not None),
+        "versions": versions(session.device, with_lm_eval=with_tasks),
         "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,
                       **({"eval_batch": eval_batch} if eval_batch is not None else {}),
                       **({"kernels": kernels} if kernel != "fake" else {}),
                       **({"world_size": dist.world_size, "backend": dist.backend} if dist.active else {})},
+        # peak memory so far (not saved in a checkpoint's config.json: it differs between two runs of one command)
+        "memory": {"peak_host_rss_gib": round(peak_host_rss_gib(), 3), **(memory or {}),
+                   **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+                      if session.device.startswith("cuda") else {})},
     }
     if save:
         record["saved_to"] = str(save)
-        from .export import get_format
-
-        get_format(save_format).save(model, session.tokenizer, save, record, overwrite=overwrite)
+        write(record)
     return record
+
+
+def peak_host_rss_gib() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
