@@ -190,10 +190,11 @@ def _release(block: nn.Module, keep: tuple[str, ...] = ("lorc_u", "lorc_v")) -> 
 
 
 def _resident_bytes(blocks: nn.ModuleList) -> int:
+    """Bytes of the blocks' tensors in memory, less the LoRC factors kept for the adapter."""
     seen, total = set(), 0
     for block in blocks:
-        for t in [*block.parameters(), *block.buffers()]:
-            if t.device.type != "meta" and id(t) not in seen:
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            if t.device.type != "meta" and id(t) not in seen and not name.endswith(("lorc_u", "lorc_v")):
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
