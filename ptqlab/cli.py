@@ -135,21 +135,50 @@ class RecordSink:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .experiment import ModelSession, check_run, run
+    from . import distributed
     from .export import format_of
 
     device = _default_device(a.device)
-    sink = RecordSink(a.output)
     if a.model and format_of(a.model) is not None:
-        return _run_saved(a, device, sink)
+        if distributed.launched():
+            raise ValueError(f"{a.model} is a saved quantized model: evaluating it does not distribute; run it "
+                             f"without torchrun")
+        return _run_saved(a, device, RecordSink(a.output))
+    dist, device = distributed.from_environment(device, a.dist_timeout)
+    try:
+        return _run_spec(a, device, dist)
+    finally:
+        dist.close()
+
+
+def _run_spec(a: argparse.Namespace, device: str, dist) -> int:
+    from .distributed import model_files_digest, run_description_digest
+    from .experiment import ModelSession, check_run, run
+
+    sink = RecordSink(a.output if dist.is_main else None)
     spec = spec_from_args(a, a.model or "testbed-opt")
     # every check that needs no model, before the model is loaded
+    if a.stream:
+        from .streaming import check_stream
+
+        check_stream(spec, a.save, a.kernel, a.save_format)
+    dist.check_supported(spec.config)
     check_run(spec, device, a.data_dir, a.eval_batch, a.kernel, a.save, a.overwrite, a.offload, a.calib_batch,
               a.calib_offload)
-    session = ModelSession(spec.model, device, a.dtype, a.data_dir, not a.no_progress, a.offload,
-                           a.calib_batch, a.calib_offload)
-    record = run(spec, session, progress=not a.no_progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save,
-                 overwrite=a.overwrite, save_format=a.save_format)
+    dist.check_agree("run description", run_description_digest(spec.to_flat(), {
+        "calib_batch": a.calib_batch, "device": device.split(":")[0], "model_files": model_files_digest(spec.model)}))
+    progress = not a.no_progress and dist.is_main
+    if a.stream:
+        from .streaming import StreamSession
+
+        session = StreamSession(spec.model, device, a.dtype, a.data_dir, progress, a.calib_batch, a.calib_offload)
+    else:
+        session = ModelSession(spec.model, device, a.dtype, a.data_dir, progress, a.offload, a.calib_batch,
+                               a.calib_offload)
+    record = run(spec, session, progress=progress, eval_batch=a.eval_batch, kernel=a.kernel, save=a.save,
+                 overwrite=a.overwrite, save_format=a.save_format, dist=dist)
+    if record is None:  # a rank other than 0: its share is done, rank 0 evaluates and writes
+        return 0
     sink.add(record)
     print_table([record])
     if a.save:
@@ -259,6 +288,16 @@ def cmd_make_tiny(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--dist-timeout must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     # every flag's help shows its default the same way: help_with_default's " (default: X)"; a flag that sets
     # what is already the default says "(default)"; an off-by-default switch says nothing (tests/test_cli.py)
@@ -274,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the quantized model to DIR (compressed-tensors folder, LoRC as a PEFT adapter); "
                         "refused if DIR is not empty, unless --overwrite")
+    p.add_argument("--stream", action="store_true",
+                   help="with --save: quantize block by block from the checkpoint's memory-mapped safetensors, "
+                        "writing each block as it finishes (for models larger than host memory; evaluated block "
+                        "by block, as --offload)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --save: replace DIR if it holds a saved model (written beside it, then swapped in)")
     from .export import EXPORT_FORMATS
@@ -281,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-format", default="compressed-tensors", choices=list(EXPORT_FORMATS),
                    help="with --save: the format (" + "; ".join(f"{k}: {f.summary}" for k, f in EXPORT_FORMATS.items())
                    + ") (default: compressed-tensors)")
+    from .distributed import DEFAULT_TIMEOUT_S
+
+    p.add_argument("--dist-timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=help_with_default("under torchrun: seconds a rank waits for the others before it stops with "
+                                          "an error (a rank that died or hangs)", DEFAULT_TIMEOUT_S))
     p.add_argument("--no-verify", action="store_true",
                    help="with --model DIR (a saved folder): skip checking its files against the sha256 digests "
                         "recorded at save time (one read of the folder)")
@@ -324,13 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error argparse already explained
         return int(done.code or 0)
     from .data import DataError
+    from .distributed import DistributedError
     from .models import UnsupportedModelError
     from .quantizers import QuantizationError
     from .study.store import StoreError
 
     try:
         return a.func(a)
-    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError, StoreError) as err:
+    except (QuantizationError, DataError, UnsupportedModelError, FileNotFoundError, ValueError, StoreError,
+            DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

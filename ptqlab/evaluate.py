@@ -128,6 +128,13 @@ def offloaded_logits(model: nn.Module, windows: torch.Tensor, device: str | torc
         block.to(device)
         hidden = run_block(block, hidden, inputs, out=hidden)
         block.to("cpu")
+    yield from head_logits(adapter, hidden, windows, device)
+
+
+def head_logits(adapter, hidden: torch.Tensor, windows: torch.Tensor,
+                device: str | torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The logits of the last block's outputs ``hidden`` ``[n, seqlen, h]``, one window at a time: the final
+    modules and the LM head on the device (the end of a block-by-block evaluation)."""
     tail = [*adapter.final_modules, adapter.lm_head]
     for m in tail:
         m.to(device)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import RunSpec, config_hash
+from .distributed import SINGLE, Distributed, tensor_digest
 from .data import TOKENIZATION, DataError, calibration_windows, check_available, eval_tokens, load_text
 from .evaluate import Perplexity, eval_windows, evaluate_windows
 from .kernels.real import KERNEL_MODES
@@ -102,6 +103,11 @@ class ModelSession:
         finally:
             if not offload:
                 model.to("cpu")
+
+    def block_stream(self, spec: RunSpec, eval_data: dict, seqlen: int, save: str | None):
+        """Where a run's blocks come from and go (:class:`ptqlab.pipeline.BlockStream`): None, they are in the
+        model in host memory; a streamed session's (:mod:`ptqlab.streaming`) reads and writes them one by one."""
+        return None
 
     def fresh_model(self, transformed: bool = False) -> nn.Module:
         """The model with its pristine weights, for one run to quantize in place; ``transformed``: that run
@@ -295,16 +301,19 @@ def _warn_if_calibrating_on_eval(calib_source: str, eval_sources: dict[str, str]
 
 def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu", data_dir: str | None = None,
         progress: bool = True, eval_batch: int | None = None, kernel: str = "fake", save: str | None = None,
-        overwrite: bool = False, save_format: str = "compressed-tensors") -> dict:
+        overwrite: bool = False, save_format: str = "compressed-tensors", dist: Distributed = SINGLE) -> dict | None:
     """Run one experiment and return its JSON-ready record.
 
     ``eval_batch``: windows per evaluation forward (default sized from free GPU memory, 1 on CPU);
     ``kernel``: fake (dequantized weights), real (packed low-bit kernels, ptqlab.kernels.real) or auto;
     ``save``: also write the quantized model there (compressed-tensors folder, :func:`ptqlab.export.save_quantized`);
     ``save_format``: an entry of :data:`ptqlab.export.EXPORT_FORMATS`;
-    ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed).
+    ``overwrite``: replace ``save`` if it holds a saved model already (atomically: written beside it, then renamed);
+    ``dist``: this process's rank in a distributed run (:mod:`ptqlab.distributed`): each rank calibrates on its
+    share of the windows; rank 0 alone evaluates, saves and returns the record, the others return None.
     """
     start = time.perf_counter()
+    dist.check_supported(spec.config)
     check_execution(spec, session.device if session else device, eval_batch, kernel, save, overwrite,
                     session.offload if session else None, session.calib_batch if session else 8)
     session = session or ModelSession(spec.model, device, spec.dtype, data_dir, progress)
@@ -317,14 +326,16 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     calib_windows, calib_source = None, None
     if spec.config.needs_calibration:
         calib_windows, calib_source = session.calibration(spec.calib, spec.nsamples, calib_seqlen, spec.seed)
+        dist.check_agree("calibration windows", tensor_digest(calib_windows))
     eval_data = {name: session.eval_tokens(name, seqlen) for name in spec.eval}
     eval_sources = {name: src for name, (_, src) in eval_data.items()}
     if calib_source:
         _warn_if_calibrating_on_eval(calib_source, eval_sources)
 
     model = session.fresh_model(transformed=spec.config.transform != "none")
+    blocks = session.block_stream(spec, eval_data, seqlen, save)
     references, reference_time = {}, 0.0
-    if "kld" in spec.metrics:  # the FP16 distributions, from the pristine model before it is quantized
+    if "kld" in spec.metrics and dist.is_main:  # the FP16 distributions, from the pristine model before it is quantized
         t0 = time.perf_counter()
         ref_offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
         for name, (tokens, _) in eval_data.items():
@@ -333,11 +344,23 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
                                                      f"KL reference {name}")
         reference_time = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = quantize_model(model, spec.config, calib_windows, session.device, progress, session.calib_batch,
-                            session.calib_offload)
+    mine = None if calib_windows is None else dist.shard(calib_windows, session.calib_batch)
+    report = quantize_model(model, spec.config, mine, session.device, progress and dist.is_main,
+                            session.calib_batch, session.calib_offload, dist=dist, blocks=blocks)
+    dist.barrier("finishing the quantization")  # every rank holds the whole quantized model now
     quant_time = time.perf_counter() - t0
+    if not dist.is_main:
+        return None
     report.calibration = calib_source
 
+    if blocks is not None:  # streamed: evaluated block by block as they were quantized, the head now
+        t0 = time.perf_counter()
+        evaluation = blocks.evaluation()
+        return _record(spec, session, report, evaluation, {}, None, start,
+                       {"quantize": quant_time, "eval": time.perf_counter() - t0}, calib_seqlen, seqlen, calib_source, eval_sources,
+                       eval_batch, kernel, dist, save, lambda record: blocks.save(model, session.tokenizer, save,
+                                                                                  record, overwrite=overwrite),
+                       model, memory=blocks.memory())
     offload = session.offload if session.offload is not None else not fits_on_device(model, session.device)
     if spec.tasks and offload:
         raise ValueError("--tasks scores the model on the device, and this one does not fit there (offloaded "
@@ -362,6 +385,23 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
     if not offload:
         model.to("cpu")
 
+    timings = {"quantize": quant_time, "eval": eval_time, **({"kld_reference": reference_time} if references else {}),
+               **({"tasks": tasks_time} if tasks is not None else {})}
+    from .export import get_format
+
+    return _record(spec, session, report, (ppl, window_nll, kld), tasks or {}, kernels, start, timings,
+                   calib_seqlen, seqlen, calib_source, eval_sources, eval_batch, kernel, dist, save,
+                   lambda record: get_format(save_format).save(model, session.tokenizer, save, record,
+                                                               overwrite=overwrite), model,
+                   with_tasks=tasks is not None)
+
+
+def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tasks: dict, kernels, start: float,
+            timings: dict, calib_seqlen: int, seqlen: int, calib_source: str | None, eval_sources: dict,
+            eval_batch: int | None, kernel: str, dist: Distributed, save: str | None, write, model: nn.Module,
+            with_tasks: bool = False, memory: dict | None = None) -> dict:
+    """The run's JSON-ready record, and its saved folder written (``write(record)``) where ``save`` asks."""
+    ppl, window_nll, kld = evaluation
     config = spec.to_flat()
     config["seqlen"] = seqlen
     if spec.config.needs_calibration:
@@ -373,26 +413,34 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         "name": spec.config.name(),
         "ppl": ppl,
         **({"kld": kld} if kld else {}),
-        **({"tasks": tasks} if tasks is not None else {}),
+        **({"tasks": tasks} if with_tasks else {}),
         "window_nll": window_nll,
         "bits_per_weight": report.bits_per_weight,
         "stored_bits_per_weight": stored_bits_per_weight(model),
         "time_s": time.perf_counter() - start,
-        "timings": {"load": session.load_time, "quantize": quant_time, "eval": eval_time,
-                    **({"kld_reference": reference_time} if references else {}),
-                    **({"tasks": tasks_time} if tasks is not None else {}), **report.timings},
+        "timings": {"load": session.load_time, **timings, **report.timings},
         "data_sources": {**eval_sources, **({"calibration": calib_source} if calib_source else {})},
         "layers": report.layers,
-        "versions": versions(session.device, with_lm_eval=tasks is not None),
+        "versions": versions(session.device, with_lm_eval=with_tasks),
         "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,
                       **({"eval_batch": eval_batch} if eval_batch is not None else {}),
-                      **({"kernels": kernels} if kernel != "fake" else {})},
+                      **({"kernels": kernels} if kernel != "fake" else {}),
+                      **({"world_size": dist.world_size, "backend": dist.backend} if dist.active else {})},
+        # peak memory so far (not saved in a checkpoint's config.json: it differs between two runs of one command)
+        "memory": {"peak_host_rss_gib": round(peak_host_rss_gib(), 3), **(memory or {}),
+                   **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+                      if session.device.startswith("cuda") else {})},
     }
     if save:
         record["saved_to"] = str(save)
-        from .export import get_format
-
-        get_format(save_format).save(model, session.tokenizer, save, record, overwrite=overwrite)
+        write(record)
     return record
+
+
+def peak_host_rss_gib() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

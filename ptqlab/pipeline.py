@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .blockio import BlockInputs, block_inputs_as, capture_block_inputs, forward_only, run_block
 from .config import QuantConfig
+from .distributed import SINGLE, Distributed
 from .hessian import HessianCollector
 from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
 from .methods.zeroquant import local_objective
@@ -49,6 +51,15 @@ class QuantReport:
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+class BlockStream(Protocol):
+    """Blocks kept out of memory until their turn (:mod:`ptqlab.streaming`): ``load`` fills a block's
+    tensors before it is quantized, ``done`` takes the finished block (writes it out and frees it)."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def done(self, index: int, block: nn.Module) -> None: ...
 
 
 class _Timer:
@@ -72,56 +83,34 @@ def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -
     return float(num / den.clamp(min=1e-30))
 
 
-def _quantize_group(
-    names: list[str],
-    linears: dict[str, QuantLinear],
-    config: QuantConfig,
-    H: torch.Tensor | None,
-    report: QuantReport,
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """Quantize the weights of linears that share one input with the method's layer solve.
+def _solve_group(names: list[str], originals: dict[str, torch.Tensor], config: QuantConfig, H: torch.Tensor | None,
+                 label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weight, scale, zero)`` of linears that share one input, from the method's layer solve (on their
+    stacked rows, float32 on the method's own copy)."""
+    W = torch.cat([originals[n] for n in names])
+    result = get_method(config.method).solve_layer(W, H, config, label)
+    return result.weight, result.scale, result.zero
 
-    Returns their original weights (for LoRC and the error log).
-    """
-    originals = {n: linears[n].weight.data.clone() for n in names}
-    solve = get_method(config.method).solve_layer
-    if solve is None or not config.weight.enabled:
-        return originals
-    W = torch.cat([originals[n] for n in names])  # the methods work in float32 on their own copy
-    label = "+".join(linears[n].name for n in names)
-    with _Timer(report, "solve", device):
-        result = solve(W, H, config, label)
-    rows = [originals[n].shape[0] for n in names]
-    for name, q, scale, zero in zip(names, result.weight.split(rows), result.scale.split(rows),
-                                    result.zero.split(rows)):
+
+def _apply_group(names: list[str], linears: dict[str, QuantLinear],
+                 result: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    rows = [linears[n].weight.shape[0] for n in names]
+    for name, q, scale, zero in zip(names, *(t.split(rows) for t in result)):
         linears[name].weight.data.copy_(q)
         linears[name].set_weight_qparams(scale, zero)
-    return originals
 
 
-def _finish_layer(
-    name: str,
-    layer: QuantLinear,
-    original: torch.Tensor,
-    config: QuantConfig,
-    H: torch.Tensor | None,
-    report: QuantReport,
-    device: torch.device,
-) -> None:
-    """LoRC on top of the method's result, then the per-layer error log entry."""
-    layer.weight_spec = config.weight
-    if config.weight.enabled and layer.weight_scale is None:
-        raise QuantizationError(f"{layer.name}: method '{config.method}' quantized the weight but reported no "
-                                f"scale/zero point; its integer codes cannot be recovered to save the model")
-    if config.lorc_rank:
-        with _Timer(report, "lorc", device):
-            err = original.float() - layer.weight.float()
-            rank = min(config.lorc_rank, *err.shape)
-            u, v = lorc_factors(
-                err, rank, config.lorc_spec, H if config.lorc_aware else None, config.gptq.percdamp, layer.name
-            )
-            layer.set_lorc(u, v)
+def _lorc(layer: QuantLinear, original: torch.Tensor, config: QuantConfig,
+          H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRC factors ``(U, V)`` of the error the method left in ``layer``."""
+    err = original.float() - layer.weight.float()
+    rank = min(config.lorc_rank, *err.shape)
+    return lorc_factors(err, rank, config.lorc_spec, H if config.lorc_aware else None, config.gptq.percdamp,
+                        layer.name)
+
+
+def _log_layer(layer: QuantLinear, original: torch.Tensor, H: torch.Tensor | None, report: QuantReport) -> None:
+    """The per-layer error log entry of a finished layer."""
     entry = {"layer": layer.name, "out": layer.out_features, "in": layer.in_features}
     if H is not None:
         entry["rel_output_error"] = _relative_output_error(original, layer.effective_weight(), H)
@@ -177,6 +166,7 @@ def _quantize_block(
     report: QuantReport,
     device: torch.device,
     mapping: FamilyMapping | None = None,
+    dist: Distributed = SINGLE,
 ) -> list[QuantLinear]:
     """Quantize one block on ``device``; with calibration, ``hidden`` is replaced in place by its outputs."""
     method = get_method(config.method)
@@ -204,13 +194,22 @@ def _quantize_block(
             collector = HessianCollector(linears)
             forward_only(block, hidden, inputs)
             collector.close()
+        if dist.active:  # its own phase, so one process's timings keep their keys
+            with _Timer(report, "communicate", device):
+                dist.reduce_hessians(collector.sums, collector.tokens)
     groups = collector.groups() if collector else {n: [n] for n in linears}
-    originals: dict[str, torch.Tensor] = {}
+    originals = {n: layer.weight.data.clone() for n, layer in linears.items()}  # for LoRC and the error log
     hessians: dict[str, torch.Tensor | None] = {}
     for owner, names in groups.items():
         H = collector.hessian(owner) if collector else None
-        originals.update(_quantize_group(names, linears, config, H, report, device))
         hessians.update({n: H for n in names})
+    if method.solve_layer is not None and config.weight.enabled:
+        labels = {o: "+".join(linears[n].name for n in names) for o, names in groups.items()}
+        # in one process: each group solved and applied in turn; distributed: dealt across the ranks
+        with _Timer(report, "solve", device):
+            dist.solve_in_turn(list(groups), lambda o: _solve_group(groups[o], originals, config, hessians[o],
+                                                                    labels[o]),
+                               lambda o, result: _apply_group(groups[o], linears, result))
     if method.solve_block is not None and linears:
         fp32_inputs = block_inputs_as(inputs, torch.float32)
         problem = BlockProblem(block, linears, config, lambda b, x: run_block(b, x, fp32_inputs), hidden, targets,
@@ -221,8 +220,17 @@ def _quantize_block(
             linears[name].set_weight_qparams(scale, zero)
         report.layers.append(log)
         del targets, problem
+    for layer in linears.values():
+        layer.weight_spec = config.weight
+        if config.weight.enabled and layer.weight_scale is None:
+            raise QuantizationError(f"{layer.name}: method '{config.method}' quantized the weight but reported no "
+                                    f"scale/zero point; its integer codes cannot be recovered to save the model")
+    if config.lorc_rank:
+        with _Timer(report, "lorc", device):
+            dist.solve_in_turn(list(linears), lambda n: _lorc(linears[n], originals[n], config, hessians[n]),
+                               lambda n, uv: linears[n].set_lorc(*uv))
     for name, layer in linears.items():
-        _finish_layer(name, layer, originals[name], config, hessians[name], report, device)
+        _log_layer(layer, originals[name], hessians[name], report)
     del hessians, originals
     if hidden is not None:
         with _Timer(report, "propagate", device):
@@ -239,6 +247,8 @@ def quantize_model(
     progress: bool = True,
     batch_size: int = 8,
     offload_activations: bool = False,
+    dist: Distributed = SINGLE,
+    blocks: BlockStream | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place, block by block; returns the report.
 
@@ -252,6 +262,9 @@ def quantize_model(
     ``offload_activations`` keeps those hidden states in CPU memory instead,
     moving one batch at a time to ``device``: slower (host-device copies each
     pass) but the device then holds little more than one block.
+    ``dist``: this process's share of a distributed run (:mod:`ptqlab.distributed`; ``calibration`` is then
+    this rank's windows). ``blocks``: where the blocks come from and go to when the model is streamed from
+    its checkpoint (:mod:`ptqlab.streaming`); by default they are in the model, in host memory.
     """
     device = torch.device(device)
     adapter = get_adapter(model)
@@ -281,9 +294,13 @@ def quantize_model(
                 hidden = inputs.hidden
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
+            if blocks is not None:
+                blocks.load(index, block)
             block.to(device)
-            _quantize_block(index, block, config, hidden, inputs, report, device, mapping)
+            _quantize_block(index, block, config, hidden, inputs, report, device, mapping, dist)
             block.to("cpu")
+            if blocks is not None:
+                blocks.done(index, block)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except torch.OutOfMemoryError as e:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,15 +302,16 @@ def _config_groups(layers: dict[str, QuantLinear], model: nn.Module) -> tuple[di
     return groups, []
 
 
-def _float_state(model: nn.Module, layers: dict[str, QuantLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor outside the quantized linears' weights, in the save dtype; tied weights (embeddings and
-    LM head) once, as transformers stores them."""
+def _float_state(model: nn.Module, layers: dict[str, QuantLinear], dtype: torch.dtype,
+                 keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor outside the quantized linears' weights (of those ``keep`` accepts), in the save dtype; tied
+    weights (embeddings and LM head) once, as transformers stores them."""
     skip = {f"{n}.{p}" for n in layers for p in ("weight", "bias", "lorc_u", "lorc_v")}
     skip |= {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for p in ("lorc_u", "lorc_v")}
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
-        if key in skip:
+        if key in skip or (keep is not None and not keep(key)):
             continue
         if value.is_floating_point() and value.numel() and value.data_ptr() in seen:
             if not getattr(model.config, "tie_word_embeddings", False):
@@ -349,9 +351,9 @@ def _write_config(folder: Path, model: nn.Module, qconfig, dtype: torch.dtype, p
 
 
 # Left out of the record saved in config.json: the per-layer error log (megabytes for large models; it stays in
-# the run's JSONL record) and wall-clock times, which differ between two runs of one command, so that saving the
+# the run's JSONL record), wall-clock times and peak memory, which differ between two runs of one command, so that saving the
 # same run twice writes the same bytes.
-_NOT_SAVED = ("layers", "time_s", "timings")
+_NOT_SAVED = ("layers", "time_s", "timings", "memory")
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -416,8 +418,30 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
     """
     from safetensors.torch import save_file
 
+    def write_weights(path: Path, layers: dict[str, QuantLinear], scale_dtype: torch.dtype, dtype: torch.dtype) -> int:
+        state = _float_state(model, layers, dtype)
+        quantized_bytes = 0
+        for name, layer in layers.items():
+            tensors = compress_layer(name, layer, scale_dtype)
+            fmt = format_for(layer.weight_spec, layer.act_spec)
+            quantized_bytes += _tensor_bytes({k: tensors[k] for k in weight_tensor_names(fmt, layer.weight_spec.symmetric)})
+            state.update({f"{name}.{k}": (v.to(dtype) if k == "bias" else v) for k, v in tensors.items()})
+        save_file(state, str(path), metadata={"format": "pt"})
+        return quantized_bytes
+
+    return write_quantized_folder(model, tokenizer, directory, write_weights, record, overwrite, scale_dtype)
 
 
+# write_weights(path of model.safetensors, quantized layers, scale dtype, save dtype) -> bytes of their weights
+WeightsWriter = Callable[[Path, dict[str, QuantLinear], torch.dtype, torch.dtype], int]
+
+
+def write_quantized_folder(model: nn.Module, tokenizer, directory: str | os.PathLike, write_weights: WeightsWriter,
+                           record: dict | None = None, overwrite: bool = False,
+                           scale_dtype: torch.dtype | None = None) -> dict:
+    """The folder :func:`save_quantized` writes, its ``model.safetensors`` written by ``write_weights`` (from the
+    model in memory, or from blocks written out as they were quantized: :mod:`ptqlab.streaming`); the
+    adapter, tokenizer and config.json around it, into a temporary folder renamed to ``directory`` at the end."""
     target = Path(directory)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} already exists and is not empty (pass overwrite=True to replace it)")
@@ -432,17 +456,10 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | os.PathLike, re
     qconfig = QuantizationConfig(config_groups=qgroups, ignore=ignore, quantization_status="compressed",
                                  format=formats.pop() if len(formats) == 1 else "mixed-precision")
 
-    state = _float_state(model, layers, dtype)
-    quantized_bytes = 0
-    for name, layer in layers.items():
-        tensors = compress_layer(name, layer, scale_dtype)
-        fmt = format_for(layer.weight_spec, layer.act_spec)
-        quantized_bytes += _tensor_bytes({k: tensors[k] for k in weight_tensor_names(fmt, layer.weight_spec.symmetric)})
-        state.update({f"{name}.{k}": (v.to(dtype) if k == "bias" else v) for k, v in tensors.items()})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        quantized_bytes = write_weights(tmp / "model.safetensors", layers, scale_dtype, dtype)
         adapter_bytes = write_adapter(layers, tmp / ADAPTER_DIR, base=str(target.resolve()))
         params = sum(m.out_features * m.in_features for m in layers.values())
         stats = {
