@@ -29,7 +29,7 @@ def _fp16_ppl(model: str, data_dir, datasets: tuple[str, ...], windows: int = PR
     return run(spec, session, progress=False)["ppl"]
 
 
-@pytest.fixture(scope="module", params=["opt", "bloom"])
+@pytest.fixture(scope="module", params=["opt", "bloom", "llama"])
 def arch(request):
     return request.param
 

@@ -13,13 +13,14 @@ import math
 import pytest
 import torch
 
-from ptqlab import GPTQOptions, QuantConfig, QuantSpec
+from ptqlab import GPTQOptions, QuantConfig, QuantSpec, ZQOptions
+from ptqlab.transforms.awq import AWQOptions
 from ptqlab.cli import main
 from ptqlab.experiment import ModelSession, RunSpec, run
 from ptqlab.export import load_with_transformers
 from ptqlab.export.evaluate_saved import evaluate_saved
 from ptqlab.models import QuantLinear
-from ptqlab.testbed import CALIBRATION_TEXT, FAMILY, family_member
+from ptqlab.testbed import CALIBRATION_TEXT, FAMILY, TESTBED_DIR, family_member
 
 MODEL = "testbed-llama"
 WINDOWS, NSAMPLES, SEQLEN = 8, 16, 512
@@ -39,6 +40,17 @@ def _run(session, config: QuantConfig, **kw) -> dict:
 @pytest.fixture(scope="module")
 def fp16(session) -> float:
     return _run(session, QuantConfig("fp16"))["ppl"]["heldout"]
+
+
+def test_reproduces_its_model_card(data_dir):
+    """The CPU prefix row of reference_ppl.json (32 windows of 512 tokens of each split, float32)."""
+    ref = json.loads((TESTBED_DIR / "reference_ppl.json").read_text())[MODEL]["prefix"]
+    cpu = ModelSession(MODEL, "cpu", "float32", str(data_dir), progress=False)
+    spec = RunSpec(model=MODEL, config=QuantConfig("fp16"), eval=("wikitext2", "ptb", "heldout"), seqlen=512,
+                   max_eval_windows=ref["windows"], dtype="float32")
+    ppl = run(spec, cpu, progress=False)["ppl"]
+    for dataset, value in ppl.items():
+        assert value == pytest.approx(ref["ppl"][dataset], rel=0.005), dataset
 
 
 def test_the_member_is_a_llama_with_grouped_query_attention(session):
@@ -62,12 +74,13 @@ def test_gptq_beats_rtn_at_w3_and_w4_g128(session, fp16, wbits):
 
 @pytest.mark.parametrize("config", [
     QuantConfig("gptq", QuantSpec(4, False, 128), options={"gptq": GPTQOptions(act_order=True)}),
-    QuantConfig("zq-local", QuantSpec(4, True, 128)),
-    QuantConfig("zq-global", QuantSpec(4, True, 128)),
+    # ZQ's gradient steps and AWQ's grid cut for CPU time (the methods' full defaults run in the GPU study)
+    QuantConfig("zq-local", QuantSpec(4, True, 128), options={"zq": ZQOptions(steps=20)}),
+    QuantConfig("zq-global", QuantSpec(4, True, 128), options={"zq": ZQOptions(steps=5, batch_size=4)}),
     QuantConfig("rtn", QuantSpec(4, True, 128), lorc_rank=8, lorc_aware=True),
     QuantConfig("rtn", QuantSpec(8, True, 0), act=QuantSpec(8, True, 0)),
     QuantConfig("rtn", QuantSpec(4, True, 128), act=QuantSpec(8, True, 0), transform="smoothquant"),
-    QuantConfig("rtn", QuantSpec(4, True, 128), transform="awq"),
+    QuantConfig("rtn", QuantSpec(4, True, 128), transform="awq", options={"awq": AWQOptions(grid=5, clip=False)}),
     QuantConfig("rtn", QuantSpec(4, True, 128), act=QuantSpec(4, True, 0), transform="rotate"),
 ], ids=["gptq-asym-act-order", "zq-local", "zq-global", "rtn-lorc8-aware", "w8a8", "smoothquant-w4a8", "awq-w4",
         "rotate-w4a4"])
