@@ -22,14 +22,16 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_streamed_checkpoint_is_the_in_memory_one_byte_for_byte(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("model", ["testbed-opt-2m", "testbed-llama-2m"])  # learned positions; rotary, GQA, RMSNorm
+def test_streamed_checkpoint_is_the_in_memory_one_byte_for_byte(model, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("PTQLAB_DATA", str(data_dir))
     target = tmp_path / "q"  # both runs save to the same path: the adapter and the record name it
     out = tmp_path / "runs.jsonl"
-    assert main([*RUN, "--offload", "--save", str(target), "--output", str(out)]) == 0
+    run = [RUN[0], "--model", model, *RUN[3:]]
+    assert main([*run, "--offload", "--save", str(target), "--output", str(out)]) == 0
     in_memory = _files(target)
     shutil.rmtree(target)
-    assert main([*RUN, "--stream", "--save", str(target), "--output", str(out)]) == 0
+    assert main([*run, "--stream", "--save", str(target), "--output", str(out)]) == 0
     streamed = _files(target)
     assert sorted(in_memory) == sorted(streamed)
     assert "adapter/adapter_model.safetensors" in streamed  # LoRC factors kept through the stream
