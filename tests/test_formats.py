@@ -247,7 +247,7 @@ def test_cli_names_the_flag_before_loading_anything(capsys):
 @pytest.mark.parametrize("flat,kwargs,match", [
     ({"wfmt": "fp8"}, {"kernel": "real", "device": "cuda"}, r"--kernel real: no real kernel runs --wfmt fp8"),
     ({"wfmt": "mxfp4", "afmt": "fp8"}, {"kernel": "real", "device": "cuda"},
-     r"--kernel real: no real kernel runs --wfmt mxfp4 / --afmt fp8 \(float formats: fp8 weights and activations"),
+     r"--kernel real: no real kernel runs --wfmt mxfp4 / --afmt fp8 by default"),
     ({"wfmt": "nvfp4", "afmt": "nvfp4"}, {"save": "SAVE"}, r"--save: .*--abits 16, not nvfp4-g16 activations"),
     ({"wfmt": "nvfp4", "afmt": "fp8"}, {"save": "SAVE"}, r"--save: .*nvfp4 weights are saved with --abits 16"),
     ({"wbits": 4, "afmt": "fp8"}, {"save": "SAVE"}, r"--save: .*integer weights with fp8 activations"),
@@ -262,11 +262,15 @@ def test_kernels_and_export_refuse_what_they_cannot_carry(flat, kwargs, match, t
         check_execution(spec, device, **kwargs)
 
 
-def test_fp8_weights_and_activations_have_a_real_kernel():
-    # W8A8 FP8 per channel / per token runs torch._scaled_mm: --kernel real passes the checks (then needs the GPU)
-    check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8", "afmt": "fp8"}), "cuda", kernel="real")
-    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-        check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8", "afmt": "fp8"}), "cpu", kernel="real")
+def test_fp8_weights_and_activations_have_an_opt_in_real_kernel():
+    # W8A8 FP8 per channel / per token runs torch._scaled_mm in the opt-in triton family; --kernel real's default
+    # family refuses it before the run, saying where it is
+    from ptqlab.kernels.real import kernel_for
+
+    fp8 = QuantSpec(fmt="fp8")
+    assert kernel_for(fp8, fp8, "triton") == "w8a8-fp8" and kernel_for(fp8, fp8) is None
+    with pytest.raises(ValueError, match="opt-in 'triton' kernel family"):
+        check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8", "afmt": "fp8"}), "cuda", kernel="real")
 
 
 def test_recipe_cells_take_the_format_bits():

@@ -301,7 +301,8 @@ def _forward_int_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> 
 
 
 def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
-    return w.fmt == "fp8" and a.fmt == "fp8" and w.group_size == PER_ROW and a.group_size == PER_ROW
+    # in the triton family with the Triton activation quantizer it depends on, opt-in until benchmarked on a GPU
+    return pref == "triton" and w.fmt == "fp8" and a.fmt == "fp8" and w.group_size == PER_ROW and a.group_size == PER_ROW
 
 
 def _build_fp8(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
