@@ -22,7 +22,7 @@ from ptqlab.quantizers import QuantizationError, weight_qparams
 from ptqlab.study.recipe import DEFAULTS, VALIDATORS, parse_assignments, parse_recipe_text, run_key
 
 EXECUTION_ONLY = {"model", "device", "no_progress", "offload", "calib_batch", "calib_offload", "output", "save",
-                  "overwrite", "no_verify", "save_format",
+                  "overwrite", "no_verify", "save_format", "stream", "dist_timeout",
                   "data_dir", "eval_batch", "kernel",  # how a run executes (recorded under "execution")
                   "command", "func"}
 
