@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from ptqlab import GPTQOptions, QuantConfig, QuantSpec, ZQOptions
+from ptqlab import GPTQOptions, LayerFilter, QuantConfig, QuantSpec, ZQOptions
 from ptqlab.transforms.awq import AWQOptions
 from ptqlab.cli import main
 from ptqlab.experiment import ModelSession, RunSpec, run
@@ -76,7 +76,8 @@ def test_gptq_beats_rtn_at_w3_and_w4_g128(session, fp16, wbits):
     QuantConfig("gptq", QuantSpec(4, False, 128), options={"gptq": GPTQOptions(act_order=True)}),
     # ZQ's gradient steps and AWQ's grid cut for CPU time (the methods' full defaults run in the GPU study)
     QuantConfig("zq-local", QuantSpec(4, True, 128), options={"zq": ZQOptions(steps=20)}),
-    QuantConfig("zq-global", QuantSpec(4, True, 128), options={"zq": ZQOptions(steps=5, batch_size=4)}),
+    QuantConfig("zq-global", QuantSpec(4, True, 128), options={"zq": ZQOptions(steps=5, batch_size=4)},
+                layers=LayerFilter.parse("block:1")),
     QuantConfig("rtn", QuantSpec(4, True, 128), lorc_rank=8, lorc_aware=True),
     QuantConfig("rtn", QuantSpec(8, True, 0), act=QuantSpec(8, True, 0)),
     QuantConfig("rtn", QuantSpec(4, True, 128), act=QuantSpec(8, True, 0), transform="smoothquant"),
