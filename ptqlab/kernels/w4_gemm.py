@@ -12,6 +12,7 @@ Two kernels (the bench picks the crossover, :data:`GEMM_MAX_M` above which W4A16
   unpacked tile through shared memory); the weight is unpacked with the float "magic number" trick (``q | 0x4B000000``
   read as float32 is ``2**23 + q``, so ``- (2**23 + zero)`` gives ``q - zero`` exactly without a slow int->float
   conversion), multiplied by the token's inputs in registers, and the group scale is applied once per 8 weights;
+  W4A8 at one token runs it too, on the int8 codes (exact in float32), with the token's scale applied at the end;
 * :func:`_gemm_kernel`, 2+ tokens, on the tensor cores: the same unpack to fp16 (``q | 0x6400`` read as fp16 is
   ``1024 + q``) or, for int8 activations, to int8 ``q - 8``, then ``tl.dot``; the int8 variant applies the per-token
   x per-channel scales and the bias in the epilogue, on the int32 accumulator in registers (no int32 round trip
@@ -124,8 +125,8 @@ def _finish(y, rm, rn, mask, Y, B, WS, CNT, tile, N, HAS_BIAS: tl.constexpr, SPL
 
 @triton.autotune(configs=GEMV_CONFIGS, **_TUNE)
 @triton.jit
-def _gemv_kernel(X, P, S, Z, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
-                 SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(X, P, S, Z, SX, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
+                 SYM: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,6 +151,8 @@ def _gemv_kernel(X, P, S, Z, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
         v = (_unpack(p, BLOCK_K, BLOCK_N) | 0x4B000000).to(tl.float32, bitcast=True) - zc  # = code - zero, exact
         acc += tl.sum(x[:, :, None] * v, axis=1) * s[None, :]
     y = tl.sum(acc, axis=0)[None, :]
+    if A8:  # int8 input codes: the token's scale (the weight's row scale came in as its one group's scale)
+        y = y * tl.load(SX).to(tl.float32)
     _finish(y, tl.zeros((1,), dtype=tl.int32), rn, nmask[None, :], Y, B, WS, CNT, pid_n, N, HAS_BIAS, SPLIT_K)
 
 
@@ -268,8 +271,8 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if m == 1:
         def grid(meta):
             return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-        _gemv_kernel[grid](x, packed, scale, z, b, y, ws, cnt, n, k, group, 1,
-                           SYM=zero is None, HAS_BIAS=bias is not None)
+        _gemv_kernel[grid](x, packed, scale, z, scale, b, y, ws, cnt, n, k, group, 1,
+                           SYM=zero is None, A8=False, HAS_BIAS=bias is not None)
         return y
     _launch_gemm(x, packed, scale, z, scale, b, y, ws, cnt, m, n, k, group, w4=True, a8=False,
                  sym=zero is None, has_bias=bias is not None)
@@ -284,7 +287,17 @@ def int_gemm(codes: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, sw: to
     n = weight.shape[1] if w4 else weight.shape[0]
     y = torch.empty(m, n, dtype=dtype, device=codes.device)
     ws, cnt = WORKSPACE.get(n, codes.device)
-    _launch_gemm(codes.contiguous(), weight, sw, sw, sx, bias if bias is not None else sw, y, ws, cnt, m, n, k,
+    b = bias if bias is not None else sw
+    if m == 1 and w4:
+        # one token: the W4A16 GEMV on the int8 codes (exact as float32) with the weight's row scale as its one
+        # group's scale and the token's scale at the end. The tensor-core GEMM wastes 15/16 of each MMA here and
+        # measured 0.30-0.84x FP16 on the H200 (bench/results/w4_gemm_h200.jsonl), half the GEMV's speed.
+        def grid(meta):
+            return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+        _gemv_kernel[grid](codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, n, k, k, 1,
+                           SYM=True, A8=True, HAS_BIAS=bias is not None)
+        return y
+    _launch_gemm(codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, m, n, k,
                  k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
     return y
 

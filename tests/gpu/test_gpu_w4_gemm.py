@@ -95,11 +95,16 @@ def test_int8_gemm_matches_the_reference(k, n, group, scheme, m):
     _check(_layer(n, k, QuantSpec(bits, True, 0), A8, seed=k + n), scheme, m, 2e-3)
 
 
-def test_split_k_leaves_its_workspace_zero():
-    # every split-K call zeroes the partial sums and tickets it used (the next call, or graph replay, needs them so)
-    layer = _layer(SHAPES[0][1], SHAPES[0][0], QuantSpec(4, False, 64 if SHAPES[0][0] % 64 == 0 else 0), A8, 1)
-    layer.act_spec = QuantSpec()
-    real = RealLinear(layer, "w4a16-triton")
+@pytest.mark.parametrize("scheme", ["w4a16-triton", "w4a8-triton"])
+def test_split_k_leaves_its_workspace_zero(scheme):
+    # every split-K call zeroes the partial sums and tickets it used (the next call, or graph replay, needs them so);
+    # W4A8 at one token runs the W4A16 GEMV on its int8 codes, with the same workspace
+    if scheme == "w4a16-triton":
+        layer = _layer(SHAPES[0][1], SHAPES[0][0], QuantSpec(4, False, 64 if SHAPES[0][0] % 64 == 0 else 0), A8, 1)
+        layer.act_spec = QuantSpec()
+    else:
+        layer = _layer(SHAPES[0][1], SHAPES[0][0], QuantSpec(4, True, 0), A8, 1)
+    real = RealLinear(layer, scheme)
     x = torch.randn(3, layer.in_features, device=DEV, dtype=torch.float16)
     with torch.no_grad():
         first = real(x[:1])
