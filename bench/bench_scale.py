@@ -176,10 +176,11 @@ def floors(shape: Shape, config: QuantConfig, tokens: int, seqlen: int, rates: d
         # per group: Cholesky, inverse and Cholesky again (~in^3), then the error feedback (out_total x in^2)
         add("solve", sum(i**3 + sum(o for o, _ in g) * i * i for g in groups.values() for i in [g[0][1]]), "fp32")
     elif config.method == "zq-local":
-        add("solve", sum(zq_steps * 4 * o * i * i for _, o, i, _ in lin), "fp32")
+        # forward and backward of the objective's [out, in] x [in, in] product, on TF32 (zeroquant._tf32_matmuls)
+        add("solve", sum(zq_steps * 4 * o * i * i for _, o, i, _ in lin), "tf32")
     elif config.method == "zq-global":
         add("targets", forward, "bf16")
-        add("solve", zq_steps * 3 * 2 * params * zq_batch_tokens, "fp32")
+        add("solve", zq_steps * 3 * 2 * params * zq_batch_tokens, "tf32")  # the distillation runs on TF32
     else:
         add("solve", 0, "fp32")
     if config.lorc_rank:

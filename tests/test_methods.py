@@ -19,6 +19,7 @@ import reference_quant
 from reference_quant import single_thread  # noqa: F401  (module-scoped autouse fixture)
 
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
+from ptqlab.methods import zeroquant
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
 from ptqlab.models import QuantLinear
 from ptqlab.quantizers import (
@@ -546,6 +547,31 @@ def test_zq_local_keeps_dtype_and_zero_steps_is_rtn():
     torch.testing.assert_close(Q, rtn_quantize(W, spec), rtol=0, atol=1e-6)
     Qh = zq_local_quantize(W.half(), H, spec, steps=3).weight
     assert Qh.dtype == torch.float16
+
+
+def test_zq_local_turns_tf32_on_only_while_it_runs(monkeypatch):
+    # the TF32 switch is process-wide: ZQ-Local sets it for its own products and must give the caller's back,
+    # also when it fails midway
+    W, X, H = layer(8, 16, seed=15)
+    spec = QuantSpec(4, False, PER_ROW)
+    seen = []
+    previous = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module, not for monkeypatch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    real_objective = zeroquant.local_objective
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_objective(*args)
+
+    monkeypatch.setattr(zeroquant, "local_objective", spy)
+    try:
+        zq_local_quantize(W, H, spec, steps=2)
+        assert seen == [True, True, True] and torch.backends.cuda.matmul.allow_tf32 is False
+        with pytest.raises(RuntimeError):
+            zq_local_quantize(W, H[:4, :4], spec, steps=2)  # mismatched Hessian: the product fails
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ quantizer, with a straight-through estimator for the rounding
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,17 @@ class ZQLocalResult:
     history: list[float]  # the objective per step (the first entry is the RTN start)
 
 
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """CUDA float32 matmuls on TF32 tensor cores inside the block, restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def zq_local_quantize(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -82,7 +94,10 @@ def zq_local_quantize(
     best = fake_quantize(W, spec)
     best_latent = W.clone()
     best_loss = torch.tensor(float("inf"), device=W.device)
-    with torch.enable_grad():  # callers (the pipeline) run under no_grad
+    # TF32 for the objective's [out, in] x [in, in] products on the GPU, as in ZQ-Global: the gradient steps need
+    # no more than its 10-bit mantissa, and at full size those products are the whole cost (fp32 ran ZQ-Local at
+    # 1.15x its fp32 floor on the OPT-6.7B shape, H200: bench/README.md). CPU arithmetic is unchanged.
+    with torch.enable_grad(), _tf32_matmuls():  # callers (the pipeline) run under no_grad
         for _ in range(steps + 1):
             q = ste_quantize(latent, spec)
             loss = local_objective(W, q, H)
@@ -152,10 +167,10 @@ def zq_global_block(
                             for x, t in zip(inputs.split(batch_size), targets.split(batch_size))]).mean()
 
     losses = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
+    with contextlib.ExitStack() as restore:
         # TF32 for the distillation's matmuls: gradients need no more than its 10-bit mantissa
-        torch.backends.cuda.matmul.allow_tf32 = True
+        restore.enter_context(_tf32_matmuls())
+        restore.callback(_unparametrize, linears, block, dtype)
         with torch.no_grad():
             start_mse = full_mse()  # the RTN start: latent weights = W, so the forward is RTN
             start = [p.detach().clone() for p in params]
@@ -175,14 +190,16 @@ def zq_global_block(
                     p.copy_(p0)
                 end_mse = start_mse
         qparams = {name: weight_qparams(p.detach().float(), weight_spec) for name, p in zip(linears, params)}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        for module in linears.values():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            module.weight.requires_grad_(False)
-        block.to(dtype)
     history = [float(start_mse), *torch.stack(losses).tolist(), float(end_mse)] if losses else [float(start_mse)]
     return history, qparams
+
+
+def _unparametrize(linears: dict[str, nn.Module], block: nn.Module, dtype: torch.dtype) -> None:
+    """Leave each linear with its (quantized) learned weight as a plain parameter, the block in ``dtype``."""
+    for module in linears.values():
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        module.weight.requires_grad_(False)
+    block.to(dtype)
 
 
 def _solve_local(W: torch.Tensor, H: torch.Tensor | None, config, name: str) -> WeightResult:
