@@ -128,7 +128,7 @@ def test_real_layer_matches_the_dequantized_reference(scheme, wspec, aspec, rank
 @pytest.mark.parametrize(("wbits", "wgroup", "abits"), [(4, 128, 16), (8, 0, 8), (4, 0, 8)])
 def test_real_kernels_give_the_fake_quant_ppl_on_the_testbed(model, wbits, wgroup, abits):
     """`ptqlab run --kernel real` against `--kernel fake` on testbed-opt and testbed-llama (grouped-query
-    attention, SwiGLU): within 0.5% (the kernels' own rounding)."""
+    attention, SwiGLU): within 0.1% (issue 20's bound; the kernels' own fp16 rounding)."""
     from ptqlab.config import QuantConfig, RunSpec
     from ptqlab.experiment import ModelSession, run
     from ptqlab.testbed import family_member
@@ -141,4 +141,4 @@ def test_real_kernels_give_the_fake_quant_ppl_on_the_testbed(model, wbits, wgrou
     fake = run(spec, session, progress=False, kernel="fake")["ppl"]["heldout"]
     real = run(spec, session, progress=False, kernel="real")
     assert real["execution"]["kernels"]["real"], real["execution"]
-    assert real["ppl"]["heldout"] == pytest.approx(fake, rel=5e-3)
+    assert real["ppl"]["heldout"] == pytest.approx(fake, rel=1e-3)
