@@ -1,7 +1,7 @@
 """Host memory of streamed quantization (``ptqlab run --stream --save``) against the size of the checkpoint.
 
     # on an H200, one command (JSONL in $OUT; the random checkpoint is written to a temp folder and removed):
-    PTQLAB_DATA=/path/to/data python bench/bench_stream.py --shape opt-6.7b --method gptq --out $OUT --budget-s 400
+    PTQLAB_DATA=/path/to/data python bench/bench_stream.py --shape opt-6.7b --method gptq --out $OUT --budget-s 150
     # a tiny shape on the CPU (what the CI test runs):
     python bench/bench_stream.py --shape tiny-opt --method rtn --eval heldout --nsamples 4 --seqlen 32 --device cpu \\
         --out /tmp/s
@@ -175,6 +175,8 @@ class StreamPeaks(HostPeak):
 
 def stream_one(checkpoint: Path, info: dict, a: argparse.Namespace, method: str, workdir: Path) -> dict:
     """One ``ptqlab run --stream --save`` of ``checkpoint`` in this process; its row."""
+    import psutil
+
     from ptqlab.cli import main
 
     device = torch.device(a.device)
@@ -191,7 +193,7 @@ def stream_one(checkpoint: Path, info: dict, a: argparse.Namespace, method: str,
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss_start = _rss_split()
+    start_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     with StreamPeaks(workdir) as peaks:
         rc = main(args)
@@ -204,7 +206,8 @@ def stream_one(checkpoint: Path, info: dict, a: argparse.Namespace, method: str,
     out_bytes = _folder_bytes(save)
     row.update({
         "peak_host_rss_gib": round(peaks.peak / GIB, 3),
-        "host_rss_at_start_gib": round(sum(v for k, v in rss_start.items() if k != "RssShmem") / GIB, 3),
+        "host_rss_at_start_gib": round(start_rss / GIB, 3),  # torch, CUDA and the libraries, before the run
+        "peak_host_rss_above_start_gib": round((peaks.peak - start_rss) / GIB, 3),
         "peak_rss_split_gib": {k: round(v / GIB, 3) for k, v in peaks.split.items()},  # each its own peak
         "peak_host_rss_over_checkpoint": round(peaks.peak / info["bytes"], 4),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 3) if device.type == "cuda" else None,
