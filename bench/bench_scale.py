@@ -73,17 +73,24 @@ METHODS = {
 }
 
 
-def build(shape: Shape, layers: int, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+def model_config(shape: Shape, layers: int, vocab: int | None = None, **extra):
+    """The transformers config of ``shape`` with ``layers`` decoder blocks (``vocab``: instead of the shape's)."""
+    from transformers import LlamaConfig, OPTConfig
 
+    vocab = vocab or shape.vocab
     if shape.family == "opt":
-        cfg = OPTConfig(hidden_size=shape.hidden, num_hidden_layers=layers, num_attention_heads=shape.heads,
-                        ffn_dim=shape.ffn, vocab_size=shape.vocab, max_position_embeddings=2048,
-                        word_embed_proj_dim=shape.hidden)
-    else:
-        cfg = LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=layers, num_attention_heads=shape.heads,
-                          num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn, vocab_size=shape.vocab,
-                          max_position_embeddings=8192, tie_word_embeddings=False)
+        return OPTConfig(hidden_size=shape.hidden, num_hidden_layers=layers, num_attention_heads=shape.heads,
+                         ffn_dim=shape.ffn, vocab_size=vocab, max_position_embeddings=2048,
+                         word_embed_proj_dim=shape.hidden, **extra)
+    return LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn, vocab_size=vocab,
+                       max_position_embeddings=8192, tie_word_embeddings=False, **extra)
+
+
+def build(shape: Shape, layers: int, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(shape, layers)
     torch.manual_seed(0)
     with torch.device(device):  # random init is slow on the CPU; the model then lives there as a run keeps it
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16 if device.type == "cuda" else torch.float32)
