@@ -34,7 +34,9 @@ from ptqlab.quantizers import QuantSpec, fake_quantize
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (2048, 8192), (4096, 4096), (16384, 4096), (4096, 16384)]
 
 
-def error_matrix(out_f: int, in_f: int, gen: torch.Generator, outliers: bool = True, device: str = "cuda") -> torch.Tensor:
+def error_matrix(
+    out_f: int, in_f: int, gen: torch.Generator, outliers: bool = True, device: str = "cuda"
+) -> torch.Tensor:
     w = torch.randn(out_f, in_f, generator=gen) * 0.02
     if outliers:
         w[:, torch.randperm(in_f, generator=gen)[: max(1, in_f // 256)]] *= 20
@@ -100,13 +102,15 @@ def krylov_compare(shapes: list[tuple[int, int]], ranks: list[int], device: str,
     for out_f, in_f in shapes:
         for outliers in (True, False):
             # as lorc_factors hands it over: float32 on the GPU, float64 on the CPU
-            E = error_matrix(out_f, in_f, gen, outliers, device).to(torch.float32 if device == "cuda" else torch.float64)
+            work = torch.float32 if device == "cuda" else torch.float64
+            E = error_matrix(out_f, in_f, gen, outliers, device).to(work)
             E64 = E.double()
             total = float((E64**2).sum())
             gram = E64.t() @ E64 if out_f >= in_f else E64 @ E64.t()
             for m in ranks:
-                (u0, v0), t_eigh = timed(lambda: eigh_path(E, m), repeats, device, warmup=device == "cuda")
-                (u1, v1), t_fast = timed(lambda: lorc.top_singular_factors(E, m), repeats, device, warmup=device == "cuda")
+                warm = device == "cuda"  # on the CPU one cold call each (a 4096 eigh takes a minute there)
+                (u0, v0), t_eigh = timed(lambda m=m: eigh_path(E, m), repeats, device, warmup=warm)
+                (u1, v1), t_fast = timed(lambda m=m: lorc.top_singular_factors(E, m), repeats, device, warmup=warm)
                 (_, t_gram) = timed(lambda: E64.t() @ E64 if out_f >= in_f else E64 @ E64.t(), repeats, device)
                 info = lorc.top_eigenpairs_krylov(gram, m)
                 err0 = float((E64 - u0.double() @ v0.double()).norm())

@@ -545,7 +545,8 @@ def quant_error(out_f: int, in_f: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("kind", "shape"),
     # int4 g128 needs in_features divisible by 128
-    [("gaussian", (1100, 1500)), ("gaussian", (2048, 1030)), ("quant_error", (1100, 1536)), ("quant_error", (2048, 1024))],
+    [("gaussian", (1100, 1500)), ("gaussian", (2048, 1030)),
+     ("quant_error", (1100, 1536)), ("quant_error", (2048, 1024))],
 )
 def test_lorc_krylov_matches_eigh(krylov_runs, kind, shape):
     rank = 8
