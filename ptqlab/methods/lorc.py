@@ -27,10 +27,10 @@ from ..quantizers import QuantizationError, QuantSpec, fake_quantize
 # Block Krylov (block Lanczos with full reorthogonalisation) + Rayleigh-Ritz finds the top ones from products G @ Q
 # with a thin Q: cheap on any device. Quantization errors have flat spectra (the top eigenvalues are close), so the
 # Krylov space must grow to ~15-40% of n before the kept Ritz vectors converge (measured on RTN int4 g128 errors:
-# ~45% at n = 1024, 25-40% at n = 2048); for n below 4096 the full eigh is cheap (<= 30 ms on an H200), the saving
-# small and a miss costs the full eigh on top, so smaller matrices keep the exact path (and the small-shape tests
-# stay bit-identical). ``_KRYLOV_MAX_FRACTION`` caps the space so that the small eigh of the
-# projected matrix stays a few percent of the full one.
+# ~45% at n = 1024, 25-40% at n = 2048, 16-29% at n = 4096); for n below 4096 the full eigh is cheap (<= 30 ms on
+# an H200), the saving small and a miss costs the full eigh on top, so smaller matrices keep the exact path (and
+# the small-shape tests stay bit-identical). ``_KRYLOV_MAX_FRACTION`` caps the space so that the small eigh of the
+# projected matrix stays a few percent (in flops) of the full one.
 _KRYLOV_MIN_N = 4096
 _KRYLOV_MAX_FRACTION = 1 / 3
 # A kept Ritz pair (theta, v) is converged when ||G v - theta v|| <= tol * theta_max. Its Ritz value is then within
