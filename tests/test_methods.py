@@ -19,6 +19,7 @@ import reference_quant
 from reference_quant import single_thread  # noqa: F401  (module-scoped autouse fixture)
 
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
+from ptqlab.methods import lorc as lorc_mod
 from ptqlab.methods import zeroquant
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
 from ptqlab.models import QuantLinear
@@ -493,6 +494,146 @@ def test_lorc_activation_aware_beats_plain(rank):
     exact = out_err(*lorc_factors(E, rank, QuantSpec(16), hessian=H, percdamp=0.0))
     assert exact == pytest.approx(opt, rel=1e-4)
     assert exact <= aware * (1 + 1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# LoRC: block-Krylov top eigenpairs (the fast path for large Gram matrices) against the full eigh
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def krylov_runs(monkeypatch):
+    """Use the block-Krylov path at test sizes (the library uses it only from n = 4096, too slow for CPU tests),
+    with room for the flat spectra of small random matrices; returns the list of its results, so a test can
+    check that it really ran and converged (or fell back)."""
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 512)
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.7)
+    runs = []
+    solver = lorc_mod.top_eigenpairs_krylov
+
+    def spy(*args, **kwargs):
+        runs.append(solver(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", spy)
+    return runs
+
+
+def eigh_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: top_singular_factors on its full-eigh path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lorc_mod, "_KRYLOV_MIN_N", 10**9)
+        return lorc_mod.top_singular_factors(E, rank)
+
+
+def assert_same_truncation(E: torch.Tensor, fast, ref, rank: int, rel: float = 1e-9) -> None:
+    """Same Frobenius error and same singular values (float64 SVD) as the full-eigh path."""
+    (u, v), (u0, v0) = fast, ref
+    err, err0 = float((E - u @ v).norm()), float((E - u0 @ v0).norm())
+    assert err == pytest.approx(err0, rel=rel)
+    sigma = torch.linalg.svdvals(E)[:rank]
+    torch.testing.assert_close(u.norm(dim=0) * v.norm(dim=1), sigma, rtol=rel, atol=rel * float(sigma[0]))
+
+
+def quant_error(out_f: int, in_f: int, seed: int) -> torch.Tensor:
+    """E = W - Q(W), int4 g128, of a random layer with a few outlier input channels: a flat spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=gen) * 0.02
+    W[:, torch.randperm(in_f, generator=gen)[: in_f // 256]] *= 20
+    return (W - fake_quantize(W, QuantSpec(4, True, 128))).double()
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    # int4 g128 needs in_features divisible by 128
+    [("gaussian", (1100, 1500)), ("gaussian", (2048, 1030)),
+     ("quant_error", (1100, 1536)), ("quant_error", (2048, 1024))],
+)
+def test_lorc_krylov_matches_eigh(krylov_runs, kind, shape):
+    rank = 8
+    if kind == "gaussian":
+        E = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    else:
+        E = quant_error(*shape, seed=6)
+    fast = lorc_mod.top_singular_factors(E, rank)
+    assert len(krylov_runs) == 1 and krylov_runs[0].converged
+    assert krylov_runs[0].dim < 0.7 * min(shape)
+    assert_same_truncation(E, fast, eigh_factors(E, rank), rank)
+    # reproducible (seeded start block), sign convention kept
+    again = lorc_mod.top_singular_factors(E, rank)
+    assert torch.equal(fast[0], again[0]) and torch.equal(fast[1], again[1])
+    side = fast[1].t() if shape[0] >= shape[1] else fast[0]
+    assert (side.gather(0, side.abs().argmax(dim=0, keepdim=True)) > 0).all()
+
+
+def test_lorc_krylov_separated_spectrum_gives_eigh_factors(krylov_runs):
+    # Well-separated top singular values: the factors themselves, not only their product, equal the eigh path's.
+    gen = torch.Generator().manual_seed(7)
+    m, n, rank = 1100, 1500, 6
+    U, _ = torch.linalg.qr(torch.randn(m, rank, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))
+    s = torch.tensor([8.0, 6.0, 4.5, 3.5, 2.5, 2.0], dtype=torch.float64)
+    E = (U * s) @ V.t() + 1e-2 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    (u, v), (u0, v0) = lorc_mod.top_singular_factors(E, rank), eigh_factors(E, rank)
+    assert krylov_runs[0].converged
+    torch.testing.assert_close(u, u0, rtol=0, atol=1e-8 * float(u0.abs().max()))
+    torch.testing.assert_close(v, v0, rtol=0, atol=1e-8 * float(v0.abs().max()))
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_lorc_krylov_repeated_singular_values(krylov_runs, rank):
+    # Top singular values 3, 3, 3, 2, 2 exactly, over a flat tail: ranks 2 and 4 cut through a cluster, where the
+    # truncation is not unique but its error and singular values are.
+    gen = torch.Generator().manual_seed(8)
+    m, n = 1030, 1100
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    s = torch.cat([torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0], dtype=torch.float64),
+                   torch.linspace(1.0, 0.1, m - 5, dtype=torch.float64)])
+    E = (U * s) @ V.t()
+    fast = lorc_mod.top_singular_factors(E, rank)
+    assert krylov_runs[0].converged
+    assert_same_truncation(E, fast, eigh_factors(E, rank), rank)
+
+
+@pytest.mark.parametrize("shape", [(1030, 1100), (1100, 1030)])
+def test_lorc_krylov_zero_and_rank_deficient(krylov_runs, shape):
+    # Zero error: zero factors, exactly.
+    u, v = lorc_mod.top_singular_factors(torch.zeros(*shape, dtype=torch.float64), 8)
+    assert krylov_runs[-1].converged
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(v, torch.zeros_like(v))
+    # Rank 3 asked for rank 8: recovered exactly, the five extra directions carry nothing.
+    gen = torch.Generator().manual_seed(9)
+    E = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(3, shape[1], generator=gen,
+                                                                                    dtype=torch.float64)
+    u, v = lorc_mod.top_singular_factors(E, 8)
+    assert krylov_runs[-1].converged
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    torch.testing.assert_close(u @ v, E, rtol=0, atol=1e-9 * float(E.abs().max()))
+    assert float((u[:, 3:] @ v[3:]).abs().max()) <= 1e-9 * float(E.abs().max())
+    u0, v0 = eigh_factors(E, 8)
+    torch.testing.assert_close(u[:, :3] @ v[:3], u0[:, :3] @ v0[:3], rtol=0, atol=1e-9 * float(E.abs().max()))
+
+
+def test_lorc_krylov_falls_back_to_eigh_when_not_converged(krylov_runs, monkeypatch):
+    # A space capped at one block cannot converge on a flat spectrum: the full eigh's answer, bit for bit.
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.03)
+    E = quant_error(1100, 1536, seed=10)
+    u, v = lorc_mod.top_singular_factors(E, 8)
+    assert len(krylov_runs) == 1 and not krylov_runs[0].converged
+    u0, v0 = eigh_factors(E, 8)
+    assert torch.equal(u, u0) and torch.equal(v, v0)
+
+
+def test_lorc_krylov_not_used_for_small_matrices(monkeypatch):
+    # Below _KRYLOV_MIN_N (and for ranks too large next to n) the exact eigh path runs, untouched.
+    calls = []
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", lambda *a, **k: calls.append(a))
+    lorc_factors(torch.randn(300, 500), 8)
+    assert lorc_mod._KRYLOV_MIN_N >= 2048 and calls == []
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 256)
+    lorc_factors(torch.randn(300, 500), 70)  # 4 * 70 + 16 > 300 / 4
+    assert calls == []
 
 
 # --------------------------------------------------------------------------------------
