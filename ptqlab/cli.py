@@ -211,6 +211,9 @@ def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     given += [flag for flag, value in (("--save", a.save), ("--overwrite", a.overwrite)) if value]
     if given:
         raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
+    if a.speed:
+        raise ValueError(f"--speed times a run's model in memory; a saved folder ({a.model}) is not timed yet: "
+                         f"drop --speed, or time the run that saves it (ptqlab run ... --kernel real --speed)")
     if a.tasks:
         from .tasks import check_tasks
 

@@ -77,6 +77,14 @@ def test_cli_run_with_speed_on_a_cpu_fails_before_loading(capsys, monkeypatch):
     assert "Traceback" not in err
 
 
+def test_speed_on_a_saved_folder_is_refused(tmp_path, capsys, monkeypatch):
+    import ptqlab.export
+
+    monkeypatch.setattr(ptqlab.export, "format_of", lambda path: "compressed-tensors")  # a saved folder
+    err = _cli_error(["run", "--model", str(tmp_path), "--speed", "--device", "cpu"], capsys)
+    assert "--speed times a run's model in memory; a saved folder" in err
+
+
 def test_study_with_speed_on_a_cpu_queues_nothing(tmp_path, capsys):
     db = tmp_path / "s.db"
     err = _cli_error(["study", "--grid", "method=rtn wbits=4", "--model", "testbed-opt", "--set", "eval=heldout",
