@@ -222,10 +222,13 @@ def decode_read_bytes(model: nn.Module) -> int:
         total += t.numel() * t.element_size()
 
     for m in model.modules():
-        if isinstance(m, RealLinear):
+        if isinstance(m, RealLinear) and m.scheme in read_set:
             for name in read_set[m.scheme]:
                 add(getattr(m, name))
             for t in (m.bias, m.lorc_u, m.lorc_v):
+                add(t)
+        elif isinstance(m, RealLinear):  # a backend without a known read set (gemlite): all it holds
+            for t in _own_tensors(m):
                 add(t)
         else:
             for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
@@ -235,15 +238,26 @@ def decode_read_bytes(model: nn.Module) -> int:
     return total
 
 
+def _own_tensors(m: nn.Module) -> list[torch.Tensor]:
+    """A module's own tensors: parameters, buffers, plain tensor attributes (packed weights), and the tensor
+    attributes of a plain object it holds (a kernel library's packed layer)."""
+    out = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+    for v in vars(m).values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif not isinstance(v, nn.Module) and hasattr(v, "__dict__") and not isinstance(v, type):
+            out += [t for t in vars(v).values() if isinstance(t, torch.Tensor)]
+    return out
+
+
 def resident_bytes(model: nn.Module, device: torch.device) -> int:
     """Bytes of every tensor the model holds on ``device`` (parameters, buffers and plain tensor attributes such
-    as the real kernels' packed weights), each storage counted once: the model's memory there."""
+    as the real kernels' packed weights, :func:`_own_tensors`), each storage counted once: its memory there.
+    The layers a real kernel replaced, kept for the session's restore, are not in the module tree: not counted."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        tensors = [*m.parameters(recurse=False), *m.buffers(recurse=False),
-                   *(v for v in vars(m).values() if isinstance(v, torch.Tensor))]
-        for t in tensors:
+        for t in _own_tensors(m):
             if t.device != device:
                 continue
             storage = t.untyped_storage()

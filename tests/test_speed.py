@@ -123,6 +123,15 @@ def test_byte_counts_count_each_storage_once():
     assert decode_read_bytes(model) == expected
     assert resident_bytes(model, torch.device("meta")) == 0  # only what is on that device
 
+    class Packed:  # what a kernel library's layer object holds (gemlite): tensors in a plain object
+        def __init__(self) -> None:
+            self.w = torch.zeros(10, dtype=torch.int32)
+
+    layer = model.model.decoder.layers[0].fc1
+    layer.packed_w = torch.zeros(7, dtype=torch.uint8)  # a plain tensor attribute (real kernels' packed weights)
+    layer.lib = Packed()
+    assert resident_bytes(model, torch.device("cpu")) == expected + 7 + 40
+
 
 def test_measure_speed_refuses_a_model_off_the_gpu():
     with pytest.raises(SpeedError, match="needs the model on a CUDA device"):
