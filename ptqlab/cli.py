@@ -74,8 +74,15 @@ def _default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# the ``--speed`` figures the run table shows: record key -> column
+SPEED_COLUMNS = {"decode_tok_s_b1": ("decode tok/s b1", ".0f"), "decode_tok_s_b16": ("decode tok/s b16", ".0f"),
+                 "prefill_tok_s": ("prefill tok/s", ".0f"), "decode_peak_gpu_gib": ("decode peak GiB", ".3f"),
+                 "weight_bytes": ("weight MiB", "mib")}
+
+
 def print_table(records: list[dict], file=None) -> None:
-    """Runs x (bits/w, PPL per dataset, KL divergence per dataset where measured, task accuracies, time)."""
+    """Runs x (bits/w, PPL per dataset, KL divergence per dataset where measured, task accuracies, speed where
+    measured, time)."""
     file = file or sys.stdout
     datasets = sorted({d for r in records for d in r["ppl"]})
     kld = sorted({d for r in records for d in r.get("kld", {})})
@@ -86,10 +93,18 @@ def print_table(records: list[dict], file=None) -> None:
         metric = next((m for m in ("acc", "acc_norm", "exact_match") if values.get(m) is not None), None)
         return "n/a" if metric is None else f"{values[metric]:.3f}"
 
-    header = ["run", "bits/w", *datasets, *[f"KLD {d}" for d in kld], *tasks, "time s"]
+    speed = [k for k in SPEED_COLUMNS if any(k in r.get("speed", {}) for r in records)]
+
+    def speed_value(r: dict, k: str) -> str:
+        v, fmt = r.get("speed", {}).get(k), SPEED_COLUMNS[k][1]
+        return "" if v is None else f"{v / 2**20:.1f}" if fmt == "mib" else f"{v:{fmt}}"
+
+    header = ["run", "bits/w", *datasets, *[f"KLD {d}" for d in kld], *tasks, *[SPEED_COLUMNS[k][0] for k in speed],
+              "time s"]
     rows = [[r["name"], f"{r['bits_per_weight']:.2f}", *[f"{r['ppl'].get(d, float('nan')):.3f}" for d in datasets],
              *[f"{r['kld'][d]['mean']:.4f}" if d in r.get("kld", {}) else "" for d in kld],
-             *[task_value(r, t) for t in tasks], f"{r['time_s']:.1f}"] for r in records]
+             *[task_value(r, t) for t in tasks], *[speed_value(r, k) for k in speed], f"{r['time_s']:.1f}"]
+            for r in records]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)), file=file)
@@ -196,6 +211,9 @@ def _run_saved(a: argparse.Namespace, device: str, sink: RecordSink) -> int:
     given += [flag for flag, value in (("--save", a.save), ("--overwrite", a.overwrite)) if value]
     if given:
         raise ValueError(f"{a.model} is already quantized and is evaluated as saved: drop {', '.join(given)}")
+    if a.speed:
+        raise ValueError(f"--speed times a run's model in memory; a saved folder ({a.model}) is not timed yet: "
+                         f"drop --speed, or time the run that saves it (ptqlab run ... --kernel real --speed)")
     if a.tasks:
         from .tasks import check_tasks
 

@@ -205,6 +205,7 @@ class RunSpec:
     num_fewshot: int | None = None  # None: each task's default
     limit: int | None = None  # documents per task (None: all)
     tasks_dir: str | None = None  # folder of task YAMLs (lm-eval include_path)
+    speed: bool = False  # also time decode and prefill on the GPU (ptqlab.speed; --kernel real, or an FP16 run)
 
     def __post_init__(self) -> None:
         for name in ("eval", "metrics", "tasks"):
@@ -408,6 +409,10 @@ def _has_tasks(spec: RunSpec) -> bool:
     return bool(spec.tasks)
 
 
+def _speed(spec: RunSpec) -> bool:
+    return spec.speed  # off is left out of the flat form: old study keys stay valid
+
+
 def _transform(v: object) -> str:
     if v not in TRANSFORMS:
         raise ValueError(f"must be one of {', '.join(TRANSFORMS)}")
@@ -563,6 +568,9 @@ OPTIONS: dict[str, Option] = {o.key: o for o in [
     Option("tasks_dir", "tasks_dir", _tasks_dir, "folder of task YAMLs (lm-eval include_path) whose dataset "
            "files are local; relative data_files paths are read from this folder", _has_tasks, group="evaluation",
            unset="lm-eval's own tasks only"),
+    Option("speed", "speed", _bool, "also measure speed on the GPU: greedy decode tokens/s at batch 1 and 16 "
+           "(CUDA graph), prefill tokens/s, peak decode memory and the model's bytes (needs --kernel real, except "
+           "on an FP16 run; OPT models)", _speed, group="evaluation"),
 ]}
 def _add_option_set(entry: OptionSet) -> None:
     """Rows for the fields of a registered option set (methods' and transforms' own options), inserted before

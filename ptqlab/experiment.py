@@ -235,7 +235,30 @@ def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, k
         raise ValueError(f"--kernel real needs the model on a CUDA device (got {device}"
                          f"{', offloaded evaluation' if offload else ''}); use --kernel fake or auto. Real kernels "
                          f"exist for: {available_kernels()}")
+    check_speed(spec, device, kernel, offload)
     check_save(spec, save, overwrite, kernel)
+
+
+def check_speed(spec: RunSpec, device: str, kernel: str = "fake", offload: bool | None = None,
+                hf_config=None) -> None:
+    """``--speed`` times the model on a GPU as it runs: the real low-bit kernels (an FP16 run as it is), the
+    whole model on the device, of a family with a static-cache decoder (``hf_config``: checked when given)."""
+    if not spec.speed:
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"--speed times decoding on a CUDA GPU (got --device {device}); drop --speed, or run on "
+                         f"a GPU")
+    quantizes = spec.config.weight.enabled or spec.config.act.enabled
+    if quantizes and kernel != "real":
+        raise ValueError(f"--speed times the real low-bit kernels: {spec.config.name()} needs --kernel real (got "
+                         f"--kernel {kernel}; fake quantization runs fp16 matmuls, its speed says nothing about the "
+                         f"scheme). Only an unquantized run (--method fp16) is timed without it")
+    if offload:
+        raise ValueError("--speed times the whole model on the GPU: drop --offload")
+    if hf_config is not None:
+        from .speed import check_speed_model
+
+        check_speed_model(hf_config.model_type, spec.model)
 
 
 def _check_sizes(spec: RunSpec, hf_config, device: str, calib_offload: bool) -> tuple[int, int]:
@@ -278,6 +301,7 @@ def check_run(spec: RunSpec, device: str, data_dir: str | None = None, eval_batc
     model's name and config (window lengths, calibration memory) and that its texts can be read."""
     check_execution(spec, device, eval_batch, kernel, save, overwrite, offload, calib_batch)
     hf_config = model_config(spec.model)
+    check_speed(spec, device, kernel, offload, hf_config)
     check_transform(spec, hf_config, save)
     _check_sizes(spec, hf_config, device, calib_offload)
     if spec.tasks:
@@ -322,6 +346,10 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         raise ValueError(f"run spec is for {spec.model} ({spec.dtype}) but the session holds {session.name} "
                          f"({session.dtype})")
     seqlen, calib_seqlen = _check_sizes(spec, session.model.config, session.device, session.calib_offload)
+    check_speed(spec, session.device, kernel, session.offload, session.model.config)
+    if spec.speed and session.offload is None and not fits_on_device(session.model, session.device):
+        raise ValueError(f"--speed times the whole model on the GPU, and {spec.model} does not fit on "
+                         f"{session.device} (it would be evaluated offloaded); drop --speed")
 
     # calibration first: a text that cannot calibrate fails before the evaluation splits are tokenized
     calib_windows, calib_source = None, None
@@ -383,25 +411,35 @@ def run(spec: RunSpec, session: ModelSession | None = None, device: str = "cpu",
         tasks = evaluate_tasks(model, session.tokenizer, spec.tasks, spec.num_fewshot, spec.limit, spec.tasks_dir,
                                progress=progress)
         tasks_time = time.perf_counter() - t0
+    speed, speed_time, gpu_peak = None, 0.0, 0
+    if spec.speed:  # after the evaluation: the same model, kernels and device
+        from .speed import measure_speed
+
+        gpu_peak = torch.cuda.max_memory_allocated(session.device)  # measure_speed resets the peak
+        t0 = time.perf_counter()
+        speed = measure_speed(model, max_positions(model.config))
+        speed_time = time.perf_counter() - t0
     if not offload:
         model.to("cpu")
 
     timings = {"quantize": quant_time, "eval": eval_time, **({"kld_reference": reference_time} if references else {}),
-               **({"tasks": tasks_time} if tasks is not None else {})}
+               **({"tasks": tasks_time} if tasks is not None else {}), **({"speed": speed_time} if speed else {})}
     from .export import get_format
 
     return _record(spec, session, report, (ppl, window_nll, kld), tasks or {}, kernels, start, timings,
                    calib_seqlen, seqlen, calib_source, eval_sources, eval_batch, kernel, dist, save,
                    lambda record: get_format(save_format).save(model, session.tokenizer, save, record,
                                                                overwrite=overwrite), model,
-                   with_tasks=tasks is not None)
+                   with_tasks=tasks is not None, speed=speed, gpu_peak=gpu_peak)
 
 
 def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tasks: dict, kernels, start: float,
             timings: dict, calib_seqlen: int, seqlen: int, calib_source: str | None, eval_sources: dict,
             eval_batch: int | None, kernel: str, dist: Distributed, save: str | None, write, model: nn.Module,
-            with_tasks: bool = False, memory: dict | None = None) -> dict:
-    """The run's JSON-ready record, and its saved folder written (``write(record)``) where ``save`` asks."""
+            with_tasks: bool = False, memory: dict | None = None, speed: dict | None = None,
+            gpu_peak: int = 0) -> dict:
+    """The run's JSON-ready record, and its saved folder written (``write(record)``) where ``save`` asks.
+    ``speed``: :func:`ptqlab.speed.measure_speed`'s figures; ``gpu_peak``: the peak GPU bytes before a reset."""
     ppl, window_nll, kld = evaluation
     config = spec.to_flat()
     config["seqlen"] = seqlen
@@ -415,6 +453,7 @@ def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tas
         "ppl": ppl,
         **({"kld": kld} if kld else {}),
         **({"tasks": tasks} if with_tasks else {}),
+        **({"speed": speed} if speed else {}),
         "window_nll": window_nll,
         "bits_per_weight": report.bits_per_weight,
         "stored_bits_per_weight": stored_bits_per_weight(model),
@@ -431,7 +470,7 @@ def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tas
                       **({"world_size": dist.world_size, "backend": dist.backend} if dist.active else {})},
         # peak memory so far (not saved in a checkpoint's config.json: it differs between two runs of one command)
         "memory": {"peak_host_rss_gib": round(peak_host_rss_gib(), 3), **(memory or {}),
-                   **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+                   **({"peak_gpu_gib": round(max(gpu_peak, torch.cuda.max_memory_allocated()) / 2**30, 3)}
                       if session.device.startswith("cuda") else {})},
     }
     if save:

@@ -49,6 +49,7 @@ def check_stream(spec, save: str | None, kernel: str = "fake", save_format: str 
                                                  f"before the first is quantized)"),
                ("kld" in spec.metrics, "--metrics kld (its reference is a pass of the whole unquantized model)"),
                (bool(spec.tasks), "--tasks (lm-eval scores the whole model at once)"),
+               (spec.speed, "--speed (the model is never whole on the GPU to be timed)"),
                (kernel != "fake", f"--kernel {kernel} (the blocks are not kept for kernel selection)")]
     for bad, what in refused:
         if bad:

@@ -90,6 +90,7 @@ def test_too_little_disk_is_refused_before_the_first_block(tmp_path, data_dir, m
     ([], "--stream writes each quantized block to the checkpoint as it goes: it needs --save DIR"),
     (["--save", "X", "--metrics", "ppl,kld"], "--stream cannot run with --metrics kld"),
     (["--save", "X", "--save-format", "compressed-tensors", "--kernel", "auto"], "--stream cannot run with --kernel auto"),
+    (["--save", "X", "--speed"], "--stream cannot run with --speed"),
 ])
 def test_stream_refuses_what_it_cannot_do(extra, message, tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("PTQLAB_DATA", str(data_dir))

@@ -22,7 +22,7 @@ def _worker_options(a: argparse.Namespace, db: str):
     from .runner import WorkerOptions
 
     return WorkerOptions(db=db, data_dir=a.data_dir, stale_after=a.stale_after, progress=a.progress,
-                         calib_batch=a.calib_batch, calib_offload=a.calib_offload)
+                         calib_batch=a.calib_batch, calib_offload=a.calib_offload, kernel=a.kernel)
 
 
 def _queue_runner(a: argparse.Namespace) -> Callable[[str], int]:
@@ -70,6 +70,24 @@ def check_plan_data(specs: list[dict], data_dir: str | None) -> None:
             check_tasks(tasks, tasks_dir)
 
 
+def check_plan_execution(specs: list[dict], a: argparse.Namespace) -> None:
+    """Every run can execute with the study's --kernel and --device (``speed`` runs time the real kernels on a
+    GPU; a ``save`` run saves before kernel selection): checked before the store is touched."""
+    from ..experiment import check_speed
+    from .runner import run_spec
+
+    device = "cuda" if a.executor == "ray" else a.device  # Ray actors get their GPUs from the cluster
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for spec in specs:
+        check_speed(run_spec(spec), device, a.kernel)
+        if spec.get("save") and a.kernel != "fake":
+            raise ValueError(f"--kernel {a.kernel}: the recipe saves models, which are written before kernel "
+                             f"selection; run the saving study with --kernel fake (the default)")
+
+
 def _summary(store, keys: list[str]) -> tuple[dict, list[dict]]:
     counts = store.counts(keys)
     wanted = set(keys)
@@ -112,6 +130,7 @@ def cmd_study(a: argparse.Namespace) -> int:
         with Store(a.db, readonly=True) as store:  # nothing written before the queue can be worked on
             queued = [r["spec"] for r in store.rows() if r["status"] in ("pending", "running")]
         check_plan_data(queued, a.data_dir)
+        check_plan_execution(queued, a)
         if runner is None:
             print(f"study {a.db}: {len(queued)} runs queued")
             return 0
@@ -132,6 +151,7 @@ def cmd_study(a: argparse.Namespace) -> int:
         return 0
     runner = _queue_runner(a)  # before the store is touched: nothing is queued for a study that cannot start
     check_plan_data([r.spec for r in plan.runs], a.data_dir)
+    check_plan_execution([r.spec for r in plan.runs], a)
     keys = [r.key for r in plan.runs]
     with Store(db) as store:
         changed = store.add_runs(plan.runs, force=a.force, retry_failed=a.retry_failed)
@@ -190,6 +210,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     runner = _queue_runner(a)
     runs = plan_sensitivity(a.model, a.granularity, precisions, eval_settings, a.data_dir)
     check_plan_data([r.spec for r in runs], a.data_dir)
+    check_plan_execution([r.spec for r in runs], a)
     print(f"sensitivity of {a.model} per {a.granularity}: {len(runs) - 1} runs + the FP16 baseline")
     with Store(a.db) as store:
         changed = store.add_runs(runs, force=a.force, retry_failed=a.retry_failed)
@@ -238,6 +259,12 @@ def _add_worker_args(p: argparse.ArgumentParser, db_default: str | None = None) 
     g.add_argument("--calib-batch", type=at_least(1, "--calib-batch"), default=8,
                    help=help_with_default("windows per block forward while calibrating", 8))
     g.add_argument("--calib-offload", action="store_true", help="keep calibration hidden states in CPU memory")
+    from ..kernels.real import KERNEL_MODES
+
+    g.add_argument("--kernel", choices=KERNEL_MODES, default="fake",
+                   help=help_with_default("fake: dequantized weights; real: packed low-bit GPU kernels (error where "
+                                          "none exists; runs with speed: true need it); auto: real where a kernel "
+                                          "exists", "fake"))
 
 
 def add_study_commands(sub: argparse._SubParsersAction) -> None:

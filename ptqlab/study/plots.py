@@ -6,6 +6,9 @@
   smaller and better) as a dashed step line, FP16 as a dotted line;
 * ``<model>_ppl_vs_lorc_rank``: mean PPL against the LoRC rank for every
   (method, precision) swept over ranks;
+* ``<model>_ppl_vs_speed``: mean PPL against decode tokens/s (batch 1 and
+  16) and against the model's bytes on the GPU, for runs timed with
+  ``speed: true`` (``--kernel real``), FP16 as a star;
 * ``<model>_sensitivity_<granularity>``: heat map of the PPL degradation
   when only one part is quantized (``ptqlab sensitivity``): blocks x module
   types for ``layer``, precisions x targets for ``module`` and ``block``.
@@ -135,6 +138,44 @@ def plot_ppl_vs_bits(model: str, context: tuple, group: list[Result], out_dir: P
     return _save(fig, out_dir, stem)
 
 
+# the x axes of the speed plot: record key -> (axis label, scale to the shown unit)
+SPEED_AXES = (("decode_tok_s_b1", "decode tokens/s, batch 1", 1.0),
+              ("decode_tok_s_b16", "decode tokens/s, batch 16", 1.0),
+              ("weight_bytes", "model bytes on the GPU (MiB)", 2.0**-20))
+
+
+def plot_ppl_vs_speed(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
+    """Mean PPL against decode tokens/s (batch 1, batch 16) and against the model's memory, one panel each, one
+    point per timed run (``speed: true``), labelled with its precision; the FP16 run as a star."""
+    timed = [r for r in group if r.kind == "quant" and r.done and r.speed]
+    if not timed:
+        return []
+    labels = row_labels([r for r in timed if not r.is_baseline])
+    axes_keys = [a for a in SPEED_AXES if any(a[0] in r.speed for r in timed)]
+    fig = _figure(5.0 * len(axes_keys), 4.2)
+    axes = fig.subplots(1, len(axes_keys), squeeze=False)[0]
+    methods = list(dict.fromkeys(labels.values()))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, (key, xlabel, scale) in zip(axes, axes_keys):
+        for r in timed:
+            if key not in r.speed:
+                continue
+            x, y = r.speed[key] * scale, r.mean_ppl
+            if r.is_baseline:
+                ax.scatter([x], [y], color="k", marker="*", s=90, label="FP16", zorder=4)
+                continue
+            m = labels[id(r)]
+            ax.scatter([x], [y], color=colours[m], marker="o", zorder=3,
+                       label=m if m not in ax.get_legend_handles_labels()[1] else None)
+            ax.annotate(precision_label(r.spec), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean perplexity")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{model}: PPL vs speed and memory ({context_label(context)})", fontsize=10)
+    return _save(fig, out_dir, stem)
+
+
 def plot_ppl_vs_lorc_rank(model: str, context: tuple, group: list[Result], out_dir: Path, stem: str) -> list[Path]:
     quant = [r for r in group if r.kind == "quant" and r.done and not r.is_baseline]
     labels = row_labels(quant)
@@ -237,6 +278,7 @@ def make_plots(results: list[Result], out_dir: str | Path, metric: Metric = PPL)
         what = "ppl" if metric == PPL else re.sub(r"[^A-Za-z0-9]+", "_", metric.name).strip("_").lower()
         paths += plot_ppl_vs_bits(model, context, group, out_dir, stem(f"{what}_vs_bits"), metric)
         paths += plot_ppl_vs_lorc_rank(model, context, group, out_dir, stem("ppl_vs_lorc_rank"))
+        paths += plot_ppl_vs_speed(model, context, group, out_dir, stem("ppl_vs_speed"))
         paths += plot_sensitivity(model, context, group, out_dir, stem("sensitivity"))
     paths += plot_size_trends(results, out_dir)  # nothing unless 2+ sizes of a testbed family
     return paths

@@ -81,7 +81,7 @@ class StudyWorker:
                 time.sleep(self.delay)
             # saved models go to the same path on the node that ran the run (the driver's, on one host)
             return {"record": execute(spec, self.sessions.get(spec), self.opts.progress,
-                                      saved_models_dir(self.opts.db))}
+                                      saved_models_dir(self.opts.db), self.opts.kernel)}
         except ENVIRONMENT_ERRORS as err:
             return {"environment": err}
         except Exception as err:  # noqa: BLE001 - a failed run is recorded by the driver, the study goes on

@@ -72,7 +72,7 @@ class _OptionView(Mapping):
 DEFAULTS: Mapping[str, object] = _OptionView("default")
 # What identifies the evaluation a run is compared under (its baseline shares these).
 EVAL_KEYS = ("seqlen", "eval", "max_eval_windows", "dtype", "metrics", "tasks", "num_fewshot", "limit",
-             "tasks_dir")
+             "tasks_dir", "speed")
 LIST_KEYS = ("eval", "metrics", "tasks")  # one value is a list: never split into an axis by --grid
 TOP_KEYS = ("name", "description", "models", "settings", "axes", "exclude", "save")
 

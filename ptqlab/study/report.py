@@ -240,6 +240,17 @@ class Result:
         return self.row["bits_per_weight"]
 
     @property
+    def speed(self) -> dict:
+        """The ``--speed`` figures (:func:`ptqlab.speed.measure_speed`), empty where the run was not timed."""
+        return (self.row.get("metrics") or {}).get("speed") or {}
+
+    def speedup(self, key: str) -> float | None:
+        """This run's ``speed[key]`` (a rate) over its FP16 baseline's, where both were timed."""
+        base = self.baseline.speed.get(key) if self.baseline is not None else None
+        mine = self.speed.get(key)
+        return mine / base if mine is not None and base else None
+
+    @property
     def context(self) -> tuple:
         return tuple(tuple(v) if isinstance(v := self.spec.get(k), list) else v for k in EVAL_KEYS)
 
@@ -285,7 +296,7 @@ def load_results(db: str) -> list[Result]:
 
 
 def context_label(context: tuple) -> str:
-    seqlen, evals, windows, dtype, metrics, tasks, fewshot, limit, tasks_dir = context
+    seqlen, evals, windows, dtype, metrics, tasks, fewshot, limit, tasks_dir, speed = context
     parts = [f"seqlen {seqlen if seqlen is not None else 'max'}", "eval " + "+".join(evals)]
     if windows is not None:
         parts.append(f"first {windows} windows")
@@ -296,6 +307,8 @@ def context_label(context: tuple) -> str:
     if tasks:
         parts.append("tasks " + "+".join(tasks) + (f" {fewshot}-shot" if fewshot is not None else "")
                      + (f" first {limit}" if limit is not None else ""))
+    if speed:
+        parts.append("timed")
     return ", ".join(parts)
 
 
@@ -337,7 +350,7 @@ class Section:
     rows: list[list[str]]
     level: int = 2
     cells: dict = field(default_factory=dict)  # (row label, column label) -> Result (for tests/tools)
-    kind: str = "quant"  # "model" (heading), "quant", "recommendations", "sensitivity", "failures"
+    kind: str = "quant"  # "model" (heading), "quant", "recommendations", "sensitivity", "speed", "failures"
 
 
 def _signed(x: float) -> str:
@@ -441,6 +454,9 @@ def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAUL
                     f"{model}: {_what(m, datasets)}", [f"{cells_note}; {_class_legend(thresholds, m)}"],
                     ["method", *cols], body, level=3, cells=cells))
             sections.append(recommendations(model, quant, thresholds, top, metric))
+        timed = speed_section(model, [r for r in group if r.kind == "quant"])
+        if timed is not None:
+            sections.append(timed)
         for granularity in sorted({r.granularity for r in sens}):
             part = [r for r in sens if r.granularity == granularity]
             order = {t: i for i, t in enumerate(dict.fromkeys(r.target for r in part))}
@@ -455,6 +471,42 @@ def build_sections(results: list[Result], thresholds: tuple[float, ...] = DEFAUL
                     [f"{cells_note}; {_class_legend(thresholds, m)}"],
                     [granularity, *cols], body, level=3, cells=cells, kind="sensitivity"))
     return sections
+
+
+# the speed table's figures: record key -> (column, format); "x" columns are speedups over the FP16 run
+SPEED_COLUMNS = (("decode_tok_s_b1", "decode tok/s b1", ".0f"), ("decode_tok_s_b1", "x FP16 b1", "x"),
+                 ("decode_tok_s_b16", "decode tok/s b16", ".0f"), ("decode_tok_s_b16", "x FP16 b16", "x"),
+                 ("prefill_tok_s", "prefill tok/s", ".0f"), ("prefill_tok_s", "x FP16 prefill", "x"),
+                 ("weight_bytes", "weight MiB", "mib"), ("decode_peak_gpu_gib", "decode peak GiB", ".3f"))
+
+
+def _speed_cell(r: Result, key: str, fmt: str) -> str:
+    if fmt == "x":
+        x = r.speedup(key)
+        return "" if x is None else f"{x:.2f}x"
+    v = r.speed.get(key)
+    return "" if v is None else f"{v / 2**20:.1f}" if fmt == "mib" else f"{v:{fmt}}"
+
+
+def speed_section(model: str, runs: list[Result]) -> Section | None:
+    """The timed runs (``speed: true``) of one model and context, fewest bits first: mean PPL beside decode and
+    prefill tokens/s, their speedup over the FP16 run, the model's bytes and the peak memory while decoding."""
+    timed = sorted((r for r in runs if r.done and r.speed),
+                   key=lambda r: (not r.is_baseline, r.bits_per_weight or 0, precision_sort_key(r.spec)))
+    if not timed:
+        return None
+    labels = row_labels(timed)
+    rows = [[labels[id(r)], precision_label(r.spec), _fmt(r.bits_per_weight, ".2f"), _fmt(r.mean_ppl),
+             *[_speed_cell(r, key, fmt) for key, _, fmt in SPEED_COLUMNS]] for r in timed]
+    first = timed[0].speed
+    notes = [f"greedy decode of {first.get('new_tokens')} tokens after a {first.get('prompt_tokens')}-token prompt "
+             f"(one CUDA-graph step replayed; median of {first.get('repeats')} repeats), prefill of "
+             f"{first.get('prefill_tokens')} tokens; weight MiB: the bytes of the model's tensors on the GPU; "
+             + ("x FP16: over the FP16 run of this model" if any(r.is_baseline for r in timed)
+                else "no timed FP16 run: no speedups")]
+    return Section(f"{model}: speed", notes, ["method", "precision", "bits/w", "mean PPL",
+                                              *[c for _, c, _ in SPEED_COLUMNS]], rows, level=3,
+                   cells={(labels[id(r)], precision_label(r.spec)): r for r in timed}, kind="speed")
 
 
 def _storage_order(metric: Metric):
@@ -573,6 +625,8 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
     task_cols = sorted({(t, m) for r in results for t, v in ((r.row.get("metrics") or {}).get("tasks") or {}).items()
                         for m in v})
     header += [f"kld_{d}" for d in kld_sets] + [f"{t}_{m}" for t, m in task_cols]
+    speed_keys = [k for k in dict.fromkeys(k for k, _, _ in SPEED_COLUMNS) if any(k in r.speed for r in results)]
+    header += speed_keys + [f"speedup_{k}" for k in speed_keys if "tok_s" in k]
     if metric != PPL:
         header += ["metric", "metric_value", "metric_degradation", "metric_class", "metric_flagged"]
     header += ["seqlen", "eval", "max_eval_windows", "dtype", "run_hash", "record_hash", "worker", "attempts",
@@ -602,6 +656,8 @@ def render_csv(results: list[Result], thresholds: tuple[float, ...] = DEFAULT_TH
         recorded = r.row.get("metrics") or {}
         line += [num(((recorded.get("kld") or {}).get(d) or {}).get("mean")) for d in kld_sets]
         line += [num(((recorded.get("tasks") or {}).get(t) or {}).get(m)) for t, m in task_cols]
+        line += [num(r.speed.get(k)) for k in speed_keys] + [num(r.speedup(k)) for k in speed_keys
+                                                             if "tok_s" in k]
         if metric != PPL:
             md = metric.degradation(r)
             line += [metric.delta_name, num(metric.value(r)), num(md),

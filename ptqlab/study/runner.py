@@ -64,6 +64,7 @@ class WorkerOptions:
     parent_pid: int | None = None  # spawned workers stop after their run when this process is gone
     calib_batch: int = 8  # windows per block forward while calibrating (memory, not results)
     calib_offload: bool = False  # calibration hidden states in CPU memory
+    kernel: str = "fake"  # fake, real or auto (ptqlab.kernels.real): what the runs evaluate (and --speed times) with
 
 
 def run_spec(spec: dict):
@@ -85,9 +86,11 @@ def saved_model_path(models_dir: Path, spec: dict) -> Path:
     return models_dir / f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', label)}-{config_hash(spec)[:8]}"
 
 
-def execute(spec: dict, session, progress: bool = False, models_dir: Path | None = None) -> dict:
+def execute(spec: dict, session, progress: bool = False, models_dir: Path | None = None,
+            kernel: str = "fake") -> dict:
     """Run one planned run dict on ``session``; returns the record (sensitivity runs are ordinary runs
-    with a layer filter). A ``save: true`` run also writes its quantized model under ``models_dir``."""
+    with a layer filter). A ``save: true`` run also writes its quantized model under ``models_dir``;
+    ``kernel``: the kernel mode it is evaluated (and timed, with ``speed``) with."""
     from ..experiment import run
 
     save = None
@@ -96,7 +99,7 @@ def execute(spec: dict, session, progress: bool = False, models_dir: Path | None
         if save.exists():  # a finished save of this very run (--force recomputes it): replaced, not mixed
             shutil.rmtree(save)
         save.parent.mkdir(parents=True, exist_ok=True)
-    return run(run_spec(spec), session, progress=progress, save=str(save) if save else None)
+    return run(run_spec(spec), session, progress=progress, save=str(save) if save else None, kernel=kernel)
 
 
 class SessionCache:
@@ -207,7 +210,8 @@ def work(opts: WorkerOptions) -> dict[str, int]:
                 t0 = time.perf_counter()
                 if delay:
                     time.sleep(delay)
-                record = execute(claim.spec, sessions.get(claim.spec), opts.progress, saved_models_dir(opts.db))
+                record = execute(claim.spec, sessions.get(claim.spec), opts.progress, saved_models_dir(opts.db),
+                                 opts.kernel)
                 finished = store.finish(claim, record)
             except ENVIRONMENT_ERRORS as err:
                 # the model or the data is not there: not the run's fault; give it back and stop

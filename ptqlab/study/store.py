@@ -12,8 +12,9 @@ Tables
     (``record["config_hash"]``), ``ppl_json``, ``mean_ppl``,
     ``bits_per_weight``, ``timings_json``, ``versions_json``,
     ``data_sources_json``, ``layers_json``, ``metrics_json`` (the record's
-    ``kld``, ``tasks`` and ``window_nll``; a column added to schema 1 in
-    place, databases without it read as having none); ``started_at`` /
+    ``kld``, ``tasks``, ``window_nll`` and ``speed``, the ``--speed``
+    figures; a column added to schema 1 in place, databases without it
+    read as having none); ``started_at`` /
     ``finished_at`` are Unix times.
 ``ppl``
     The normalised perplexities: ``(run_hash, dataset, ppl)``.
@@ -49,7 +50,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
-RECORD_METRICS = ("kld", "tasks", "window_nll")  # what metrics_json keeps of a record
+RECORD_METRICS = ("kld", "tasks", "window_nll", "speed")  # what metrics_json keeps of a record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
