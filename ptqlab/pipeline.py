@@ -34,7 +34,6 @@ from .config import QuantConfig
 from .distributed import SINGLE, Distributed
 from .hessian import HessianCollector
 from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
-from .methods.zeroquant import local_objective
 from .models import FamilyMapping, ModelAdapter, QuantLinear, family_mapping, get_adapter, wrap_linears
 from .transforms import BlockContext, ModelContext, check_transform_model, get_transform
 from .quantizers import FULL_PRECISION_BITS, QuantizationError, QuantSpec, storage_bits_per_weight, weight_qparams
@@ -42,7 +41,14 @@ from .quantizers import FULL_PRECISION_BITS, QuantizationError, QuantSpec, stora
 
 @dataclass
 class QuantReport:
-    """What a quantization run did: per-layer errors, timings per phase and storage cost."""
+    """What a quantization run did: per-layer errors, timings per phase and storage cost.
+
+    ``timings`` covers the whole :func:`quantize_model` call: its phases sum to the call's wall time. Besides
+    the work phases (capture, hessian, solve, lorc, propagate, ...) there are ``move`` (blocks to the device
+    and back), ``stream`` (a streamed block read and written), ``setup`` (wrapping linears, keeping the
+    original weights, finishing the Hessians), ``log`` (the per-layer error log), ``finish`` (LM head, bits
+    per weight) and ``other``: whatever no phase names (Python between phases), so an unexplained gap shows.
+    """
 
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -62,7 +68,14 @@ class BlockStream(Protocol):
     def done(self, index: int, block: nn.Module) -> None: ...
 
 
+OTHER_PHASE = "other"
+
+
 class _Timer:
+    """Adds a ``with`` block's wall time to a phase; on CUDA it waits for the block's kernels, so asynchronous
+    work is charged to the phase that launched it (every stretch of the pipeline is in some phase, so the queue
+    is empty when the next one starts)."""
+
     def __init__(self, report: QuantReport, phase: str, device: torch.device) -> None:
         self.report, self.phase, self.device = report, phase, device
 
@@ -75,12 +88,12 @@ class _Timer:
         self.report.add_time(self.phase, time.perf_counter() - self.start)
 
 
-def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
-    """``||XW^T - XQ^T||^2 / ||XW^T||^2`` from the Hessian."""
-    w, wq = w.float(), wq.float()
-    num = local_objective(w, wq, H)
+def _output_error_ratio(w: torch.Tensor, diff: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``||XW^T - XQ^T||^2 / ||XW^T||^2`` from the Hessian, float32 ``w`` and ``diff = w - wq`` (as a 0-d
+    tensor; the numerator is :func:`~ptqlab.methods.zeroquant.local_objective`, which forms ``w - wq`` itself)."""
+    num = (diff @ H * diff).sum() / 2
     den = (w @ H * w).sum() / 2
-    return float(num / den.clamp(min=1e-30))
+    return num / den.clamp(min=1e-30)
 
 
 def _solve_group(names: list[str], originals: dict[str, torch.Tensor], config: QuantConfig, H: torch.Tensor | None,
@@ -110,13 +123,20 @@ def _lorc(layer: QuantLinear, original: torch.Tensor, config: QuantConfig,
 
 
 def _log_layer(layer: QuantLinear, original: torch.Tensor, H: torch.Tensor | None, report: QuantReport) -> None:
-    """The per-layer error log entry of a finished layer."""
+    """The per-layer error log entry of a finished layer.
+
+    The float32 weights and their difference are made once and both errors read them, with one device
+    sync for the pair."""
     entry = {"layer": layer.name, "out": layer.out_features, "in": layer.in_features}
+    w = original.float()
+    diff = w - layer.effective_weight().float()
+    errors = [diff.norm() / w.norm().clamp(min=1e-30)]
     if H is not None:
-        entry["rel_output_error"] = _relative_output_error(original, layer.effective_weight(), H)
-    entry["rel_weight_error"] = float(
-        (original.float() - layer.effective_weight().float()).norm() / original.float().norm().clamp(min=1e-30)
-    )
+        errors.append(_output_error_ratio(w, diff, H))
+    values = torch.stack(errors).tolist()
+    if H is not None:
+        entry["rel_output_error"] = values[1]
+    entry["rel_weight_error"] = values[0]
     report.layers.append(entry)
 
 
@@ -177,9 +197,10 @@ def _quantize_block(
                            lambda: run_block(block, hidden, inputs, out=torch.empty_like(hidden)), device)
         with _Timer(report, "transform", device):
             report.layers.append(transform.prepare_block(ctx))
-    linears = wrap_linears(block, prefix=f"blocks.{index}.", select=lambda name: config.layers.selects(index, name))
-    for layer in linears.values():
-        layer.act_spec = config.act
+    with _Timer(report, "setup", device):
+        linears = wrap_linears(block, prefix=f"blocks.{index}.", select=lambda name: config.layers.selects(index, name))
+        for layer in linears.values():
+            layer.act_spec = config.act
     collector = None
     targets = None
     if hidden is not None and linears:
@@ -197,12 +218,13 @@ def _quantize_block(
         if dist.active:  # its own phase, so one process's timings keep their keys
             with _Timer(report, "communicate", device):
                 dist.reduce_hessians(collector.sums, collector.tokens)
-    groups = collector.groups() if collector else {n: [n] for n in linears}
-    originals = {n: layer.weight.data.clone() for n, layer in linears.items()}  # for LoRC and the error log
-    hessians: dict[str, torch.Tensor | None] = {}
-    for owner, names in groups.items():
-        H = collector.hessian(owner) if collector else None
-        hessians.update({n: H for n in names})
+    with _Timer(report, "setup", device):
+        groups = collector.groups() if collector else {n: [n] for n in linears}
+        originals = {n: layer.weight.data.clone() for n, layer in linears.items()}  # for LoRC and the error log
+        hessians: dict[str, torch.Tensor | None] = {}
+        for owner, names in groups.items():
+            H = collector.hessian(owner) if collector else None
+            hessians.update({n: H for n in names})
     if method.solve_layer is not None and config.weight.enabled:
         labels = {o: "+".join(linears[n].name for n in names) for o, names in groups.items()}
         # in one process: each group solved and applied in turn; distributed: dealt across the ranks
@@ -211,27 +233,29 @@ def _quantize_block(
                                                                     labels[o]),
                                lambda o, result: _apply_group(groups[o], linears, result))
     if method.solve_block is not None and linears:
-        fp32_inputs = block_inputs_as(inputs, torch.float32)
-        problem = BlockProblem(block, linears, config, lambda b, x: run_block(b, x, fp32_inputs), hidden, targets,
-                               f"blocks.{index}")
         with _Timer(report, "solve", device):
+            fp32_inputs = block_inputs_as(inputs, torch.float32)
+            problem = BlockProblem(block, linears, config, lambda b, x: run_block(b, x, fp32_inputs), hidden,
+                                   targets, f"blocks.{index}")
             qparams, log = method.solve_block(problem)
-        for name, (scale, zero) in qparams.items():
-            linears[name].set_weight_qparams(scale, zero)
-        report.layers.append(log)
-        del targets, problem
-    for layer in linears.values():
-        layer.weight_spec = config.weight
-        if config.weight.enabled and layer.weight_scale is None:
-            raise QuantizationError(f"{layer.name}: method '{config.method}' quantized the weight but reported no "
-                                    f"scale/zero point; its integer codes cannot be recovered to save the model")
+            for name, (scale, zero) in qparams.items():
+                linears[name].set_weight_qparams(scale, zero)
+            report.layers.append(log)
+            del targets, problem
+    with _Timer(report, "setup", device):
+        for layer in linears.values():
+            layer.weight_spec = config.weight
+            if config.weight.enabled and layer.weight_scale is None:
+                raise QuantizationError(f"{layer.name}: method '{config.method}' quantized the weight but reported "
+                                        f"no scale/zero point; its integer codes cannot be recovered to save the model")
     if config.lorc_rank:
         with _Timer(report, "lorc", device):
             dist.solve_in_turn(list(linears), lambda n: _lorc(linears[n], originals[n], config, hessians[n]),
                                lambda n, uv: linears[n].set_lorc(*uv))
-    for name, layer in linears.items():
-        _log_layer(layer, originals[name], hessians[name], report)
-    del hessians, originals
+    with _Timer(report, "log", device):
+        for name, layer in linears.items():
+            _log_layer(layer, originals[name], hessians[name], report)
+        del hessians, originals
     if hidden is not None:
         with _Timer(report, "propagate", device):
             run_block(block, hidden, inputs, out=hidden)
@@ -266,6 +290,7 @@ def quantize_model(
     this rank's windows). ``blocks``: where the blocks come from and go to when the model is streamed from
     its checkpoint (:mod:`ptqlab.streaming`); by default they are in the model, in host memory.
     """
+    start = time.perf_counter()
     device = torch.device(device)
     adapter = get_adapter(model)
     report = QuantReport()
@@ -295,14 +320,19 @@ def quantize_model(
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
             if blocks is not None:
-                blocks.load(index, block)
-            block.to(device)
+                with _Timer(report, "stream", device):
+                    blocks.load(index, block)
+            with _Timer(report, "move", device):
+                block.to(device)
             _quantize_block(index, block, config, hidden, inputs, report, device, mapping, dist)
-            block.to("cpu")
+            with _Timer(report, "move", device):
+                block.to("cpu")
             if blocks is not None:
-                blocks.done(index, block)
+                with _Timer(report, "stream", device):
+                    blocks.done(index, block)
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                with _Timer(report, "move", device):
+                    torch.cuda.empty_cache()
     except torch.OutOfMemoryError as e:
         n = 0 if calibration is None else calibration.numel()
         raise torch.OutOfMemoryError(
@@ -312,9 +342,12 @@ def quantize_model(
             f"or lower --nsamples. ({e})"
         ) from e
 
-    if config.quantize_head and config.weight.enabled:
-        _quantize_head(model, adapter, config)
-    report.bits_per_weight = model_bits_per_weight(model, config.lorc_bits)
+    with _Timer(report, "finish", device):
+        if config.quantize_head and config.weight.enabled:
+            _quantize_head(model, adapter, config)
+        report.bits_per_weight = model_bits_per_weight(model, config.lorc_bits)
+    # what no phase above names (checks, Python between phases): the phases then sum to the call's wall time
+    report.add_time(OTHER_PHASE, max(0.0, time.perf_counter() - start - sum(report.timings.values())))
     return report
 
 

@@ -296,3 +296,38 @@ def test_real_blocks_share_exactly_the_expected_hessians(tiny_models, data_dir):
             collector.close()
             got = {owner: sorted(names) for owner, names in collector.groups().items()}
             assert got == {owner: sorted(names) for owner, names in groups.items()}, (arch, got)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
+def test_non_finite_calibration_input_is_a_clear_error(bad):
+    # checked once from the Hessian diagonals, not per batch: a bad value in any batch and any column is caught
+    # (1e20 is finite but its square overflows the float32 sum)
+    from ptqlab.hessian import HessianCollector
+    from ptqlab.quantizers import QuantizationError
+
+    toy = _TwoInputs(False)
+    collector = HessianCollector(wrap_linears(toy))
+    xs = [torch.randn(2, 5, 16) for _ in range(3)]
+    xs[1][1, 3, 7] = bad
+    with torch.no_grad():
+        for x in xs:
+            toy(x)
+    with pytest.raises(QuantizationError, match=r"^a input: cannot quantize a non-finite value .* input column 7 "):
+        collector.close()
+    assert all(not m._forward_pre_hooks for m in toy.modules())  # the hooks are gone even so
+
+
+def test_phases_cover_the_whole_call(tiny_models, data_dir):
+    import time
+
+    model, tok = load_model(tiny_models["opt"], torch.float32)
+    windows = _windows(tok, data_dir)
+    start = time.perf_counter()
+    report = quantize_(model, QuantConfig(method="gptq", weight=W4G32), windows, batch_size=2)
+    wall = time.perf_counter() - start
+    phases = {"capture", "setup", "hessian", "solve", "log", "propagate", "move", "finish", "other"}
+    assert phases <= set(report.timings)
+    assert all(v >= 0 for v in report.timings.values())
+    # quantize_ adds only argument handling around quantize_model, so the phases account for nearly all of it
+    assert sum(report.timings.values()) <= wall
+    assert sum(report.timings.values()) >= 0.95 * wall - 0.01
