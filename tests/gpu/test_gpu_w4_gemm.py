@@ -108,7 +108,9 @@ def test_split_k_leaves_its_workspace_zero(scheme):
     x = torch.randn(3, layer.in_features, device=DEV, dtype=torch.float16)
     with torch.no_grad():
         first = real(x[:1])
-        assert torch.equal(first, real(x[:1]))  # a second call starts from a clean workspace
+        # a second call starts from a clean workspace: a left-over partial sum would double-count, far beyond this
+        # bound. Not bit-equal: split-K adds its float32 partials with atomics, in whatever order they arrive.
+        torch.testing.assert_close(real(x[:1]), first, rtol=2e-3, atol=2e-3)
         real(x)
     for ws, cnt in w4_gemm.WORKSPACE.buffers.values():
         assert not bool(ws.any()) and not bool(cnt.any())
