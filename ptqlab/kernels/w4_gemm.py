@@ -9,9 +9,10 @@ order K needs.  0.5 byte a weight plus 2 (4, asymmetric) bytes per group column:
 Two kernels (the bench picks the crossover, :data:`GEMM_MAX_M` above which W4A16 hands off to unpack + cuBLAS):
 
 * :func:`_gemv_kernel`, one token: no tensor cores (a 1-row product wastes 15/16 of an MMA and forces the
-  unpacked tile through shared memory); the weight is unpacked nibble by nibble in its words' own layout, with the float "magic number" trick (``q | 0x4B000000``
-  read as float32 is ``2**23 + q``, so ``- (2**23 + zero)`` gives ``q - zero`` exactly without a slow int->float
-  conversion), multiplied by the token's inputs in registers, and the group scale is applied once per 8 weights;
+  unpacked tile through shared memory); the weight is unpacked nibble by nibble in its words' own layout, with
+  the float "magic number" trick (``q | 0x4B000000`` read as float32 is ``2**23 + q``, so ``- (2**23 + zero)``
+  gives ``q - zero`` exactly without a slow int->float conversion), multiplied by the token's inputs in
+  registers, and the group scale is applied once per 8 weights;
   W4A8 at one token runs it too, on the int8 codes (exact in float32), with the token's scale applied at the end;
 * :func:`_gemm_kernel`, 2+ tokens, on the tensor cores: the same unpack to fp16 (``q | 0x6400`` read as fp16 is
   ``1024 + q``) or, for int8 activations, to int8 ``q - 8``, then ``tl.dot``; the int8 variant applies the per-token
