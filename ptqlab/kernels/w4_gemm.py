@@ -275,10 +275,8 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     z = zero if zero is not None else scale
     b = bias if bias is not None else scale
     if m == 1:
-        def grid(meta):
-            return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-        _gemv_kernel[grid](x, packed, scale, z, scale, b, y, ws, cnt, n, k, group, 1,
-                           SYM=zero is None, A8=False, HAS_BIAS=bias is not None)
+        _launch_gemv(x, packed, scale, z, scale, b, y, ws, cnt, n, k, group, a8=False, sym=zero is None,
+                     has_bias=bias is not None)
         return y
     _launch_gemm(x, packed, scale, z, scale, b, y, ws, cnt, m, n, k, group, w4=True, a8=False,
                  sym=zero is None, has_bias=bias is not None)
@@ -298,14 +296,18 @@ def int_gemm(codes: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, sw: to
         # one token: the W4A16 GEMV on the int8 codes (exact as float32) with the weight's row scale as its one
         # group's scale and the token's scale at the end. The tensor-core GEMM wastes 15/16 of each MMA here and
         # measured 0.30-0.84x FP16 on the H200 (bench/results/w4_gemm_h200.jsonl), half the GEMV's speed.
-        def grid(meta):
-            return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-        _gemv_kernel[grid](codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, n, k, k, 1,
-                           SYM=True, A8=True, HAS_BIAS=bias is not None)
+        _launch_gemv(codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, n, k, k, a8=True, sym=True,
+                     has_bias=bias is not None)
         return y
     _launch_gemm(codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, m, n, k,
                  k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
     return y
+
+
+def _launch_gemv(x, w, s, z, sx, b, y, ws, cnt, n, k, group, a8, sym, has_bias) -> None:
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+    _gemv_kernel[grid](x, w, s, z, sx, b, y, ws, cnt, n, k, group, 1, SYM=sym, A8=a8, HAS_BIAS=has_bias)
 
 
 def _launch_gemm(x, w, s, z, sx, b, y, ws, cnt, m, n, k, group, w4, a8, sym, has_bias) -> None:
