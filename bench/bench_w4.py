@@ -7,7 +7,8 @@ gemm:   per linear (K -> N on the five shapes of the issue), M tokens: median of
         kernel must move: its weight buffers + fp16 input and output) and the memory floor at the measured copy
         bandwidth; real-vs-fake error: the kernel's output against the fake-quant QuantLinear's (max abs, and
         norm-relative).  ``w4a16-triton`` dispatches (GEMV at 1 token, Triton GEMM up to w4_gemm.GEMM_MAX_M, unpack +
-        cuBLAS above); ``w4a16-triton-gemm`` forces the Triton GEMM at every M > 1 (to place the crossover).
+        cuBLAS above); ``w4a16-triton-gemm`` forces the Triton GEMM at every M > 1 and ``w4a16-triton-unpack`` the
+        unpack + cuBLAS path (the two sides of the crossover).  ``+lorc8``: LoRC rank 8, added inside the kernel.
 decode: bench_decode.py's CUDA-graph greedy decoder with the Triton backends (and FP16, and tinygemm W4A16).
 
 Every kernel runs in a try: a failure is a record with "error", and the run goes on.  ``--budget-s``: past it,
@@ -43,8 +44,10 @@ KERNELS = {
     "w4a16-triton": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-asym": (QuantSpec(4, False, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-gemm": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
+    "w4a16-triton-unpack": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton+lorc8": (QuantSpec(4, True, 128), FP, 8, "w4a16-triton"),
     "w4a8-triton": (QuantSpec(4, True, 0), A8, 0, "w4a8-triton"),
+    "w4a8-triton+lorc8": (QuantSpec(4, True, 0), A8, 8, "w4a8-triton"),
     "w8a8-triton": (QuantSpec(8, True, 0), A8, 0, "w8a8-triton"),
     "w8a8-int8": (QuantSpec(8, True, 0), A8, 0, "w8a8-int8"),
     "w8a8-fp8": (FP8, FP8, 0, "w8a8-fp8"),
@@ -71,11 +74,14 @@ def buffer_bytes(layer: torch.nn.Module) -> int:
     return total
 
 
+FORCED_MAX_M = {"w4a16-triton-gemm": 1 << 30, "w4a16-triton-unpack": 0}
+
+
 @contextlib.contextmanager
-def forced_gemm(on: bool):
-    """W4A16 through the Triton GEMM at every M (no unpack + cuBLAS hand-off)."""
+def forced_path(name: str):
+    """W4A16 through the Triton GEMM (``-gemm``) or unpack + cuBLAS (``-unpack``) at every M > 1."""
     old = w4_gemm.GEMM_MAX_M
-    w4_gemm.GEMM_MAX_M = 1 << 30 if on else old
+    w4_gemm.GEMM_MAX_M = FORCED_MAX_M.get(name, old)
     try:
         yield
     finally:
@@ -127,11 +133,11 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
             emit(row)
             rows.append(row)
             for name, layer in reals.items():
-                if name == "w4a16-triton-gemm" and m == 1:
+                if name in FORCED_MAX_M and m == 1:
                     continue  # M = 1 is the GEMV either way
                 t0 = time.perf_counter()
                 try:
-                    with torch.no_grad(), forced_gemm(name == "w4a16-triton-gemm"):
+                    with torch.no_grad(), forced_path(name):
                         def run(layer=layer):
                             act_quant.SHARED_INPUTS.clear()  # the same x every call: quantize it each time
                             return layer(x)
@@ -149,8 +155,8 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                        "rel_err_vs_fake": float((got - ref).norm() / ref.norm()),
                        "wall_s": round(time.perf_counter() - t0, 2)}
                 if name.startswith("w4a16-triton"):
-                    row["triton_path"] = ("gemv" if m == 1 else "gemm" if m <= w4_gemm.GEMM_MAX_M or
-                                          name == "w4a16-triton-gemm" else "unpack+cublas")
+                    max_m = FORCED_MAX_M.get(name, w4_gemm.GEMM_MAX_M)
+                    row["triton_path"] = "gemv" if m == 1 else "gemm" if m <= max_m else "unpack+cublas"
                 emit(row)
                 rows.append(row)
         del fakes, reals, w

@@ -8,6 +8,34 @@ from .models import QuantLinear
 from .quantizers import QuantizationError
 
 
+# fp16/bf16 inputs on CUDA: whether cuBLAS takes them as they are with a float32 output (``addmm(out_dtype=)``);
+# set to False by the first call that finds this torch without it
+_HALF_INPUTS = [True]
+
+
+def accumulate_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += x^T x`` in float32 for ``x [tokens, d]``.
+
+    Every product of two fp16 (or bf16) values is exact in float32, so the sum differs from the float32 one
+    only in the order of its additions: on CUDA the half-precision input goes to the tensor cores as it is,
+    with float32 accumulation and output (twice TF32's rate, no float32 copy of the input); failing that, TF32,
+    which also holds fp16/bf16 values exactly (10-bit mantissa). Other inputs: float32 as they are."""
+    half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    if half and _HALF_INPUTS[0]:
+        try:
+            torch.addmm(total, x.t(), x, out_dtype=torch.float32, out=total)
+            return
+        except (RuntimeError, TypeError):  # a torch without the float32-output half GEMM
+            _HALF_INPUTS[0] = False
+    x = x.float()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = half
+    try:
+        total.addmm_(x.t(), x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class HessianCollector:
     """Accumulates ``X^T X`` of each distinct linear input of a block.
 
@@ -45,18 +73,10 @@ class HessianCollector:
             # no per-batch finiteness check (a full pass over the input and a device sync per linear and
             # batch): a NaN or Inf in the input reaches the diagonal of the sum, which close() checks once
             xq = module.quantize_input(x).reshape(-1, x.shape[-1])
-            # fp16/bf16 values are exact in TF32 (10-bit mantissa), so tensor cores lose nothing here
-            exact_in_tf32 = xq.is_cuda and xq.dtype in (torch.float16, torch.bfloat16)
-            xq = xq.float()
             if name not in self.sums:
                 self.sums[name] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
                 self.tokens[name] = 0
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = exact_in_tf32
-            try:
-                self.sums[name].addmm_(xq.t(), xq)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
+            accumulate_gram(self.sums[name], xq)
             self.tokens[name] += xq.shape[0]
 
         return hook

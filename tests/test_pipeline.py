@@ -331,3 +331,19 @@ def test_phases_cover_the_whole_call(tiny_models, data_dir):
     # quantize_ adds only argument handling around quantize_model, so the phases account for nearly all of it
     assert sum(report.timings.values()) <= wall
     assert sum(report.timings.values()) >= 0.95 * wall - 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gram_accumulation_is_the_float64_sum(dtype):
+    # (the half-input tensor-core path is CUDA's: tests/gpu/test_gpu_hessian.py)
+    from ptqlab.hessian import accumulate_gram
+
+    x = (torch.randn(300, 17, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    total = torch.zeros(17, 17)
+    accumulate_gram(total, x[:100])
+    accumulate_gram(total, x[100:])
+    ref = x.double().t() @ x.double()
+    assert total.dtype == torch.float32
+    # float32 rounding of a 300-term sum, relative to the whole matrix (off-diagonal entries may cancel to ~0)
+    assert float((total.double() - ref).norm() / ref.norm()) < 1e-6
+    torch.testing.assert_close(total.double().diagonal(), ref.diagonal(), rtol=1e-6, atol=0)

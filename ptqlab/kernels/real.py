@@ -27,7 +27,9 @@ that reads them:
 * ``w8a8-int8`` / ``w4a8-int8`` (the default int8 path, ``tinygemm`` preference): ``torch._int_mm`` and a
   separate Triton epilogue over its int32 result; 4-bit weights stored as int8.
 
-LoRC runs as a thin side GEMM (``y += (x V^T) U^T``).  Integer codes come from the layer's
+LoRC: the Triton kernels add ``(x V^T) U^T`` inside the same GEMV/GEMM (the product is linear in x, so each
+split-K share adds its part; no side GEMMs, no second pass over the output); the other backends, and the unpack +
+cuBLAS path at many tokens, run it as a thin side GEMM (``y += (x V^T) U^T``).  Integer codes come from the layer's
 ``weight_scale``/``weight_zero`` (``codes = clamp(round(W / scale) + zero, 0, 2**bits - 1)``).
 """
 
@@ -171,7 +173,7 @@ class RealLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         y, lorc_in = self.backend.forward(self, x, x2)
-        if self.lorc_u is not None:
+        if self.lorc_u is not None and lorc_in is not None:  # (None: the kernel added LoRC's product itself)
             y.addmm_(nn.functional.linear(lorc_in, self.lorc_v), self.lorc_u.t())
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -266,7 +268,13 @@ def _forward_w4a16_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -
         wt = w4_gemm.dequant_w4(real.w_packed, real.w_scale, real.w_zero, real.group, x2.dtype)
         y = torch.mm(x2, wt) if real.bias is None else torch.addmm(real.bias, x2, wt)
         return y, x2
-    return w4_gemm.w4a16_gemm(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias), x2
+    y = w4_gemm.w4a16_gemm(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias, lorc=_lorc(real))
+    return y, None
+
+
+def _lorc(real: RealLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """LoRC's factors for a kernel that adds their product in its own epilogue (``None``: no LoRC)."""
+    return None if real.lorc_u is None else (real.lorc_v, real.lorc_u)
 
 
 def _triton_w_a8(bits: int) -> Callable[[QuantSpec, QuantSpec, str], bool]:
@@ -295,9 +303,9 @@ def _forward_int_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> 
 
     codes, sx = SHARED_INPUTS.get_int8(x, real.act_spec, f"{real.name} input")
     w4 = real.weight_spec.bits == 4
-    y = int_gemm(codes, sx, real.w_packed if w4 else real.w_int8, real.w_scale, real.bias, real.dtype, w4)
-    lorc_in = codes.to(real.dtype) * sx[:, None].to(real.dtype) if real.lorc_u is not None else None
-    return y, lorc_in
+    y = int_gemm(codes, sx, real.w_packed if w4 else real.w_int8, real.w_scale, real.bias, real.dtype, w4,
+                 lorc=_lorc(real))
+    return y, None
 
 
 def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:

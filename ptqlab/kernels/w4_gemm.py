@@ -90,7 +90,8 @@ GEMM_CONFIGS = [
 if _INTERPRET:  # the interpreter cannot time configs: one small config (twice: autotune prunes only a list)
     GEMV_CONFIGS = [_cfg((), 1, 32, 64, 2, 4, 1), _cfg((0,), 1, 32, 64, 2, 4, 1)]
     GEMM_CONFIGS = [_cfg((), 16, 32, 64, 2, 4, 1), _cfg((0,), 16, 32, 64, 2, 4, 1)]
-_TUNE = {"key": ["M_BUCKET", "N", "K", "GROUP"], "prune_configs_by": {"early_config_prune": _prune}}
+# (constexpr arguments count too: W4A16 and W4A8 per row, or a layer with and without LoRC, tune apart)
+_TUNE = {"key": ["M_BUCKET", "N", "K", "GROUP", "RANK", "W4", "A8"], "prune_configs_by": {"early_config_prune": _prune}}
 if not _INTERPRET:
     _TUNE["do_bench"] = _bench
 
@@ -126,37 +127,63 @@ def _finish(y, rm, rn, mask, Y, B, WS, CNT, tile, N, HAS_BIAS: tl.constexpr, SPL
 
 @triton.autotune(configs=GEMV_CONFIGS, **_TUNE)
 @triton.jit
-def _gemv_kernel(X, P, S, Z, SX, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
-                 SYM: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, N, K, GROUP, M_BUCKET, RANK,
+                 W4: tl.constexpr, SYM: tl.constexpr, A8: tl.constexpr, HAS_BIAS: tl.constexpr, LORC_R: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # weight: W4 packed [K/8, N] int32 with scales [G, N], or (not W4) int8 [N, K] with float32 row scales [N]
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     ri = tl.arange(0, BLOCK_K // 8)
     chunks = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(chunks, SPLIT_K)
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # reduced over K rows once, at the end
+    if W4:
+        acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # reduced over K rows once, at the end
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if LORC_R > 0:
+        rr = tl.arange(0, LORC_R)
+        t = tl.zeros((LORC_R,), dtype=tl.float32)  # this program's share of the token's x V^T (K is split)
     for c in range(pid_k * per, tl.minimum(pid_k * per + per, chunks)):
         k0 = c * BLOCK_K
-        rows = k0 // 8 + ri
-        rmask = rows < K // 8
-        p = tl.load(P + rows[:, None] * N + rn[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
-        g = k0 // GROUP
-        s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-        if SYM:
-            zc = 8388616.0  # 2**23 + 8
-        else:
-            zc = (8388608.0 + tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32))[None, :]
-        # nibble j of every word, one at a time, in the words' own [BLOCK_K/8, BLOCK_N] layout: no 3-D unpack, no
-        # reshape and no cross-thread sum over the 8 codes of a word (the first version's broadcast over a third
-        # axis of 8 did both, and ran at 23-41% of the memory floor on the H200)
-        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(X + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # input column 8i + j
-            v = (((p >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zc  # = code - zero, exact
-            part += xj[:, None] * v
-        acc += part * s[None, :]
-    y = tl.sum(acc, axis=0)[None, :]
+        if W4:
+            rows = k0 // 8 + ri
+            rmask = rows < K // 8
+            p = tl.load(P + rows[:, None] * N + rn[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
+            g = k0 // GROUP
+            s = tl.load(S + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            if SYM:
+                zc = 8388616.0  # 2**23 + 8
+            else:
+                zc = (8388608.0 + tl.load(Z + g * N + rn, mask=nmask, other=0.0).to(tl.float32))[None, :]
+            # nibble j of every word, one at a time, in the words' own [BLOCK_K/8, BLOCK_N] layout: no 3-D unpack,
+            # no reshape and no cross-thread sum over the 8 codes of a word (the first version's broadcast over a
+            # third axis of 8 did both, and ran at 23-41% of the memory floor on the H200)
+            part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(X + rows * 8 + j, mask=rmask, other=0.0).to(tl.float32)  # input column 8i + j
+                v = (((p >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zc  # = code - zero, exact
+                part += xj[:, None] * v
+            acc += part * s[None, :]
+        else:  # int8 [N, K]: a [BLOCK_K, BLOCK_N] tile contiguous along K, summed over K per chunk
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            w = tl.load(P + rn[None, :] * K + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
+            xk = tl.load(X + rk, mask=kmask, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * xk[:, None], axis=0)
+        if LORC_R > 0:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            xk = tl.load(X + rk, mask=kmask, other=0.0).to(tl.float32)
+            lv = tl.load(LV + rr[:, None] * K + rk[None, :], mask=(rr < RANK)[:, None] & kmask[None, :], other=0.0)
+            t += tl.sum(lv.to(tl.float32) * xk[None, :], axis=1)
+    if W4:
+        y = tl.sum(acc, axis=0)[None, :]
+    else:
+        y = (acc * tl.load(S + rn, mask=nmask, other=0.0).to(tl.float32))[None, :]
+    if LORC_R > 0:  # + (x V^T) U^T for this K share: the side product is linear in x, so split-K sums it too
+        lu = tl.load(LU + rn[:, None] * RANK + rr[None, :], mask=nmask[:, None] & (rr < RANK)[None, :], other=0.0)
+        y += tl.sum(lu.to(tl.float32) * t[None, :], axis=1)[None, :]
     if A8:  # int8 input codes: the token's scale (the weight's row scale came in as its one group's scale)
         y = y * tl.load(SX).to(tl.float32)
     _finish(y, tl.zeros((1,), dtype=tl.int32), rn, nmask[None, :], Y, B, WS, CNT, pid_n, N, HAS_BIAS, SPLIT_K)
@@ -164,8 +191,8 @@ def _gemv_kernel(X, P, S, Z, SX, B, Y, WS, CNT, N, K, GROUP, M_BUCKET,
 
 @triton.autotune(configs=GEMM_CONFIGS, **_TUNE)
 @triton.jit
-def _gemm_kernel(X, P, S, Z, SX, B, Y, WS, CNT, M, N, K, GROUP, M_BUCKET,
-                 W4: tl.constexpr, A8: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemm_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, M, N, K, GROUP, M_BUCKET, RANK,
+                 W4: tl.constexpr, A8: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, LORC_R: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # weight: W4 packed [K/8, N] int32 with fp16 scales [G, N] (A16) / float32 row scales [N] (A8),
     #         or (not W4) int8 [N, K] with float32 row scales [N];  input: fp16/bf16 [M, K] or int8 codes + SX [M]
@@ -180,6 +207,9 @@ def _gemm_kernel(X, P, S, Z, SX, B, Y, WS, CNT, M, N, K, GROUP, M_BUCKET,
     chunks = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(chunks, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
+    if LORC_R > 0:
+        rr = tl.arange(0, LORC_R)
+        t = tl.zeros((BLOCK_M, LORC_R), dtype=tl.float32)  # x V^T over this program's K share
     for c in range(pid_k * per, tl.minimum(pid_k * per + per, chunks)):
         k0 = c * BLOCK_K
         kmask = k0 + rk < K
@@ -206,12 +236,21 @@ def _gemm_kernel(X, P, S, Z, SX, B, Y, WS, CNT, M, N, K, GROUP, M_BUCKET,
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, w, acc)
+        if LORC_R > 0:  # V^T [BLOCK_K, LORC_R] (rank padded to a tensor-core tile); int8 codes are exact in fp16
+            lv = tl.load(LV + rr[None, :] * K + (k0 + rk)[:, None], mask=kmask[:, None] & (rr < RANK)[None, :],
+                         other=0.0)
+            t = tl.dot(a.to(lv.dtype), lv, t)
     if A8:  # the int32 accumulator scaled in registers: per token x per output channel
         sx = tl.load(SX + rm, mask=mmask, other=0.0)
         sw = tl.load(S + rn, mask=nmask, other=0.0)
         y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     else:
         y = acc
+    if LORC_R > 0:  # + (x V^T) U^T, x V^T rounded to the model's dtype as the unfused side GEMMs do
+        if A8:
+            t = t * tl.load(SX + rm, mask=mmask, other=0.0)[:, None]
+        lu = tl.load(LU + rn[None, :] * RANK + rr[:, None], mask=(rr < RANK)[:, None] & nmask[None, :], other=0.0)
+        y += tl.dot(t.to(lu.dtype), lu)
     _finish(y, rm, rn, mmask[:, None] & nmask[None, :], Y, B, WS, CNT, pid, N, HAS_BIAS, SPLIT_K)
 
 
@@ -258,14 +297,20 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
+Lorc = tuple[torch.Tensor, torch.Tensor]
+
+
 def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-               group: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+               group: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+               lorc: Lorc | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T + bias`` for the 4-bit weight ``W = (code - zero) * scale`` in the packed layout.
 
     ``scale``/``zero`` ``[G, N]`` fp16 (``zero`` None: symmetric, zero point 8); ``group`` = K / G.  Any M (the
     caller hands large M to :func:`dequant_w4`); the output has ``x``'s dtype.  ``perm``: act-order weights whose
     groups are not contiguous in K (GPTQ's ``g_idx``) are stored with their columns sorted by group, ``W[:, perm]``;
-    the input is permuted the same way (``x[:, perm] @ W[:, perm]^T = x @ W^T``).
+    the input is permuted the same way (``x[:, perm] @ W[:, perm]^T = x @ W^T``).  ``lorc``: LoRC's ``(V [r, K],
+    U [N, r])`` in ``x``'s dtype (``V``'s columns in the packed weight's order), ``+ (x V^T) U^T`` inside the same
+    kernel: no side GEMMs, no second pass over the output.
     """
     m, k = x.shape
     n = packed.shape[1]
@@ -274,47 +319,62 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     ws, cnt = WORKSPACE.get(n, x.device)
     z = zero if zero is not None else scale
     b = bias if bias is not None else scale
+    args = (x, packed, scale, z, scale, b, *_lorc_args(lorc, x.dtype, k, n, scale), y, ws, cnt)
     if m == 1:
-        _launch_gemv(x, packed, scale, z, scale, b, y, ws, cnt, n, k, group, a8=False, sym=zero is None,
-                     has_bias=bias is not None)
-        return y
-    _launch_gemm(x, packed, scale, z, scale, b, y, ws, cnt, m, n, k, group, w4=True, a8=False,
-                 sym=zero is None, has_bias=bias is not None)
+        _launch_gemv(*args, n, k, group, w4=True, a8=False, sym=zero is None, has_bias=bias is not None)
+    else:
+        _launch_gemm(*args, m, n, k, group, w4=True, a8=False, sym=zero is None, has_bias=bias is not None)
     return y
 
 
 def int_gemm(codes: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, sw: torch.Tensor,
-             bias: torch.Tensor | None, dtype: torch.dtype, w4: bool) -> torch.Tensor:
+             bias: torch.Tensor | None, dtype: torch.dtype, w4: bool, lorc: Lorc | None = None) -> torch.Tensor:
     """``(codes * sx[:, None]) @ (W * sw[:, None])^T + bias`` in ``dtype``: int8 input codes ``[M, K]``, the weight
-    as signed int8 ``[N, K]`` (``w4`` False) or symmetric 4-bit codes packed ``[K/8, N]`` (``w4``), float32 scales."""
+    as signed int8 ``[N, K]`` (``w4`` False) or symmetric 4-bit codes packed ``[K/8, N]`` (``w4``), float32 scales.
+    ``lorc``: ``(V, U)`` in ``dtype``, ``+ ((codes * sx) V^T) U^T`` in the same kernel (as :func:`w4a16_gemm`)."""
     m, k = codes.shape
     n = weight.shape[1] if w4 else weight.shape[0]
     y = torch.empty(m, n, dtype=dtype, device=codes.device)
     ws, cnt = WORKSPACE.get(n, codes.device)
     b = bias if bias is not None else sw
-    if m == 1 and w4:
-        # one token: the W4A16 GEMV on the int8 codes (exact as float32) with the weight's row scale as its one
-        # group's scale and the token's scale at the end. The tensor-core GEMM wastes 15/16 of each MMA here and
-        # measured 0.30-0.84x FP16 on the H200 (bench/results/w4_gemm_h200.jsonl), half the GEMV's speed.
-        _launch_gemv(codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, n, k, k, a8=True, sym=True,
-                     has_bias=bias is not None)
-        return y
-    _launch_gemm(codes.contiguous(), weight, sw, sw, sx, b, y, ws, cnt, m, n, k,
-                 k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
+    args = (codes.contiguous(), weight, sw, sw, sx, b, *_lorc_args(lorc, dtype, k, n, sw), y, ws, cnt)
+    if m == 1:
+        # one token: a GEMV without tensor cores on the int8 codes (exact as float32), the weight's row scale as
+        # its one group's scale and the token's scale at the end. The tensor-core GEMM wastes 15/16 of each MMA
+        # here and measured 0.30-0.84x FP16 (W4A8) and 0.20-0.85x (W8A8) on the H200
+        # (bench/results/w4_gemm_h200.jsonl), half the GEMV's speed or less.
+        _launch_gemv(*args, n, k, k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
+    else:
+        _launch_gemm(*args, m, n, k, k, w4=w4, a8=True, sym=True, has_bias=bias is not None)
     return y
 
 
-def _launch_gemv(x, w, s, z, sx, b, y, ws, cnt, n, k, group, a8, sym, has_bias) -> None:
+def _lorc_args(lorc: Lorc | None, dtype: torch.dtype, k: int, n: int, dummy: torch.Tensor) -> tuple:
+    """``(V, U, rank)`` for the kernels (any tensor stands in for absent pointers, rank 0)."""
+    if lorc is None:
+        return dummy, dummy, 0
+    v, u = lorc
+    r = v.shape[0]
+    if v.shape != (r, k) or u.shape != (n, r) or v.dtype != dtype or u.dtype != dtype:
+        raise ValueError(f"LoRC factors must be V [{r}, {k}] and U [{n}, {r}] in {dtype}, got "
+                         f"{tuple(v.shape)} {v.dtype} and {tuple(u.shape)} {u.dtype}")
+    return v.contiguous(), u.contiguous(), r
+
+
+def _launch_gemv(x, w, s, z, sx, b, lv, lu, rank, y, ws, cnt, n, k, group, w4, a8, sym, has_bias) -> None:
     def grid(meta):
         return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-    _gemv_kernel[grid](x, w, s, z, sx, b, y, ws, cnt, n, k, group, 1, SYM=sym, A8=a8, HAS_BIAS=has_bias)
+    lorc_r = max(2, triton.next_power_of_2(rank)) if rank else 0
+    _gemv_kernel[grid](x, w, s, z, sx, b, lv, lu, y, ws, cnt, n, k, group, 1, rank,
+                       W4=w4, SYM=sym, A8=a8, HAS_BIAS=has_bias, LORC_R=lorc_r)
 
 
-def _launch_gemm(x, w, s, z, sx, b, y, ws, cnt, m, n, k, group, w4, a8, sym, has_bias) -> None:
+def _launch_gemm(x, w, s, z, sx, b, lv, lu, rank, y, ws, cnt, m, n, k, group, w4, a8, sym, has_bias) -> None:
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
-    _gemm_kernel[grid](x, w, s, z, sx, b, y, ws, cnt, m, n, k, group, m_bucket(m),
-                       W4=w4, A8=a8, SYM=sym, HAS_BIAS=has_bias)
+    lorc_r = max(16, triton.next_power_of_2(rank)) if rank else 0  # tl.dot's smallest tile side
+    _gemm_kernel[grid](x, w, s, z, sx, b, lv, lu, y, ws, cnt, m, n, k, group, m_bucket(m), rank,
+                       W4=w4, A8=a8, SYM=sym, HAS_BIAS=has_bias, LORC_R=lorc_r)
 
 
 @triton.jit

@@ -57,7 +57,10 @@ def _check(layer: QuantLinear, scheme: str, m: int, bound: float) -> None:
 
             codes, sx = quantize_int8_rows(x, layer.act_spec)
             xq = codes.double() * sx.double()[:, None]
-        ref = xq @ layer.weight.double().t() + layer.bias.double()
+        w = layer.weight.double()
+        if layer.lorc_u is not None:
+            w = w + layer.lorc_u.double() @ layer.lorc_v.double()
+        ref = xq @ w.t() + layer.bias.double()
     assert got.dtype == torch.float64 and bool(torch.isfinite(got).all())
     err = float((got - ref).norm() / ref.norm())
     assert err < bound, (scheme, m, err)
@@ -93,6 +96,32 @@ def test_w4a16_bf16(m):
 def test_int8_gemm_matches_the_reference(k, n, group, scheme, m):
     bits = 4 if scheme.startswith("w4") else 8
     _check(_layer(n, k, QuantSpec(bits, True, 0), A8, seed=k + n), scheme, m, 2e-3)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-triton", "w4a8-triton", "w8a8-triton"])
+@pytest.mark.parametrize("rank", [8, 5])  # 5: no power of two; both below the GEMM's padded tile of 16
+@pytest.mark.parametrize("m", [1, 5, 33] if GPU else [1, 5])  # GEMV, split-K GEMM, tiled GEMM
+def test_lorc_inside_the_kernel_matches_the_dense_product(scheme, rank, m):
+    # the Triton kernels add (x V^T) U^T in their own epilogue (each split-K share its part): W + U V, densely
+    k, n = SHAPES[1]
+    bits, group, aspec = (4, 64 if k % 64 == 0 else 0, QuantSpec()) if scheme == "w4a16-triton" else (
+        int(scheme[1]), 0, A8)
+    layer = _layer(n, k, QuantSpec(bits, scheme != "w4a16-triton", group), aspec, seed=rank + m)
+    g = torch.Generator(device=DEV).manual_seed(7)
+    # a low-rank term as large as the quantization error (about a tenth of the weight), not a rounding-level one
+    layer.set_lorc(torch.randn(n, rank, device=DEV, generator=g) * 0.03, torch.randn(rank, k, device=DEV, generator=g) * 0.03)
+    _check(layer, scheme, m, 2e-3)
+
+
+def test_lorc_factors_of_the_wrong_shape_or_dtype_are_refused():
+    k, n = SHAPES[1]
+    layer = _layer(n, k, QuantSpec(4, True, 0), QuantSpec(), seed=3)
+    real = RealLinear(layer, "w4a16-triton")
+    x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+    v, u = torch.zeros(4, k, device=DEV, dtype=torch.float16), torch.zeros(n, 4, device=DEV, dtype=torch.float16)
+    for bad in ((v.float(), u), (v[:, :-8], u), (v, u[:, :3])):
+        with pytest.raises(ValueError, match="LoRC factors must be"):
+            w4_gemm.w4a16_gemm(x, real.w_packed, real.w_scale, real.w_zero, real.group, lorc=bad)
 
 
 @pytest.mark.parametrize("scheme", ["w4a16-triton", "w4a8-triton"])
