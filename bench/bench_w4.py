@@ -157,6 +157,9 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                 if name.startswith("w4a16-triton"):
                     max_m = FORCED_MAX_M.get(name, w4_gemm.GEMM_MAX_M)
                     row["triton_path"] = "gemv" if m == 1 else "gemm" if m <= max_m else "unpack+cublas"
+                if "triton" in name and row.get("triton_path") != "unpack+cublas":  # the autotuned config used last
+                    kernel = w4_gemm._gemv_kernel if m == 1 else w4_gemm._gemm_kernel
+                    row["config"] = str(getattr(kernel, "best_config", ""))[:200]
                 emit(row)
                 rows.append(row)
         del fakes, reals, w

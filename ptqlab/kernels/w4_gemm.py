@@ -65,12 +65,19 @@ def _prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.C
         if key not in seen:
             seen.add(key)
             out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": min(32, group), "SPLIT_K": 1})]
+    fallback = {k: v for k, v in configs[0].kwargs.items() if k != "BUCKETS"}  # (the kernel's own arguments)
+    fallback.update(BLOCK_M=16, BLOCK_N=64, BLOCK_K=min(32, group), SPLIT_K=1)
+    if "SWAP" in fallback:
+        fallback["SWAP"] = False
+    return out or [triton.Config(fallback)]
 
 
-def _cfg(buckets: tuple[int, ...], bm: int, bn: int, bk: int, split: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BUCKETS": buckets, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
-                         num_warps=warps, num_stages=stages)
+def _cfg(buckets: tuple[int, ...], bm: int, bn: int, bk: int, split: int, warps: int, stages: int,
+         swap: bool | None = None) -> triton.Config:
+    kw = {"BUCKETS": buckets, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+    if swap is not None:  # the GEMM's operand order (its docstring)
+        kw["SWAP"] = swap
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 def _bench(fn, quantiles=None):  # a short autotune benchmark: a handful of configs per (bucket, N, K)
@@ -79,18 +86,20 @@ def _bench(fn, quantiles=None):  # a short autotune benchmark: a handful of conf
 
 GEMV_CONFIGS = [_cfg((1,), 1, bn, bk, s, w, st) for bn, bk, s, w, st in (
     (64, 128, 4, 4, 2), (128, 128, 4, 4, 2), (64, 128, 8, 4, 2), (128, 64, 8, 4, 3), (256, 64, 4, 8, 2))]
+_SMALL_M = {16: ((64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 64, 8, 4, 4), (128, 64, 4, 4, 4))}  # bn, bk, split..
+_MID_M = ((32, 64, 128, 4, 4, 3), (32, 128, 64, 2, 4, 4), (64, 128, 64, 2, 4, 4), (64, 64, 128, 2, 4, 3))
 GEMM_CONFIGS = [
-    *[_cfg((16,), 16, bn, bk, s, w, st) for bn, bk, s, w, st in (
-        (64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 64, 8, 4, 4), (128, 64, 4, 4, 4))],
-    *[_cfg((32, 64), bm, bn, bk, s, w, st) for bm, bn, bk, s, w, st in (
-        (32, 64, 128, 4, 4, 3), (32, 128, 64, 2, 4, 4), (64, 128, 64, 2, 4, 4), (64, 64, 128, 2, 4, 3))],
-    *[_cfg((128, 256, 512), bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
+    # at 16-64 tokens both operand orders compete (autotune keeps the faster per shape)
+    *[_cfg((16,), 16, bn, bk, s, w, st, swap) for swap in (False, True) for bn, bk, s, w, st in _SMALL_M[16]],
+    *[_cfg((32, 64), bm, bn, bk, s, w, st, swap) for swap in (False, True) for bm, bn, bk, s, w, st in _MID_M],
+    *[_cfg((128, 256, 512), bm, bn, bk, 1, w, st, False) for bm, bn, bk, w, st in (
         (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))],
 ]
 if _INTERPRET:  # the interpreter cannot time configs: one small config (twice: autotune prunes only a list)
     GEMV_CONFIGS = [_cfg((), 1, 32, 64, 2, 4, 1), _cfg((0,), 1, 32, 64, 2, 4, 1)]
-    GEMM_CONFIGS = [_cfg((), 16, 32, 64, 2, 4, 1), _cfg((0,), 16, 32, 64, 2, 4, 1)]
-# (constexpr arguments count too: W4A16 and W4A8 per row, or a layer with and without LoRC, tune apart)
+    # PTQLAB_W4_SWAP=1: the swapped operand order (the developer's check of that path)
+    swap = os.environ.get("PTQLAB_W4_SWAP") == "1"
+    GEMM_CONFIGS = [_cfg((), 16, 32, 64, 2, 4, 1, swap), _cfg((0,), 16, 32, 64, 2, 4, 1, swap)]
 _TUNE = {"key": ["M_BUCKET", "N", "K", "GROUP", "RANK", "W4", "A8"], "prune_configs_by": {"early_config_prune": _prune}}
 if not _INTERPRET:
     _TUNE["do_bench"] = _bench
@@ -193,7 +202,8 @@ def _gemv_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, N, K, GROUP, M_BUCKET, R
 @triton.jit
 def _gemm_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, M, N, K, GROUP, M_BUCKET, RANK,
                  W4: tl.constexpr, A8: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, LORC_R: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 SWAP: tl.constexpr):
     # weight: W4 packed [K/8, N] int32 with fp16 scales [G, N] (A16) / float32 row scales [N] (A8),
     #         or (not W4) int8 [N, K] with float32 row scales [N];  input: fp16/bf16 [M, K] or int8 codes + SX [M]
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -206,7 +216,12 @@ def _gemm_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, M, N, K, GROUP, M_BUCKET
     ri = tl.arange(0, BLOCK_K // 8)
     chunks = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(chunks, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
+    # SWAP: y^T = W x^T, the unpacked weight as the MMA's first operand (on Hopper it may stay in registers, where
+    # the second operand must come through shared memory) and the few tokens as its narrow side
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32 if A8 else tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
     if LORC_R > 0:
         rr = tl.arange(0, LORC_R)
         t = tl.zeros((BLOCK_M, LORC_R), dtype=tl.float32)  # x V^T over this program's K share
@@ -232,14 +247,16 @@ def _gemm_kernel(X, P, S, Z, SX, B, LV, LU, Y, WS, CNT, M, N, K, GROUP, M_BUCKET
                 w = tl.reshape(d * s[None, None, :], (BLOCK_K, BLOCK_N)).to(X.dtype.element_ty)
         else:
             w = tl.load(P + rn[None, :] * K + (k0 + rk)[:, None], mask=kmask[:, None] & nmask[None, :], other=0)
-        if A8:
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        if SWAP:
+            acc = tl.dot(tl.trans(w), tl.trans(a), acc, out_dtype=tl.int32 if A8 else tl.float32)
         else:
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32 if A8 else tl.float32)
         if LORC_R > 0:  # V^T [BLOCK_K, LORC_R] (rank padded to a tensor-core tile); int8 codes are exact in fp16
             lv = tl.load(LV + rr[None, :] * K + (k0 + rk)[:, None], mask=kmask[:, None] & (rr < RANK)[None, :],
                          other=0.0)
             t = tl.dot(a.to(lv.dtype), lv, t)
+    if SWAP:
+        acc = tl.trans(acc)
     if A8:  # the int32 accumulator scaled in registers: per token x per output channel
         sx = tl.load(SX + rm, mask=mmask, other=0.0)
         sw = tl.load(S + rn, mask=nmask, other=0.0)
