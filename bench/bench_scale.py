@@ -11,11 +11,12 @@ it. Each (shape, method) row holds the phases of :class:`ptqlab.pipeline.QuantRe
 lorc, propagate, targets, transform, setup, log, move, finish, other: they sum to the call), the end-to-end
 quantization time, peak GPU memory (``max_memory_allocated``) and peak host RSS (sampled every 20 ms) during that
 method, and, for every phase, its floor: the FLOPs it must do at the rate measured here for that arithmetic (bf16
-matmul for the block forwards, fp32/TF32 for the Hessian sums and the solves, fp64 for LoRC's Gram matrix) plus the
-bytes it must move host <-> device at the measured pinned-copy bandwidth. The full model is extrapolated per layer:
-``once + (quantize - once) * L_full / L`` with ``once`` the phases run once per model (capture, finish) (every
-block of a shape is the same shape), stated in each row. ``quantize_s`` is the ``quantize_model`` call alone;
-the phases sum to it (``other`` is what no phase names), freeing the model afterwards is ``cleanup_s``.
+matmul for the block forwards and the Hessian sums (fp16 inputs, float32 output), fp32/TF32 for the solves, fp64
+for LoRC's Gram matrix) plus the bytes it must move host <-> device at the measured pinned-copy bandwidth. The
+full model is extrapolated per layer: ``once + (quantize - once) * L_full / L`` with ``once`` the phases run once
+per model (capture, finish) (every block of a shape is the same shape), stated in each row. ``quantize_s`` is the
+``quantize_model`` call alone; the phases sum to it (``other`` is what no phase names), freeing the model
+afterwards is ``cleanup_s``.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def floors(shape: Shape, config: QuantConfig, tokens: int, seqlen: int, rates: d
     if calibrated:
         add("hessian", forward, "bf16", weight_bytes)
         out["hessian"]["flops"] += 2 * tokens * sum(i * i for i in inputs.values())
-        out["hessian"]["floor_s"] += 2 * tokens * sum(i * i for i in inputs.values()) / rates["tf32_flops"]
+        # the Gram sums take the fp16 inputs as they are, float32 output (hessian.accumulate_gram): the bf16 rate
+        out["hessian"]["floor_s"] += 2 * tokens * sum(i * i for i in inputs.values()) / rates["bf16_flops"]
         add("propagate", forward, "bf16")
     if config.method == "gptq":
         # per group: Cholesky, inverse and Cholesky again (~in^3), then the error feedback (out_total x in^2)
