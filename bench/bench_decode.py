@@ -33,6 +33,7 @@ SCHEMES = {
     "w4a16-lorc8": (QuantSpec(4, True, 128), FP, 8),
     "w8a8": (QuantSpec(8, True, 0), QuantSpec(8, True, 0), 0),
     "w4a8": (QuantSpec(4, True, 0), QuantSpec(8, True, 0), 0),
+    "w4a8-lorc8": (QuantSpec(4, True, 0), QuantSpec(8, True, 0), 8),
     "w8a8-fp8": (QuantSpec(fmt="fp8"), QuantSpec(fmt="fp8"), 0),
 }
 
