@@ -225,9 +225,9 @@ def check_execution(spec: RunSpec, device: str, eval_batch: int | None = None, k
         from .kernels.real import available_kernels, kernel_for
 
         if kernel_for(spec.config.weight, spec.config.act) is None:
-            raise ValueError(f"--kernel real: no real kernel runs {' / '.join(floats)} by default (FP8 weights and "
-                             f"activations per row/token run only in the opt-in 'triton' kernel family, not yet "
-                             f"benchmarked: ptqlab.kernels.real; {available_kernels()}); use --kernel fake, or "
+            raise ValueError(f"--kernel real: no real kernel runs {' / '.join(floats)} by default (of the float "
+                             f"formats only FP8 weights per channel with FP8 activations per token have one, "
+                             f"w8a8-fp8: ptqlab.kernels.real; {available_kernels()}); use --kernel fake, or "
                              f"auto (float layers stay fake)")
     if kernel == "real" and (not device.startswith("cuda") or offload):
         from .kernels.real import available_kernels

@@ -262,15 +262,17 @@ def test_kernels_and_export_refuse_what_they_cannot_carry(flat, kwargs, match, t
         check_execution(spec, device, **kwargs)
 
 
-def test_fp8_weights_and_activations_have_an_opt_in_real_kernel():
-    # W8A8 FP8 per channel / per token runs torch._scaled_mm in the opt-in triton family; --kernel real's default
-    # family refuses it before the run, saying where it is
+def test_fp8_weights_and_activations_have_a_real_kernel():
+    # W8A8 FP8 per channel / per token runs torch._scaled_mm in the triton family, the default; the tinygemm
+    # family has none, and FP8 weight-only none at all: refused before the run, saying which one exists
     from ptqlab.kernels.real import kernel_for
 
     fp8 = QuantSpec(fmt="fp8")
-    assert kernel_for(fp8, fp8, "triton") == "w8a8-fp8" and kernel_for(fp8, fp8) is None
-    with pytest.raises(ValueError, match="opt-in 'triton' kernel family"):
-        check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8", "afmt": "fp8"}), "cuda", kernel="real")
+    assert kernel_for(fp8, fp8) == kernel_for(fp8, fp8, "triton") == "w8a8-fp8"
+    assert kernel_for(fp8, fp8, "tinygemm") is None
+    check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8", "afmt": "fp8"}), "cuda", kernel="real")
+    with pytest.raises(ValueError, match="only FP8 weights per channel with FP8 activations per token have one"):
+        check_execution(from_flat({"model": "testbed-opt-2m", "wfmt": "fp8"}), "cuda", kernel="real")
 
 
 def test_recipe_cells_take_the_format_bits():

@@ -122,7 +122,7 @@ FP8 = QuantSpec(fmt="fp8")
     (QuantSpec(8, True, 0), QuantSpec(8, False, 0), None, None),
     (QuantSpec(8, True, 0), QuantSpec(4, True, 0), None, None),
     (QuantSpec(), QuantSpec(8, True, 0), None, None),
-    (FP8, FP8, "w8a8-fp8", None),  # opt-in (triton family) until benchmarked
+    (FP8, FP8, "w8a8-fp8", None),  # the triton family only
     (FP8, QuantSpec(), None, None),  # FP8 weight-only: no real kernel
     (FP8, QuantSpec(8, True, 0), None, None),
     (QuantSpec(8, True, 0), FP8, None, None),
@@ -131,7 +131,7 @@ FP8 = QuantSpec(fmt="fp8")
 def test_scheme_of(w, a, triton, tinygemm):
     layer = _layer()
     layer.weight_spec, layer.act_spec = w, a
-    assert scheme_of(layer) == tinygemm  # the default preference: tinygemm, until the Triton family is benchmarked
+    assert scheme_of(layer) == triton  # the default preference: the Triton family
     assert scheme_of(layer, "triton") == triton
     assert scheme_of(layer, "tinygemm") == tinygemm
     if triton == "w4a16-triton" and tinygemm == "w4a16-tinygemm":

@@ -15,7 +15,8 @@ def test_the_kernel_table_answers_scheme_of_in_order_of_preference():
 
     layer = QuantLinear(torch.zeros(8, 256), None)
     layer.weight_spec = QuantSpec(4, True, 128)
-    assert scheme_of(layer) == "w4a16-tinygemm"  # the default preference
+    assert scheme_of(layer) == "w4a16-triton"  # the default preference
+    assert scheme_of(layer, "tinygemm") == "w4a16-tinygemm"
     assert scheme_of(layer, "triton") == "w4a16-triton"
     assert scheme_of(layer, "gemlite") == "w4a16-gemlite"
     assert set(KERNELS) == set(KERNEL_BACKENDS)

@@ -4,9 +4,10 @@ Fake quantization keeps dequantized fp16 weights and runs fp16 GEMMs: right numb
 gain.  Here a quantized layer becomes a :class:`RealLinear` that stores integer codes and runs a kernel
 that reads them:
 
-* ``w4a16-triton`` (the ``triton`` preference, not yet the default: for 4-bit weight-only layers, groups of 32..4096 or per row, either zero
-  point): ptqlab's own Triton GEMV (1 token) / tensor-core GEMM (up to ``w4_gemm.GEMM_MAX_M`` tokens) reading the
-  packed codes directly (:mod:`ptqlab.kernels.w4_gemm`), above that the same layout unpacked once and cuBLAS;
+* ``w4a16-triton`` (the ``triton`` preference, the default: for 4-bit weight-only layers, groups of 32..4096 or
+  per row, either zero point): ptqlab's own Triton GEMV (1 token) / tensor-core GEMM (up to ``w4_gemm.GEMM_MAX_M``
+  tokens) reading the packed codes directly (:mod:`ptqlab.kernels.w4_gemm`), above that the same layout unpacked
+  once and cuBLAS;
   one layout, 0.5 byte a weight plus fp16 scales (and zero points);
 * ``w4a8-triton`` / ``w8a8-triton`` (the ``triton`` preference for symmetric per-row weights with 8-bit
   per-token activations): the input quantized per token by one fused Triton pass
@@ -16,15 +17,15 @@ that reads them:
 * ``w8a8-fp8``: FP8 E4M3 weights per output channel and activations per token (``--weight-format fp8``):
   one fused Triton pass quantizes the input (:func:`ptqlab.kernels.act_quant.quantize_fp8_rows`), then
   ``torch._scaled_mm`` with row-wise scales (Hopper and later);
-* ``w4a16-tinygemm`` (the default, ``tinygemm`` preference): up to ``TINYGEMM_MAX_M`` tokens PyTorch's own int4
-  weight-only GEMM (``torch._weight_int4pack_mm``: bf16 activations and scales on CUDA, so its numbers
-  differ from the fp16 model by bf16 rounding); above, the weight unpacked by one Triton kernel
+* ``w4a16-tinygemm`` (the ``tinygemm`` preference, the default before the Triton kernels were measured): up to
+  ``TINYGEMM_MAX_M`` tokens PyTorch's own int4 weight-only GEMM (``torch._weight_int4pack_mm``: bf16 activations
+  and scales on CUDA, so its numbers differ from the fp16 model by bf16 rounding); above, the weight unpacked by one Triton kernel
   (:mod:`ptqlab.kernels.int4_dequant`, bit-identical to the fake-quant weight) and cuBLAS.  It keeps both
   layouts (about 1.06 bytes a weight);
 * ``w4a16-gemlite`` / ``w8a16-gemlite`` / ``w2a16-gemlite``: weight-only through gemlite's Triton
   GEMV/GEMM (``A16Wn``, optional dependency; grouped or per-row grids); kept for 8/2-bit weights and for
   comparison (``gemlite`` preference for 4 bits);
-* ``w8a8-int8`` / ``w4a8-int8`` (the default int8 path, ``tinygemm`` preference): ``torch._int_mm`` and a
+* ``w8a8-int8`` / ``w4a8-int8`` (the ``tinygemm`` preference's int8 path): ``torch._int_mm`` and a
   separate Triton epilogue over its int32 result; 4-bit weights stored as int8.
 
 LoRC: the Triton kernels add ``(x V^T) U^T`` inside the same GEMV/GEMM (the product is linear in x, so each
@@ -50,10 +51,11 @@ TINYGEMM_MAX_M = 16
 #: the kernel family a layer gets when several run it: ptqlab's Triton kernels, or "tinygemm" (PyTorch's int4
 #: GEMM and ``torch._int_mm``: the previous default) or "gemlite" (4-bit weight-only through gemlite)
 PREFERENCES = ("triton", "tinygemm", "gemlite")
-# tinygemm stays the default until the Triton kernels are benchmarked on a GPU: they were written and checked in
-# Triton's interpreter, compiled for the first time on an H200 in the GPU suite (one failure there, not yet
-# identified: bench/results/gpu_tests_h200_session27_part2.txt), and have no speed figure yet (issue 20)
-DEFAULT_PREFERENCE = "tinygemm"
+# the Triton family by default since it was measured on an H200 (bench/README.md, "ptqlab's own low-bit kernels"):
+# W4A16 faster than tinygemm from 1 to 256 tokens and one layout (0.28x FP16 bytes, tinygemm keeps two), W8A8 at
+# least torch._int_mm's speed from 4 tokens up with its scales in the epilogue, 4-bit W4A8 weights kept packed,
+# LoRC inside the kernel, and the only FP8 path
+DEFAULT_PREFERENCE = "triton"
 
 @dataclass(frozen=True)
 class KernelBackend:
@@ -309,7 +311,7 @@ def _forward_int_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> 
 
 
 def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
-    # in the triton family with the Triton activation quantizer it depends on, opt-in until benchmarked on a GPU
+    # in the triton family, with the Triton activation quantizer it depends on
     return pref == "triton" and w.fmt == "fp8" and a.fmt == "fp8" and w.group_size == PER_ROW and a.group_size == PER_ROW
 
 

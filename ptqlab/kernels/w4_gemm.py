@@ -36,8 +36,8 @@ import triton.language as tl
 
 #: W4A16 above this many tokens: unpack the weight to fp16 and cuBLAS (compute-bound there, cuBLAS is faster)
 GEMM_MAX_M = 256
-#: split-K only up to this many tokens (it bounds the workspace: SPLIT_MAX_M x N float32)
-SPLIT_MAX_M = 64
+#: split-K only up to this many tokens (it bounds the workspace: SPLIT_MAX_M x N float32, 29 MB at N = 28672)
+SPLIT_MAX_M = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -94,6 +94,11 @@ GEMM_CONFIGS = [
     *[_cfg((32, 64), bm, bn, bk, s, w, st, swap) for swap in (False, True) for bm, bn, bk, s, w, st in _MID_M],
     *[_cfg((128, 256, 512), bm, bn, bk, 1, w, st, False) for bm, bn, bk, w, st in (
         (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3))],
+    # 128-256 tokens on a narrow layer (4096 outputs: 32-64 tiles for 132 SMs) need split-K to fill the GPU: without
+    # it the H200 measured 0.18-0.27x FP16 there (bench/results/w4_gemm_h200_session29.jsonl)
+    *[_cfg((128, 256), bm, bn, bk, s, w, st, swap) for bm, bn, bk, s, w, st, swap in (
+        (64, 128, 64, 2, 4, 4, False), (64, 128, 64, 4, 4, 4, False), (128, 128, 64, 2, 8, 3, False),
+        (128, 128, 64, 4, 8, 3, False), (64, 128, 64, 4, 4, 4, True), (128, 128, 64, 2, 8, 3, True))],
 ]
 if _INTERPRET:  # the interpreter cannot time configs: one small config (twice: autotune prunes only a list)
     GEMV_CONFIGS = [_cfg((), 1, 32, 64, 2, 4, 1), _cfg((0,), 1, 32, 64, 2, 4, 1)]
