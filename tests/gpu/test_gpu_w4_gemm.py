@@ -1,6 +1,7 @@
 """ptqlab's own Triton kernels (ptqlab.kernels.w4_gemm, the FP8 path) against float64 products of the dequantized
 weight: odd shapes, symmetric and asymmetric grids (zero points 0 and 15 included), groups 32/64/128 and per row,
-M from 1 to 4096 (every dispatch: GEMV, split-K GEMM, tiled GEMM, unpack + cuBLAS).
+M from 1 to 256 (every dispatch: GEMV, split-K GEMM, swapped-operand GEMM, unpack + cuBLAS; one autotune config per
+shape, rotating over the configs: the ``_one_config_per_key`` fixture).
 
 On a GPU: ``pytest -m gpu tests/gpu``.  Without one, the same tests run on small shapes in Triton's interpreter:
 ``TRITON_INTERPRET=1 PYTHONPATH=<triton>:. pytest tests/gpu/test_gpu_w4_gemm.py`` (slow; CI has no triton).
@@ -24,9 +25,16 @@ GPU = DEV == "cuda"
 A8 = QuantSpec(8, True, 0)
 # (k, n): odd output counts, an input dimension that no power-of-two block divides (per row only)
 SHAPES = [(4096, 4096), (2048, 1000), (768, 2312), (1024, 33), (200, 264)] if GPU else [(256, 40), (128, 33), (200, 24)]
-# one M per dispatch path and autotune bucket (w4_gemm.m_bucket: 1, 2..16, 32, 64, 128, 256; above GEMM_MAX_M the
-# unpack + cuBLAS hand-off), so that the whole GPU suite fits one 10-minute device call
-MS = [1, 2, 16, 17, 33, 100, 256, 257, 4096] if GPU else [1, 5, 17, 300]
+# one M per dispatch path and autotune bucket (w4_gemm.m_bucket: 1, 2..16, 32, 64, 128, 256; above GEMM_MAX_M = 128
+# the unpack + cuBLAS hand-off, M = 129 and 256), none a multiple of its tile but 256
+MS = [1, 5, 17, 33, 100, 129, 256] if GPU else [1, 5, 17, 300]
+
+
+@pytest.fixture(autouse=True)
+def _one_config_per_key(monkeypatch):
+    # every autotune key gets one config, a different one from key to key (w4_gemm._prune), so that the suite runs
+    # every config on some shapes without compiling and timing each for every shape
+    monkeypatch.setenv("PTQLAB_W4_AUTOTUNE", "rotate")
 
 
 def _layer(n: int, k: int, wspec: QuantSpec, aspec: QuantSpec, seed: int, dtype=torch.float16) -> QuantLinear:
@@ -78,8 +86,6 @@ def _cases(groups):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", MS)
 def test_w4a16_matches_the_dequantized_reference(k, n, group, symmetric, m):
-    if GPU and m > 300 and (k, n) != SHAPES[0] and group not in (128, 0):
-        pytest.skip("large M: the one big shape and g128/per row suffice")
     _check(_layer(n, k, QuantSpec(4, symmetric, group), QuantSpec(), seed=k + n + group), "w4a16-triton", m, 2e-3)
 
 
