@@ -9,10 +9,10 @@ The model is built from a config of the real shape (OPT-6.7B/13B/30B/66B, Llama-
 decoder blocks (default 2), in fp16, randomly initialised on the GPU and then kept in host memory as a run keeps
 it. Each (shape, method) row holds the phases of :class:`ptqlab.pipeline.QuantReport` (capture, hessian, solve,
 lorc, propagate, targets, transform, setup, log, move, finish, other: they sum to the call), the end-to-end
-quantization time, peak GPU memory (``max_memory_allocated``) and peak host RSS (sampled every 20 ms) during that
-method, and, for every phase, its floor: the FLOPs it must do at the rate measured here for that arithmetic (bf16
-matmul for the block forwards and the Hessian sums (fp16 inputs, float32 output), fp32/TF32 for the solves, fp64
-for LoRC's Gram matrix) plus the bytes it must move host <-> device at the measured pinned-copy bandwidth. The
+quantization time, peak GPU memory (``max_memory_allocated``; ``max_memory_reserved``, with the allocator's cache)
+and peak host RSS (sampled every 20 ms) during that method, and, for every phase, its floor: the FLOPs it must do
+at the rate measured here for that arithmetic (bf16 matmul for the block forwards and the Hessian sums (fp16
+inputs, float32 output), fp32/TF32 for the solves, fp64 for LoRC's Gram matrix) plus the bytes it must move host <-> device at the measured pinned-copy bandwidth. The
 full model is extrapolated per layer: ``once + (quantize - once) * L_full / L`` with ``once`` the phases run once
 per model (capture, finish) (every block of a shape is the same shape), stated in each row. ``quantize_s`` is the
 ``quantize_model`` call alone; the phases sum to it (``other`` is what no phase names), freeing the model
@@ -273,6 +273,9 @@ def run_one(model: torch.nn.Module, shape_name: str, method: str, calib: torch.T
         "extrapolated_full_model_s": round(once + (elapsed - once) * shape.layers / layers, 2),
         "extrapolation": f"once + (quantize_s - once) * layers_full / layers_built, once = {' + '.join(ONCE_PHASES)}",
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        # what the caching allocator held at most (blocks' freed memory stays cached between blocks, ptqlab.moves)
+        "peak_gpu_reserved_gib": (round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda"
+                                  else None),
         "peak_host_rss_gib": round(host.peak / 2**30, 3),
     })
     return row

@@ -8,7 +8,8 @@
    (q/k/v read the same input and share one), quantize the weights with the
    chosen method (looked up in :mod:`ptqlab.methods.registry`), add LoRC, then recompute the block's outputs *with the
    quantized block* and feed them to the next block.
-3. Only the current block lives on the accelerator; the others stay on the CPU.
+3. Only the current block lives on the accelerator; the others stay on the CPU. A block comes back into the
+   host tensors it left (:mod:`ptqlab.moves`): no new host memory per block.
 
 Block I/O (capturing and running blocks) is in :mod:`ptqlab.blockio`, the
 Hessian accumulation in :mod:`ptqlab.hessian`; the config's layer filter
@@ -35,6 +36,7 @@ from .distributed import SINGLE, Distributed
 from .hessian import HessianCollector
 from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
 from .models import FamilyMapping, ModelAdapter, QuantLinear, family_mapping, get_adapter, wrap_linears
+from .moves import block_moves
 from .transforms import BlockContext, ModelContext, check_transform_model, get_transform
 from .quantizers import FULL_PRECISION_BITS, QuantizationError, QuantSpec, storage_bits_per_weight, weight_qparams
 
@@ -317,22 +319,24 @@ def quantize_model(
             with _Timer(report, "capture", device):
                 inputs = capture_block_inputs(model, adapter, calibration, device, batch_size, offload_activations)
                 hidden = inputs.hidden
+        moves = block_moves()
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
             if blocks is not None:
                 with _Timer(report, "stream", device):
                     blocks.load(index, block)
             with _Timer(report, "move", device):
-                block.to(device)
+                moves.to_device(block, device)
             _quantize_block(index, block, config, hidden, inputs, report, device, mapping, dist)
             with _Timer(report, "move", device):
-                block.to("cpu")
+                moves.to_host(block)
             if blocks is not None:
                 with _Timer(report, "stream", device):
                     blocks.done(index, block)
-            if device.type == "cuda":
-                with _Timer(report, "move", device):
-                    torch.cuda.empty_cache()
+            with _Timer(report, "move", device):
+                moves.after_block(device)
+        with _Timer(report, "move", device):
+            moves.finish(device)
     except torch.OutOfMemoryError as e:
         n = 0 if calibration is None else calibration.numel()
         raise torch.OutOfMemoryError(

@@ -30,6 +30,7 @@ from .blockio import BlockInputs, capture_block_inputs, run_block
 from .evaluate import Perplexity, eval_windows, head_logits
 from .experiment import ModelSession
 from .models import _LAYOUTS, QuantLinear, get_adapter, model_path
+from .moves import block_moves
 from .preflight import gib
 from .restore import _safetensors_index
 
@@ -282,10 +283,11 @@ class StreamedBlocks:
 
     def done(self, index: int, block: nn.Module) -> None:
         """Run the evaluation windows through the quantized block, write its tensors out, free it."""
+        moves = block_moves()  # back into the host tensors it left, as the pipeline's moves
         for _, (_, inputs, _) in self.evals.items():
-            block.to(inputs.device)
+            moves.to_device(block, inputs.device)
             run_block(block, inputs.hidden, inputs, out=inputs.hidden)
-            block.to("cpu")
+            moves.to_host(block)
         self._write_block(index, block)
         _release(block)
 
