@@ -23,6 +23,8 @@ def test_gram_of_half_inputs_is_the_float64_sum(dtype, shape):
     for part in (slice(None), slice(1, None)):  # the whole, and without the large column that dominates its norm
         got, want = total.double()[part, part], ref[part, part]
         rel = float((got - want).norm() / want.norm())
-        assert rel < 1e-6, (part, rel)
+        # float32 accumulation of 1000-4096 terms: ~sqrt(n) * 6e-8, a few 1e-6 (cuBLAS's float32 GEMM measured
+        # 1.5e-6 to 2.4e-6 here on the float32 case); fp16-rounded output or accumulation would give ~1e-3
+        assert rel < 2e-5, (part, rel)
     if dtype != torch.float32:
         assert hessian._HALF_INPUTS[0], "this torch should have addmm(out_dtype=float32) for half inputs on CUDA"
