@@ -64,7 +64,8 @@ class KernelBackend:
     ``supports(w, a, preference)``: whether it runs these specs (``preference``: one of :data:`PREFERENCES`,
     the user's choice between backends that run the same specs); ``build(real, codes, scale, zero, group)`` registers the packed
     buffers on the :class:`RealLinear`; ``forward(real, x, x2)`` returns ``(y [tokens, out], lorc_input)``
-    for the input ``x`` and its ``[tokens, in]`` view ``x2``.
+    for the input ``x`` and its ``[tokens, in]`` view ``x2`` (``lorc_input`` None: no LoRC to add, or the kernel
+    added LoRC's product itself).
     """
 
     name: str
