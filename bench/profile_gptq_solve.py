@@ -12,12 +12,12 @@ the kernels that take the most, grouped by name. Random weights: time only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
+from kernel_common import emit, open_output
 from ptqlab.methods.gptq import gptq_quantize, inverse_hessian_cholesky
 from ptqlab.quantizers import QuantSpec
 
@@ -44,8 +44,7 @@ def profile_shape(name: str, out: int, inp: int, tokens: int, top: int) -> dict:
         return gptq_quantize(w.clone(), h, spec)
 
     run()  # compile the Triton loop, cuSOLVER's workspace
-    row = {"shape": name, "out": out, "in": inp, "tokens": tokens, "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "gptq_s": _wall(run),
+    row = {"shape": name, "out": out, "in": inp, "tokens": tokens, "torch": torch.__version__, "gptq_s": _wall(run),
            "cholesky_s": _wall(lambda: inverse_hessian_cholesky(h, 0.01, name))}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
@@ -71,14 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_gptq_solve.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    sink = open(a.out, "a") if a.out else None
+    open_output(a.out)
     for name in a.shapes.split(","):
-        row = profile_shape(name, *SHAPES[name], a.tokens, a.top)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+        emit(profile_shape(name, *SHAPES[name], a.tokens, a.top))  # (emit adds the GPU's name)
     return 0
 
 
