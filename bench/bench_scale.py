@@ -187,7 +187,7 @@ def floors(shape: Shape, config: QuantConfig, tokens: int, seqlen: int, rates: d
         # per group: Cholesky, inverse and Cholesky again (~in^3), then the error feedback (out_total x in^2)
         add("solve", sum(i**3 + sum(o for o, _ in g) * i * i for g in groups.values() for i in [g[0][1]]), "fp32")
     elif config.method == "zq-local":
-        # forward and backward of the objective's [out, in] x [in, in] product, on TF32 (zeroquant._tf32_matmuls)
+        # forward and backward of the objective's [out, in] x [in, in] product, on TF32 (zeroquant.tf32_matmuls)
         add("solve", sum(zq_steps * 4 * o * i * i for _, o, i, _ in lin), "tf32")
     elif config.method == "zq-global":
         add("targets", forward, "bf16")

@@ -6,24 +6,30 @@ integers) ``[G, N]`` in fp16.  N is the contiguous axis, so a ``[BLOCK_K/8, BLOC
 load, and one shift per nibble (a broadcast over a third axis of 8) unpacks it to ``[BLOCK_K, BLOCK_N]`` in the
 order K needs.  0.5 byte a weight plus 2 (4, asymmetric) bytes per group column: 0.27x FP16 at g128.
 
-Two kernels (the bench picks the crossover, :data:`GEMM_MAX_M` above which W4A16 hands off to unpack + cuBLAS):
+Two kernels (the bench places the crossover, :data:`GEMM_MAX_M`, above which W4A16 hands off to unpack + cuBLAS):
 
 * :func:`_gemv_kernel`, one token: no tensor cores (a 1-row product wastes 15/16 of an MMA and forces the
   unpacked tile through shared memory); the weight is unpacked nibble by nibble in its words' own layout, with
   the float "magic number" trick (``q | 0x4B000000`` read as float32 is ``2**23 + q``, so ``- (2**23 + zero)``
   gives ``q - zero`` exactly without a slow int->float conversion), multiplied by the token's inputs in
-  registers, and the group scale is applied once per 8 weights;
-  W4A8 at one token runs it too, on the int8 codes (exact in float32), with the token's scale applied at the end;
+  registers, and the group scale is applied once per 8 weights; W4A8 at one token runs it on the int8 codes
+  (exact in float32) with the token's scale applied at the end, and W8A8 on its int8 ``[N, K]`` weight;
 * :func:`_gemm_kernel`, 2+ tokens, on the tensor cores: the same unpack to fp16 (``q | 0x6400`` read as fp16 is
   ``1024 + q``) or, for int8 activations, to int8 ``q - 8``, then ``tl.dot``; the int8 variant applies the per-token
   x per-channel scales and the bias in the epilogue, on the int32 accumulator in registers (no int32 round trip
-  through memory as with ``torch._int_mm``).  W8A8 uses the same kernel with an int8 ``[N, K]`` weight.
+  through memory as with ``torch._int_mm``).  W8A8 uses the same kernel with an int8 ``[N, K]`` weight.  At 16-64
+  tokens configs with the operands swapped (``y^T = W x^T``: the unpacked weight as the MMA's first operand, the
+  few tokens as its narrow side) compete with the plain order in autotune.
+
+LoRC (``lorc=(V, U)``): both kernels add ``(x V^T) U^T`` in their epilogue.  The product is linear in x, so each
+K share computes its part ``t`` of ``x V^T`` next to the main product and adds ``t U^T``: one launch, no side GEMMs.
 
 Few tokens give few output tiles, too few to fill the GPU, so both kernels can split K (``SPLIT_K`` programs per
-tile): each adds its float32 partial to a shared workspace with atomics, and the last one to arrive (a ticket
-counter per tile) adds the bias, writes the output and zeroes the workspace and ticket for the next call: one
-launch, no memset.  Block sizes and the split come from ``triton.autotune`` over a handful of configs keyed on
-(M bucket, N, K, group).  A chunk of K never straddles a quantization group (``BLOCK_K`` divides the group).
+tile, up to :data:`SPLIT_MAX_M` tokens): each adds its float32 partial to a shared workspace with atomics, and the
+last one to arrive (a ticket counter per tile) adds the bias, writes the output and zeroes the workspace and ticket
+for the next call: one launch, no memset.  Block sizes, the split and the operand order come from
+``triton.autotune`` over a handful of configs keyed on (M bucket, N, K, group, LoRC rank, weight and activation
+kind).  A chunk of K never straddles a quantization group (``BLOCK_K`` divides the group).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class ZQLocalResult:
 
 
 @contextlib.contextmanager
-def _tf32_matmuls() -> Iterator[None]:
+def tf32_matmuls() -> Iterator[None]:
     """CUDA float32 matmuls on TF32 tensor cores inside the block, restored after."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -97,7 +97,7 @@ def zq_local_quantize(
     # TF32 for the objective's [out, in] x [in, in] products on the GPU, as in ZQ-Global: the gradient steps need
     # no more than its 10-bit mantissa, and at full size those products are the whole cost (fp32 ran ZQ-Local at
     # 1.15x its fp32 floor on the OPT-6.7B shape, H200: bench/README.md). CPU arithmetic is unchanged.
-    with torch.enable_grad(), _tf32_matmuls():  # callers (the pipeline) run under no_grad
+    with torch.enable_grad(), tf32_matmuls():  # callers (the pipeline) run under no_grad
         for _ in range(steps + 1):
             q = ste_quantize(latent, spec)
             loss = local_objective(W, q, H)
@@ -169,7 +169,7 @@ def zq_global_block(
     losses = []
     with contextlib.ExitStack() as restore:
         # TF32 for the distillation's matmuls: gradients need no more than its 10-bit mantissa
-        restore.enter_context(_tf32_matmuls())
+        restore.enter_context(tf32_matmuls())
         restore.callback(_unparametrize, linears, block, dtype)
         with torch.no_grad():
             start_mse = full_mse()  # the RTN start: latent weights = W, so the forward is RTN
