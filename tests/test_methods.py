@@ -18,6 +18,8 @@ from torch.nn.utils import parametrize
 import reference_quant
 from reference_quant import single_thread  # noqa: F401  (module-scoped autouse fixture)
 
+from ptqlab.methods.gptq import (lower_triangular_inverse, reference_upper_cholesky_of_inverse,
+                                 upper_cholesky_of_inverse)
 from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
 from ptqlab.methods import lorc as lorc_mod
 from ptqlab.methods import zeroquant
@@ -332,6 +334,39 @@ def test_gptq_dead_inputs(g, act_order, symmetric):
     assert bool((torch.diag(H)[dead] == 0).all()) and not bool((W[:, dead] == 0).all())
 
 
+@pytest.mark.parametrize("n", [1, 7, 130, 2100])
+def test_upper_cholesky_of_inverse_against_float64(n):
+    # One Cholesky of the flipped H and its triangular inverse (by halves past 2048 rows): the factor the
+    # reference recipe (Cholesky, inverse, Cholesky) makes, row-major, upper triangular, as accurate in float32.
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)
+    H = X.t() @ X / X.shape[0]
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    exact = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    U = upper_cholesky_of_inverse(H.float())
+    ref = reference_upper_cholesky_of_inverse(H.float())
+    assert U.is_contiguous() and U.dtype == torch.float32 and torch.equal(U, U.triu())
+    assert bool((U.diagonal() > 0).all())
+    err = float((U.double() - exact).norm() / exact.norm())
+    ref_err = float((ref.double() - exact).norm() / exact.norm())
+    assert err <= max(2 * ref_err, 1e-6), (err, ref_err)
+
+
+@pytest.mark.parametrize("n,leaf", [(5, 1), (33, 4), (64, 16), (257, 64)])
+def test_lower_triangular_inverse_by_halves(n, leaf):
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(X.t() @ X / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))  # column-major
+    inv = lower_triangular_inverse(L, leaf)
+    assert inv.is_contiguous() and torch.equal(inv, inv.tril())
+    torch.testing.assert_close(inv @ L, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_upper_cholesky_of_inverse_not_positive_definite():
+    assert upper_cholesky_of_inverse(torch.tensor([[1.0, 2.0], [2.0, 1.0]])) is None
+    assert reference_upper_cholesky_of_inverse(torch.tensor([[1.0, 2.0], [2.0, 1.0]])) is None
+
+
 def test_gptq_not_positive_definite_hessian_warns_and_recovers():
     d = 16
     _, X, H = layer(8, d, seed=6)
@@ -508,6 +543,7 @@ def krylov_runs(monkeypatch):
     check that it really ran and converged (or fell back)."""
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 512)
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.7)
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_TOL", 1e-8)  # the algorithm's strict contract; the default's is below
     runs = []
     solver = lorc_mod.top_eigenpairs_krylov
 
@@ -613,6 +649,25 @@ def test_lorc_krylov_zero_and_rank_deficient(krylov_runs, shape):
     assert float((u[:, 3:] @ v[3:]).abs().max()) <= 1e-9 * float(E.abs().max())
     u0, v0 = eigh_factors(E, 8)
     torch.testing.assert_close(u[:, :3] @ v[:3], u0[:, :3] @ v0[:3], rtol=0, atol=1e-9 * float(E.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(2048, 1024), (1100, 1536)])
+def test_lorc_krylov_default_tolerance_is_within_fp16_rounding(monkeypatch, shape):
+    # The library's own tolerance: the product U V no further from the exact one than rounding the exact factors to
+    # fp16 moves it, and the same Frobenius error (the energy LoRC removes) to 1e-9.
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 512)
+    monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.7)
+    runs = []
+    solver = lorc_mod.top_eigenpairs_krylov
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", lambda *a, **k: runs.append(solver(*a, **k)) or runs[-1])
+    E = quant_error(*shape, seed=11)
+    u, v = lorc_mod.top_singular_factors(E, 8)
+    assert runs and runs[0].converged and runs[0].residual <= lorc_mod._KRYLOV_TOL
+    u0, v0 = eigh_factors(E, 8)
+    exact = u0 @ v0
+    fp16 = float((u0.half().double() @ v0.half().double() - exact).norm() / exact.norm())
+    assert float((u @ v - exact).norm() / exact.norm()) <= fp16
+    assert float((E - u @ v).norm()) == pytest.approx(float((E - exact).norm()), rel=1e-9)
 
 
 def test_lorc_krylov_falls_back_to_eigh_when_not_converged(krylov_runs, monkeypatch):

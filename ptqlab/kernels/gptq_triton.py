@@ -97,6 +97,8 @@ def gptq_block(
     block_rows: int = 16,
 ) -> torch.Tensor:
     """Quantize columns ``i1:i2`` in place into ``Q``; returns the scaled errors ``[rows, i2 - i1]``."""
+    if W.stride(1) != 1 or Hinv.stride(1) != 1:  # the kernel walks rows by stride(0), columns by 1
+        raise ValueError(f"gptq_block needs row-major W and Hinv, got strides {W.stride()} and {Hinv.stride()}")
     rows = W.shape[0]
     ncols = i2 - i1
     block_c = triton.next_power_of_2(ncols)
