@@ -7,6 +7,13 @@ Each shape: ``W [out, in]`` random, ``H = X^T X / n`` from ``--tokens`` random f
 W4 g128; one untimed call (compile, cuSOLVER workspace), then a timed one (wall, synchronised) and a profiled one.
 A row per shape: wall seconds of ``gptq_quantize`` and of ``inverse_hessian_cholesky`` alone, and the CUDA time of
 the kernels that take the most, grouped by name. Random weights: time only.
+
+    python bench/profile_gptq_solve.py --inverse-variants --out $OUT/inverse.jsonl
+
+times the ways to the upper Cholesky factor of ``H^-1`` instead, per input width: the reference recipe (Cholesky,
+``cholesky_inverse``, Cholesky), and one Cholesky of the flipped ``H`` with its triangular inverse by one ``trsm``
+(``leaf`` = n) or by halves (``leaf`` < n), each on torch's default and MAGMA linear-algebra backends, with each
+factor's relative Frobenius error against the float64 one.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import time
 import torch
 
 from kernel_common import emit, open_output
-from ptqlab.methods.gptq import gptq_quantize, inverse_hessian_cholesky
+from ptqlab.methods.gptq import (gptq_quantize, inverse_hessian_cholesky, lower_triangular_inverse,
+                                 reference_upper_cholesky_of_inverse)
 from ptqlab.quantizers import QuantSpec
 
 SHAPES = {"qkv": (12288, 4096), "out": (4096, 4096), "fc1": (16384, 4096), "fc2": (4096, 16384)}
@@ -60,17 +68,59 @@ def profile_shape(name: str, out: int, inp: int, tokens: int, top: int) -> dict:
     return row
 
 
+def _median_wall(fn, repeats: int) -> float:
+    fn()  # workspaces, first-call setup
+    return sorted(_wall(fn) for _ in range(repeats))[repeats // 2]
+
+
+def inverse_variants(inp: int, tokens: int, leaves: list[int], repeats: int) -> list[dict]:
+    """Time and float64 error of each route to ``U`` with ``U^T U = (H + damp I)^-1``, H from random inputs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, inp, device="cuda", generator=g, dtype=torch.float16)
+    h = torch.addmm(torch.zeros(inp, inp, device="cuda"), x.t(), x, out_dtype=torch.float32).mul_(2 / tokens)
+    del x
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True)
+    routes = {"reference": lambda: reference_upper_cholesky_of_inverse(h)}
+    for leaf in leaves:
+        routes[f"flip+inverse(leaf={leaf})"] = (
+            lambda leaf=leaf: lower_triangular_inverse(torch.linalg.cholesky(h.flip(0, 1)), leaf).flip(0, 1))
+    rows = []
+    default = torch.backends.cuda.preferred_linalg_library()
+    for backend in ("default", "magma"):
+        torch.backends.cuda.preferred_linalg_library(default if backend == "default" else "magma")
+        try:
+            for name, fn in routes.items():
+                seconds = _median_wall(fn, repeats)
+                err = float((fn().double() - exact).norm() / exact.norm())
+                rows.append({"in": inp, "tokens": tokens, "route": name, "backend": backend, "s": round(seconds, 5),
+                             "rel_err_vs_float64": err, "torch": torch.__version__})
+        finally:
+            torch.backends.cuda.preferred_linalg_library(default)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inverse-variants", action="store_true", help="time the routes to chol(H^-1) instead")
+    ap.add_argument("--widths", default="4096,16384", help="input widths for --inverse-variants")
+    ap.add_argument("--leaves", default="16384,4096,2048,1024", help="triangular-inverse leaf sizes")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_gptq_solve.py needs a CUDA GPU", file=sys.stderr)
         return 2
     open_output(a.out)
+    if a.inverse_variants:
+        for inp in (int(w) for w in a.widths.split(",")):
+            leaves = sorted({min(int(v), inp) for v in a.leaves.split(",")}, reverse=True)
+            for row in inverse_variants(inp, a.tokens, leaves, a.repeats):
+                emit(row)
+        return 0
     for name in a.shapes.split(","):
         emit(profile_shape(name, *SHAPES[name], a.tokens, a.top))  # (emit adds the GPU's name)
     return 0

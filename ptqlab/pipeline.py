@@ -35,6 +35,7 @@ from .config import QuantConfig
 from .distributed import SINGLE, Distributed
 from .hessian import HessianCollector
 from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
+from .methods.zeroquant import tf32_matmuls
 from .models import FamilyMapping, ModelAdapter, QuantLinear, family_mapping, get_adapter, wrap_linears
 from .moves import block_moves
 from .transforms import BlockContext, ModelContext, check_transform_model, get_transform
@@ -128,13 +129,16 @@ def _log_layer(layer: QuantLinear, original: torch.Tensor, H: torch.Tensor | Non
     """The per-layer error log entry of a finished layer.
 
     The float32 weights and their difference are made once and both errors read them, with one device
-    sync for the pair."""
+    sync for the pair. The output error's ``[out, in] x [in, in]`` products run on TF32 on CUDA: they are a
+    report, not an input of the method (a relative error of ~1e-3 in a ratio printed to 3 digits), and in float32
+    they took 0.13 s of every OPT-6.7B block on an H200, where TF32's measured rate is 8x float32's."""
     entry = {"layer": layer.name, "out": layer.out_features, "in": layer.in_features}
     w = original.float()
     diff = w - layer.effective_weight().float()
     errors = [diff.norm() / w.norm().clamp(min=1e-30)]
     if H is not None:
-        errors.append(_output_error_ratio(w, diff, H))
+        with tf32_matmuls():
+            errors.append(_output_error_ratio(w, diff, H))
     values = torch.stack(errors).tolist()
     if H is not None:
         entry["rel_output_error"] = values[1]
