@@ -258,7 +258,9 @@ class QuantLinear(nn.Module):
                 # one fused launch, no device sync: a non-finite input becomes NaN output,
                 # which evaluation reports once per window (ptqlab.evaluate)
                 return act_quant.SHARED_INPUTS.get(x, self.act_spec, f"{self.name} input")
-        return fake_quantize(x, self.act_spec, f"{self.name} input", activation=True)
+        # no NaN/Inf check (a device sync) inside a CUDA graph being captured (ZQ-Global's training steps)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return fake_quantize(x, self.act_spec, f"{self.name} input", activation=True, check=not capturing)
 
     # How inference applies LoRC: "addmm" (t = x V^T, then y += t U^T in place: no [tokens, out] temporary,
     # no separate add; the fastest layout measured, bench/README.md) or "plain" (the reference's three ops).

@@ -193,15 +193,19 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     return ((cg - q.zero) * q.scale).reshape(q.codes.shape).to(q.dtype)
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, name: str = "tensor", activation: bool = False) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, name: str = "tensor", activation: bool = False,
+                  check: bool = True) -> torch.Tensor:
     """Quantize then dequantize ``x``, returning a tensor of its dtype and shape.
 
     A 16-bit spec returns ``x`` unchanged. ``activation``: ``x`` is a layer input, so a two-level format
-    (nvfp4) takes its second scale per token instead of per tensor (the integers ignore it).
+    (nvfp4) takes its second scale per token instead of per tensor (the integers ignore it). ``check=False`` skips
+    the NaN/Inf check (a device sync) for callers that check their result themselves, e.g. inside an optimisation
+    loop or a captured CUDA graph.
     """
     if not spec.enabled:
         return x
-    check_finite(x, name)
+    if check:
+        check_finite(x, name)
     if spec.is_float:
         from .formats import fake_quantize as float_fake_quantize
 

@@ -98,8 +98,10 @@ def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         return None
-    U = lower_triangular_inverse(L).flip(0, 1).contiguous()  # row-major: the Triton solve reads rows of U
-    del L
+    L_inv = lower_triangular_inverse(L)
+    del L  # at fc2's width each [in, in] float32 matrix is 1 GiB: at most three live here, with the caller's H
+    U = L_inv.flip(0, 1)  # a row-major copy (the Triton solve reads rows of U)
+    del L_inv
     return U if bool(torch.isfinite(U.diagonal()).all()) else None
 
 

@@ -79,8 +79,13 @@ def test_the_cache_does_not_grow_from_block_to_block(monkeypatch):
     quantize_model(model, CONFIG, calib, "cuda", progress=False, batch_size=8)
     print(f"reserved after each block (MiB): {[round(r / 2**20, 1) for r in reserved]}")
     assert len(reserved) == len(get_adapter(model).blocks)
-    # from the second block on the same shapes find their cached blocks: no new segments
-    assert max(reserved[1:]) <= reserved[1] + 4 * 2**20, reserved
+    # from the second block on the same shapes find their cached blocks: at most a settling segment (the
+    # allocator's splits differ from block to block: since session 30's GPTQ inverse one 22 MiB segment comes at
+    # block 3 of testbed-opt on the H200, [104, 106, 106, 128, 128, 128] MiB in a fresh process), and none in
+    # the second half of the blocks, so nothing grows with the depth of the model
+    assert max(reserved[1:]) <= reserved[1] * 1.02 + 32 * 2**20, reserved
+    half = len(reserved) // 2
+    assert max(reserved[half:]) == reserved[half], reserved
 
 
 def _files(folder: Path) -> dict[str, bytes]:
