@@ -704,3 +704,22 @@ def test_report_of_a_study_leaves_its_bytes_unchanged(study_db, capsys):
     assert main(["report", str(study_db)]) == 0
     assert "Study report" in capsys.readouterr().out
     assert study_db.read_bytes() == content
+
+
+def test_too_few_calibration_windows_stop_the_study_before_anything_is_queued(tmp_path, capsys):
+    # testbed-bloom has no position limit, so its runs take 2048-token windows: the testbed calibration text holds
+    # 37 of them, and 128 are asked (the methods recipe once stopped on this at run 53 of 82)
+    db = tmp_path / "few.db"
+    args = ["study", "--grid", "method=rtn,gptq wbits=4", "--model", "testbed-bloom", "--set", "calib=testbed",
+            "--set", "eval=heldout", "--db", str(db)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "testbed-bloom gptq W4A16" in err and "37 windows" in err and "--set" in err, err
+    assert not db.exists()  # nothing was queued
+    # the same grid at a window the text holds passes the check, and so do the default ("auto": the testbed text)
+    from ptqlab.study.cli import check_plan_calibration
+
+    for settings in ({"calib": "testbed", "seqlen": 512}, {"seqlen": 512}):
+        plan = parse_grid("method=rtn,gptq wbits=4", ["testbed-bloom"], settings)
+        assert [r.spec["method"] for r in plan.runs if "calib" in r.spec] == ["gptq"]
+        check_plan_calibration([r.spec for r in plan.runs], None)

@@ -68,6 +68,52 @@ def check_plan_data(specs: list[dict], data_dir: str | None) -> None:
 
         for tasks, tasks_dir in task_sets:  # lm-eval there, every task known, its local data present
             check_tasks(tasks, tasks_dir)
+    check_plan_calibration(specs, data_dir)
+
+
+def check_plan_calibration(specs: list[dict], data_dir: str | None) -> None:
+    """Every calibrating run's text holds the windows it asks for (the check ``data.calibration_windows`` makes
+    when the run starts), for runs on a model with a local folder (the testbed, a path) calibrating from a text
+    rather than C4's documents: a study once stopped there at run 53 of 82 (recipes/methods.yaml on testbed-bloom,
+    whose 2048-token windows the testbed text held 37 of, not 128). Each (model, text, windows, window length) is
+    drawn once; a model that is not there yet is left to its run's own error."""
+    from ..data import DataError, calibration_windows
+    from ..experiment import resolve_seqlen
+    from ..models import max_positions, model_config
+    from ..testbed import resolve_model_path
+    from .recipe import run_name
+    from .runner import run_spec
+
+    seen: set[tuple] = set()
+    tokenizers: dict[str, object] = {}
+    for spec in specs:
+        if "calib" not in spec:
+            continue
+        run = run_spec(spec)  # resolves calib "auto"
+        if run.calib == "c4":
+            continue
+        try:
+            path = resolve_model_path(run.model)
+        except FileNotFoundError:
+            continue
+        if not (Path(path) / "config.json").is_file():
+            continue  # a hub model: its run loads it (and says so when it cannot)
+        limit = max_positions(model_config(path))
+        seqlen = resolve_seqlen(run.seqlen, limit, run.model)
+        calib_seqlen = resolve_seqlen(run.calib_seqlen or seqlen, limit, run.model)
+        key = (str(path), run.calib, run.nsamples, calib_seqlen)
+        if key in seen:
+            continue
+        seen.add(key)
+        if path not in tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizers[path] = AutoTokenizer.from_pretrained(path)
+        try:
+            calibration_windows(tokenizers[path], run.calib, run.nsamples, calib_seqlen, run.seed, data_dir)
+        except DataError as err:
+            raise DataError(f"{run_name(spec)}: {err} (in a study: nsamples, calib_seqlen or seqlen in the "
+                            f"recipe's settings or --set)") from None
 
 
 def check_plan_execution(specs: list[dict], a: argparse.Namespace) -> None:
