@@ -20,6 +20,7 @@ import sys
 
 import torch
 from kernel_common import SHAPES, build_opt, copy_bandwidth, emit, open_output, rtn_with_grid, swap_real, wrap_model
+from ptqlab.kernels.real import DEFAULT_PREFERENCE
 from ptqlab.quantizers import QuantSpec
 # the decoder lives in the package (ptqlab run --speed measures with it); re-exported for tests/test_bench_decode.py
 from ptqlab.speed import StaticOPTDecoder, make_decoder, prefill, run_eager, run_graph, step  # noqa: F401
@@ -39,7 +40,7 @@ SCHEMES = {
 
 
 def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: list[int], prompt: int, new: int,
-                 bw: float, backend: str = "tinygemm") -> None:
+                 bw: float, backend: str = DEFAULT_PREFERENCE) -> None:
     """``backend``: the kernel preference (ptqlab.kernels.real.PREFERENCES) the real layers are chosen with."""
     wspec, aspec, rank = SCHEMES[scheme]
     rtn_with_grid(layers, wspec, aspec, rank, originals=originals, svd=False)
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--backend", default="tinygemm", help="kernel preference: triton, tinygemm or gemlite")
+    ap.add_argument("--backend", default=DEFAULT_PREFERENCE,
+                    help=f"kernel preference: triton, tinygemm or gemlite (default: the library's, {DEFAULT_PREFERENCE})")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
