@@ -465,6 +465,7 @@ def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tas
         "eval_protocol": {"tokenization": TOKENIZATION},
         # memory settings: not part of the config (no effect beyond the float order of the Hessian sums)
         "execution": {"calib_batch": session.calib_batch, "calib_offload": session.calib_offload,
+                      **_method_execution(spec, session.device),
                       **({"eval_batch": eval_batch} if eval_batch is not None else {}),
                       **({"kernels": kernels} if kernel != "fake" else {}),
                       **({"world_size": dist.world_size, "backend": dist.backend} if dist.active else {})},
@@ -477,6 +478,14 @@ def _record(spec: RunSpec, session: ModelSession, report, evaluation: tuple, tas
         record["saved_to"] = str(save)
         write(record)
     return record
+
+
+def _method_execution(spec: RunSpec, device: str) -> dict:
+    """What the run's method reports of how it ran on ``device`` (e.g. ZQ's CUDA graphs), for the record."""
+    from .methods import get_method
+
+    method = get_method(spec.config.method)
+    return method.execution(torch.device(device)) if method.execution is not None else {}
 
 
 def peak_host_rss_gib() -> float:

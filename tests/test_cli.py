@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ptqlab.cli import main
 
@@ -260,3 +261,21 @@ def test_every_flag_has_help_that_shows_its_default():
             if f"(default: {shown})" not in action.help:
                 missing.append(f"{flag}: default {shown!r} not shown in {action.help!r}")
     assert not missing, "\n".join(missing)
+
+
+def test_a_zq_record_says_how_its_steps_ran(tiny_models, data_dir, tmp_path, monkeypatch):
+    # ZQ's CUDA-graph and eager steps agree only to float rounding, so the record names which ran (here: eager,
+    # the CPU); the switch itself is read per device
+    from ptqlab.methods.zeroquant import cuda_graphs_enabled
+
+    out = tmp_path / "r.jsonl"
+    assert main(["run", "--model", str(tiny_models["opt"]), "--method", "zq-local", "--wbits", "4", "--zq-steps", "2",
+                 "--calib", str(data_dir / "ptb" / "ptb.valid.txt"), "--nsamples", "2", "--seqlen", "32", "--eval", "ptb", "--max-eval-windows", "1",
+                 "--data-dir", str(data_dir), "--device", "cpu", "--no-progress", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["execution"] == {"calib_batch": 8, "calib_offload": False, "zq_cuda_graphs": False}
+    assert "zq_cuda_graphs" not in json.dumps(record["config"])  # not part of what the run is
+    monkeypatch.delenv("PTQLAB_ZQ_GRAPHS", raising=False)
+    assert cuda_graphs_enabled(torch.device("cuda")) and not cuda_graphs_enabled(torch.device("cpu"))
+    monkeypatch.setenv("PTQLAB_ZQ_GRAPHS", "0")
+    assert not cuda_graphs_enabled(torch.device("cuda"))

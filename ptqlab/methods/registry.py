@@ -58,6 +58,9 @@ class Method:
     solve_block: BlockSolve | None = None  # all linears of a block together, after solve_layer
     needs_targets: bool = False  # solve_block needs the full-precision block outputs
     options: tuple[str, ...] = ()  # the flat config keys (beyond the specs) this method reads
+    # how the method runs on a device, where that changes its numbers (not part of the config: the same command
+    # on another machine may run it otherwise); the run's record keeps it under "execution"
+    execution: Callable[[torch.device], dict] | None = None
 
 
 METHODS: dict[str, Method] = {}

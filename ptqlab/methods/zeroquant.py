@@ -369,8 +369,14 @@ def _solve_global(problem: BlockProblem) -> tuple[dict[str, tuple[torch.Tensor, 
     return qparams, {"layer": problem.label, "zq_global_mse": [history[0], history[-1]] if history else []}
 
 
+def _execution(device: torch.device) -> dict:
+    # graphed and eager steps agree to float rounding, which ZQ's rounding decisions can amplify (bench/README.md)
+    return {"zq_cuda_graphs": cuda_graphs_enabled(device)}
+
+
 register(Method("zq-local", "ZeroQuant-Local: each linear's output error, STE + Adam from RTN",
-                needs_calibration=True, solve_layer=_solve_local, options=("zq_steps", "zq_lr")))
+                needs_calibration=True, solve_layer=_solve_local, options=("zq_steps", "zq_lr"),
+                execution=_execution))
 register(Method("zq-global", "ZeroQuant-Global: block-wise distillation, STE + Adam from RTN",
                 needs_calibration=True, solve_block=_solve_global, needs_targets=True,
-                options=("zq_steps", "zq_lr", "zq_batch")))
+                options=("zq_steps", "zq_lr", "zq_batch"), execution=_execution))
