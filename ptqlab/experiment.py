@@ -261,12 +261,17 @@ def check_speed(spec: RunSpec, device: str, kernel: str = "fake", offload: bool 
         check_speed_model(hf_config.model_type, spec.model)
 
 
+def window_lengths(spec: RunSpec, hf_config) -> tuple[int, int]:
+    """``(seqlen, calib_seqlen)`` of a run on a model with this Hugging Face config."""
+    limit = max_positions(hf_config)
+    seqlen = resolve_seqlen(spec.seqlen, limit, spec.model)
+    return seqlen, resolve_seqlen(spec.calib_seqlen or seqlen, limit, spec.model)
+
+
 def _check_sizes(spec: RunSpec, hf_config, device: str, calib_offload: bool) -> tuple[int, int]:
     """``(seqlen, calib_seqlen)`` of a run on a model with this Hugging Face config, and the memory its
     calibration needs checked."""
-    limit = max_positions(hf_config)
-    seqlen = resolve_seqlen(spec.seqlen, limit, spec.model)
-    calib_seqlen = resolve_seqlen(spec.calib_seqlen or seqlen, limit, spec.model)
+    seqlen, calib_seqlen = window_lengths(spec, hf_config)
     hidden = getattr(hf_config, "hidden_size", None)
     if spec.config.needs_calibration and isinstance(hidden, int):
         check_calibration_memory(spec.nsamples, calib_seqlen, hidden, resolve_dtype(spec.dtype, device), device,

@@ -13,9 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from ptqlab.data import calibration_windows
-from ptqlab.experiment import resolve_seqlen
-from ptqlab.models import max_positions, model_config
+from ptqlab.experiment import window_lengths
+from ptqlab.models import model_config
 from ptqlab.study.recipe import load_recipe
+from ptqlab.study.runner import run_spec
 from ptqlab.testbed import TESTBED_MODELS, resolve_model_path
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
@@ -27,9 +28,7 @@ def _calibrations(recipe: Path) -> set[tuple[str, str, int, int]]:
         spec = run.spec
         if spec["model"] not in TESTBED_MODELS or spec.get("method", "fp16") in ("fp16", "rtn"):
             continue  # models to be built, and runs with no calibration
-        limit = max_positions(model_config(resolve_model_path(spec["model"])))
-        seqlen = resolve_seqlen(spec.get("seqlen"), limit, spec["model"])
-        calib_seqlen = resolve_seqlen(spec.get("calib_seqlen") or seqlen, limit, spec["model"])
+        _, calib_seqlen = window_lengths(run_spec(spec), model_config(resolve_model_path(spec["model"])))
         needs.add((spec["model"], spec["calib"], spec["nsamples"], calib_seqlen))
     return needs
 

@@ -78,8 +78,8 @@ def check_plan_calibration(specs: list[dict], data_dir: str | None) -> None:
     whose 2048-token windows the testbed text held 37 of, not 128). Each (model, text, windows, window length) is
     drawn once; a model that is not there yet is left to its run's own error."""
     from ..data import DataError, calibration_windows
-    from ..experiment import resolve_seqlen
-    from ..models import max_positions, model_config
+    from ..experiment import window_lengths
+    from ..models import model_config
     from ..testbed import resolve_model_path
     from .recipe import run_name
     from .runner import run_spec
@@ -98,9 +98,7 @@ def check_plan_calibration(specs: list[dict], data_dir: str | None) -> None:
             continue
         if not (Path(path) / "config.json").is_file():
             continue  # a hub model: its run loads it (and says so when it cannot)
-        limit = max_positions(model_config(path))
-        seqlen = resolve_seqlen(run.seqlen, limit, run.model)
-        calib_seqlen = resolve_seqlen(run.calib_seqlen or seqlen, limit, run.model)
+        _, calib_seqlen = window_lengths(run, model_config(path))
         key = (str(path), run.calib, run.nsamples, calib_seqlen)
         if key in seen:
             continue
