@@ -60,8 +60,8 @@ def cuda_graphs_enabled(device: torch.device) -> bool:
 
 
 def _adam(params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Adam:
-    # capturable on CUDA whether or not the steps are captured, so the eager and the graphed loops do the same
-    # arithmetic (the GPU tests compare them bit for bit)
+    # capturable on CUDA whether or not the steps are captured, so that the eager loop can check the graphed one
+    # (tests/gpu/test_gpu_zq.py; they agree to float rounding, bench/README.md)
     return torch.optim.Adam(params, lr=lr, capturable=device.type == "cuda")
 
 
