@@ -14,7 +14,7 @@ and peak host RSS (sampled every 20 ms) during that method, and, for every phase
 at the rate measured here for that arithmetic (bf16 matmul for the block forwards and the Hessian sums (fp16
 inputs, float32 output), fp32/TF32 for the solves, fp64 for LoRC's Gram matrix) plus the bytes it must move host <-> device at the measured pinned-copy bandwidth. The
 full model is extrapolated per layer: ``once + (quantize - once) * L_full / L`` with ``once`` the phases run once
-per model (capture, finish) (every block of a shape is the same shape), stated in each row. ``quantize_s`` is the
+per model (capture, pin, finish) (every block of a shape is the same shape), stated in each row. ``quantize_s`` is the
 ``quantize_model`` call alone; the phases sum to it (``other`` is what no phase names), freeing the model
 afterwards is ``cleanup_s``.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ptqlab import QuantConfig, QuantSpec
+from ptqlab import moves as moves_module
 from ptqlab.pipeline import quantize_model
 
 
@@ -229,7 +230,7 @@ class HostPeak:
 
 
 # phases that run once per model, not once per block (the extrapolation counts them once)
-ONCE_PHASES = ("capture", "finish")
+ONCE_PHASES = ("capture", "pin", "finish")
 
 
 def run_one(model: torch.nn.Module, shape_name: str, method: str, calib: torch.Tensor, device: torch.device,
@@ -291,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="folder: scale.jsonl (one row per shape and method) and rates.json")
+    p.add_argument("--moves", default=moves_module.DEFAULT,
+                   help=f"comma-separated block moves to compare, of {', '.join(moves_module.MOVES)}")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new (shape, method) after this many seconds; those left get a 'skipped' row")
     a = p.parse_args(argv)
     shapes, methods = a.shape.split(","), a.methods.split(",")
-    bad = [s for s in shapes if s not in SHAPES] + [m for m in methods if m not in METHODS]
+    moves = a.moves.split(",")
+    bad = ([s for s in shapes if s not in SHAPES] + [m for m in methods if m not in METHODS]
+           + [m for m in moves if m not in moves_module.MOVES])
     if bad or a.layers < 1:
         p.error(f"unknown shape or method {bad}" if bad else "--layers must be at least 1")
     device = torch.device(a.device)
@@ -320,16 +325,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - t0:.1f}s ({json.dumps(asdict(shape))})", file=sys.stderr)
             if device.type == "cuda":  # warm-up (cuBLAS, the GPTQ Triton kernel's JIT) so the rows are steady state
                 run_one(model, shape_name, "gptq", calib[: a.calib_batch], device, a.layers, rates, a.calib_batch)
-            for method in methods:
+            for method, how in ((m, mv) for m in methods for mv in moves):
                 if a.budget_s and time.perf_counter() - t_start > a.budget_s:
-                    sink.write(json.dumps({"shape": shape_name, "method": method, "skipped": "--budget-s"}) + "\n")
+                    sink.write(json.dumps({"shape": shape_name, "method": method, "moves": how,
+                                           "skipped": "--budget-s"}) + "\n")
                     continue
-                row = run_one(model, shape_name, method, calib, device, min(a.layers, shape.layers), rates,
-                              a.calib_batch)
-                row["rates"] = rates
+                default, moves_module.DEFAULT = moves_module.DEFAULT, how
+                try:
+                    row = run_one(model, shape_name, method, calib, device, min(a.layers, shape.layers), rates,
+                                  a.calib_batch)
+                finally:
+                    moves_module.DEFAULT = default
+                row["moves"], row["rates"] = how, rates
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-                print(f"# {shape_name} {method}: {row.get('quantize_s', row.get('error'))}", file=sys.stderr)
+                print(f"# {shape_name} {method} ({how} moves): {row.get('quantize_s', row.get('error'))}",
+                      file=sys.stderr)
             del model
             gc.collect()
     return 0

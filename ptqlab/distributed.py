@@ -136,11 +136,19 @@ class Distributed:
         """``apply(key, solve(key))`` for every key, in order. Distributed: rank ``i % N`` solves the
         ``i``-th key (the ranks' solves run at once), then every result is broadcast from its owner and
         applied on every rank, in key order."""
+        self.solve_all_in_turn(keys, lambda mine: [solve(key) for key in mine], apply)
+
+    def solve_all_in_turn(self, keys: Sequence[str],
+                          solve_all: Callable[[list[str]], list[tuple[torch.Tensor, ...]]],
+                          apply: Callable[[str, tuple[torch.Tensor, ...]], None]) -> None:
+        """``solve_in_turn`` where one call solves all of a rank's keys at once (``solve_all(keys)`` returns their
+        results in order), for solvers that batch."""
         if not self.active:
-            for key in keys:
-                apply(key, solve(key))
+            for key, result in zip(keys, solve_all(list(keys)), strict=True):
+                apply(key, result)
             return
-        mine = {key: solve(key) for i, key in enumerate(keys) if i % self.world_size == self.rank}
+        owned = [key for i, key in enumerate(keys) if i % self.world_size == self.rank]
+        mine = dict(zip(owned, solve_all(owned), strict=True))
         for i, key in enumerate(keys):
             owner = i % self.world_size
             with self.collective(f"receiving {key} from rank {owner}"):

@@ -34,7 +34,7 @@ from .blockio import BlockInputs, block_inputs_as, capture_block_inputs, forward
 from .config import QuantConfig
 from .distributed import SINGLE, Distributed
 from .hessian import HessianCollector
-from .methods import BlockProblem, get_method, lorc_factors, rtn_quantize
+from .methods import BlockProblem, get_method, lorc_factors_many, rtn_quantize
 from .methods.zeroquant import tf32_matmuls
 from .models import FamilyMapping, ModelAdapter, QuantLinear, family_mapping, get_adapter, wrap_linears
 from .moves import block_moves
@@ -48,7 +48,7 @@ class QuantReport:
 
     ``timings`` covers the whole :func:`quantize_model` call: its phases sum to the call's wall time. Besides
     the work phases (capture, hessian, solve, lorc, propagate, ...) there are ``move`` (blocks to the device
-    and back), ``stream`` (a streamed block read and written), ``setup`` (wrapping linears, keeping the
+    and back), ``pin`` (the moves' host staging memory, once per call), ``stream`` (a streamed block read and written), ``setup`` (wrapping linears, keeping the
     original weights, finishing the Hessians), ``log`` (the per-layer error log), ``finish`` (LM head, bits
     per weight) and ``other``: whatever no phase names (Python between phases), so an unexplained gap shows.
     """
@@ -116,13 +116,13 @@ def _apply_group(names: list[str], linears: dict[str, QuantLinear],
         linears[name].set_weight_qparams(scale, zero)
 
 
-def _lorc(layer: QuantLinear, original: torch.Tensor, config: QuantConfig,
-          H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRC factors ``(U, V)`` of the error the method left in ``layer``."""
-    err = original.float() - layer.weight.float()
-    rank = min(config.lorc_rank, *err.shape)
-    return lorc_factors(err, rank, config.lorc_spec, H if config.lorc_aware else None, config.gptq.percdamp,
-                        layer.name)
+def _lorc(layers: list[QuantLinear], originals: list[torch.Tensor], config: QuantConfig,
+          hessians: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """LoRC factors ``(U, V)`` of the errors the method left in ``layers`` (one batched solve)."""
+    errors = [original.float() - layer.weight.float() for layer, original in zip(layers, originals)]
+    ranks = [min(config.lorc_rank, *err.shape) for err in errors]
+    return lorc_factors_many(errors, ranks, config.lorc_spec, hessians if config.lorc_aware else None,
+                             config.gptq.percdamp, [layer.name for layer in layers])
 
 
 def _log_layer(layer: QuantLinear, original: torch.Tensor, H: torch.Tensor | None, report: QuantReport) -> None:
@@ -256,8 +256,11 @@ def _quantize_block(
                                         f"no scale/zero point; its integer codes cannot be recovered to save the model")
     if config.lorc_rank:
         with _Timer(report, "lorc", device):
-            dist.solve_in_turn(list(linears), lambda n: _lorc(linears[n], originals[n], config, hessians[n]),
-                               lambda n, uv: linears[n].set_lorc(*uv))
+            dist.solve_all_in_turn(
+                list(linears),
+                lambda names: _lorc([linears[n] for n in names], [originals[n] for n in names], config,
+                                    [hessians[n] for n in names]),
+                lambda n, uv: linears[n].set_lorc(*uv))
     with _Timer(report, "log", device):
         for name, layer in linears.items():
             _log_layer(layer, originals[name], hessians[name], report)
@@ -324,6 +327,8 @@ def quantize_model(
                 inputs = capture_block_inputs(model, adapter, calibration, device, batch_size, offload_activations)
                 hidden = inputs.hidden
         moves = block_moves()
+        with _Timer(report, "pin", device):
+            moves.prepare(adapter.blocks, device)
         for index, block in enumerate(tqdm(adapter.blocks, desc=f"quantize {config.method}", disable=not progress)):
             where = f"quantizing block {index}"
             if blocks is not None:

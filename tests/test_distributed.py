@@ -179,3 +179,16 @@ def test_solve_in_turn_in_one_process_applies_in_order():
     SINGLE.solve_in_turn(["a", "b"], lambda k: (torch.tensor([ord(k)]),), lambda k, r: seen.append((k, int(r[0]))))
     assert seen == [("a", 97), ("b", 98)]
     assert issubclass(RankMismatchError, ValueError)
+
+
+def test_solve_all_in_turn_in_one_process_solves_once_and_applies_in_order():
+    calls, seen = [], []
+
+    def solve_all(keys):
+        calls.append(list(keys))
+        return [(torch.tensor([ord(k)]),) for k in keys]
+
+    SINGLE.solve_all_in_turn(["c", "a", "b"], solve_all, lambda k, r: seen.append((k, int(r[0]))))
+    assert calls == [["c", "a", "b"]] and seen == [("c", 99), ("a", 97), ("b", 98)]
+    with pytest.raises(ValueError):  # a solver that loses a result is an error, not a silently skipped layer
+        SINGLE.solve_all_in_turn(["a", "b"], lambda keys: [(torch.zeros(1),)], lambda k, r: None)

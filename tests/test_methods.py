@@ -20,7 +20,8 @@ from reference_quant import single_thread  # noqa: F401  (module-scoped autouse 
 
 from ptqlab.methods.gptq import (lower_triangular_inverse, reference_upper_cholesky_of_inverse,
                                  upper_cholesky_of_inverse)
-from ptqlab.methods import GPTQResult, gptq_quantize, lorc_factors, rtn_quantize, zq_global_block, zq_local_quantize
+from ptqlab.methods import (GPTQResult, gptq_quantize, lorc_factors, lorc_factors_many, rtn_quantize, zq_global_block,
+                            zq_local_quantize)
 from ptqlab.methods import lorc as lorc_mod
 from ptqlab.methods import zeroquant
 from ptqlab.methods.zeroquant import local_objective, ste_quantize
@@ -545,13 +546,13 @@ def krylov_runs(monkeypatch):
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.7)
     monkeypatch.setattr(lorc_mod, "_KRYLOV_TOL", 1e-8)  # the algorithm's strict contract; the default's is below
     runs = []
-    solver = lorc_mod.top_eigenpairs_krylov
+    solver = lorc_mod.top_eigenpairs_krylov_batched
 
     def spy(*args, **kwargs):
-        runs.append(solver(*args, **kwargs))
-        return runs[-1]
+        runs.extend(solver(*args, **kwargs))
+        return runs[-len(args[0]):]
 
-    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", spy)
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov_batched", spy)
     return runs
 
 
@@ -658,8 +659,9 @@ def test_lorc_krylov_default_tolerance_is_within_fp16_rounding(monkeypatch, shap
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 512)
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MAX_FRACTION", 0.7)
     runs = []
-    solver = lorc_mod.top_eigenpairs_krylov
-    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", lambda *a, **k: runs.append(solver(*a, **k)) or runs[-1])
+    solver = lorc_mod.top_eigenpairs_krylov_batched
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov_batched",
+                        lambda *a, **k: (found := solver(*a, **k), runs.extend(found))[0])
     E = quant_error(*shape, seed=11)
     u, v = lorc_mod.top_singular_factors(E, 8)
     assert runs and runs[0].converged and runs[0].residual <= lorc_mod._KRYLOV_TOL
@@ -680,10 +682,66 @@ def test_lorc_krylov_falls_back_to_eigh_when_not_converged(krylov_runs, monkeypa
     assert torch.equal(u, u0) and torch.equal(v, v0)
 
 
+def test_lorc_krylov_batched_equals_one_at_a_time(krylov_runs):
+    # A decoder block's Grams stepped together: a fast and a slow spectrum (the fast one leaves the batch first),
+    # a zero matrix and a rank-deficient one. Each result is the one-matrix run's, to rounding.
+    gen = torch.Generator().manual_seed(12)
+    n = 1024
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    separated = (U * torch.cat([torch.tensor([9.0, 7, 5, 4, 3, 2.5]), torch.full((n - 6,), 0.1)])) @ U.t()
+    flat = (lambda E: E.t() @ E)(quant_error(2048, n, seed=13))
+    low = (lambda A: A @ A.t())(torch.randn(n, 3, generator=gen, dtype=torch.float64))
+    grams = torch.stack([flat, separated, torch.zeros(n, n, dtype=torch.float64), low])
+    batched = lorc_mod.top_eigenpairs_krylov_batched(grams, 6, tol=1e-8)
+    single = [lorc_mod.top_eigenpairs_krylov(g, 6, tol=1e-8) for g in grams]
+    assert [r.converged for r in batched] == [True] * 4
+    assert batched[1].dim < batched[0].dim  # the separated spectrum stopped early, the batch went on without it
+    for got, ref, g in zip(batched, single, grams):
+        assert got.dim == ref.dim
+        scale = max(float(ref.eigvals[0]), 1e-30)
+        torch.testing.assert_close(got.eigvals, ref.eigvals, rtol=0, atol=1e-10 * scale)
+        # the same invariant subspace where the eigenvalues are separated: compare projectors on the top pairs
+        assert float((g @ got.eigvecs - got.eigvecs * got.eigvals).norm(dim=0).max()) <= 1e-8 * scale
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_lorc_factors_many_equals_lorc_factors(krylov_runs, monkeypatch, budget):
+    # One batched call over a block's worth of layers (two Gram widths, two ranks, plain and activation-aware, one
+    # layer small enough for the exact eigh) gives each layer's own lorc_factors; with a byte budget of 1 every
+    # Krylov run takes one matrix.
+    if budget is not None:
+        monkeypatch.setattr(lorc_mod, "_KRYLOV_BATCH_BYTES", budget)
+    gen = torch.Generator().manual_seed(14)
+    shapes = [(512, 512), (512, 512), (1024, 512), (512, 1024), (300, 256), (768, 640)]
+    errors = [quant_error(o, i, seed=20 + k).float() for k, (o, i) in enumerate(shapes)]
+    ranks = [8, 8, 8, 8, 4, 6]
+    X = torch.randn(2048, 512, generator=gen)
+    hessians = [X.t() @ X / 2048, None, X.t() @ X / 2048, None, None, None]
+    spec = QuantSpec(8, True, PER_ROW)
+    names = [f"l{k}" for k in range(len(shapes))]
+    together = lorc_factors_many(errors, ranks, spec, hessians, 0.01, names)
+    count = len(krylov_runs)
+    assert count == 5  # every layer but the small one went through Krylov
+    alone = [lorc_factors(e, r, spec, h, 0.01, nm) for e, r, h, nm in zip(errors, ranks, hessians, names)]
+    for (u, v), (u0, v0), e in zip(together, alone, errors):
+        assert u.shape == u0.shape and v.shape == v0.shape
+        # the factors are quantized, so compare the products they make, next to the error they compensate
+        assert float((u @ v - u0 @ v0).norm()) <= 1e-4 * float(e.norm())
+
+
+def test_lorc_factors_many_checks_its_input():
+    E = torch.randn(64, 32)
+    with pytest.raises(ValueError, match="2 errors, 1 ranks"):
+        lorc_factors_many([E, E], [4])
+    with pytest.raises(QuantizationError, match="second: LoRC rank 40 exceeds"):
+        lorc_factors_many([E, E], [4, 40], names=["first", "second"])
+    assert lorc_factors_many([], []) == []
+
+
 def test_lorc_krylov_not_used_for_small_matrices(monkeypatch):
     # Below _KRYLOV_MIN_N (and for ranks too large next to n) the exact eigh path runs, untouched.
     calls = []
-    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(lorc_mod, "top_eigenpairs_krylov_batched", lambda *a, **k: calls.append(a))
     lorc_factors(torch.randn(300, 500), 8)
     assert lorc_mod._KRYLOV_MIN_N >= 2048 and calls == []
     monkeypatch.setattr(lorc_mod, "_KRYLOV_MIN_N", 256)

@@ -82,7 +82,7 @@ def test_on_the_cpu_nothing_is_kept_or_copied():
 
 
 def test_unknown_moves_are_refused():
-    with pytest.raises(ValueError, match="unknown block moves 'teleport'; known: host-reuse, plain"):
+    with pytest.raises(ValueError, match="unknown block moves 'teleport'; known: host-reuse, plain, staged"):
         block_moves("teleport")
 
 
@@ -101,7 +101,7 @@ def test_quantize_model_on_the_cpu_is_the_plain_moves_result(data_dir, monkeypat
     calib, _ = calibration_windows(tokenizer, str(data_dir / "ptb" / "ptb.valid.txt"), 4, 64, seed=1)
     config = QuantConfig(method="gptq", weight=QuantSpec(4, True, 64), lorc_rank=4)
     results = {}
-    for name in ("plain", "host-reuse"):
+    for name in ("plain", "host-reuse", "staged"):
         m = copy.deepcopy(model)
         ptrs = {k: p.data_ptr() for k, p in get_adapter(m).blocks.named_parameters()}
         monkeypatch.setattr(moves_module, "DEFAULT", name)
@@ -112,6 +112,7 @@ def test_quantize_model_on_the_cpu_is_the_plain_moves_result(data_dir, monkeypat
         assert {k: blocks[k].data_ptr() for k in ptrs} == ptrs
         assert any(k.endswith("lorc_u") for k in blocks)
         results[name] = _state(m)
-    assert results["plain"].keys() == results["host-reuse"].keys()
-    for k, v in results["plain"].items():
-        assert torch.equal(v, results["host-reuse"][k]), k
+    for name in ("host-reuse", "staged"):
+        assert results["plain"].keys() == results[name].keys()
+        for k, v in results["plain"].items():
+            assert torch.equal(v, results[name][k]), (name, k)

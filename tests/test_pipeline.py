@@ -325,7 +325,7 @@ def test_phases_cover_the_whole_call(tiny_models, data_dir):
     start = time.perf_counter()
     report = quantize_(model, QuantConfig(method="gptq", weight=W4G32), windows, batch_size=2)
     wall = time.perf_counter() - start
-    phases = {"capture", "setup", "hessian", "solve", "log", "propagate", "move", "finish", "other"}
+    phases = {"capture", "setup", "hessian", "solve", "log", "propagate", "move", "pin", "finish", "other"}
     assert phases <= set(report.timings)
     assert all(v >= 0 for v in report.timings.values())
     # quantize_ adds only argument handling around quantize_model, so the phases account for nearly all of it

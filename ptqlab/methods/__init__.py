@@ -13,7 +13,7 @@ from .registry import METHODS, BlockProblem, Method, WeightResult, get_method, r
 from .rtn import rtn_quantize
 from .gptq import GPTQResult, gptq_quantize
 from .zeroquant import zq_global_block, zq_local_quantize
-from .lorc import lorc_factors
+from .lorc import lorc_factors, lorc_factors_many
 
 __all__ = ["METHODS", "BlockProblem", "GPTQResult", "Method", "WeightResult", "get_method", "gptq_quantize",
-           "lorc_factors", "register", "rtn_quantize", "zq_global_block", "zq_local_quantize"]
+           "lorc_factors", "lorc_factors_many", "register", "rtn_quantize", "zq_global_block", "zq_local_quantize"]
