@@ -323,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             calib = torch.randint(0, shape.vocab, (a.nsamples, a.seqlen), generator=gen)
             print(f"# {shape_name}: {min(a.layers, shape.layers)} of {shape.layers} blocks built in "
                   f"{time.perf_counter() - t0:.1f}s ({json.dumps(asdict(shape))})", file=sys.stderr)
-            if device.type == "cuda":  # warm-up (cuBLAS, the GPTQ Triton kernel's JIT) so the rows are steady state
-                run_one(model, shape_name, "gptq", calib[: a.calib_batch], device, a.layers, rates, a.calib_batch)
+            if device.type == "cuda":  # warm-up (cuBLAS, cuSOLVER, the GPTQ Triton kernel's JIT) so the rows are steady
+                # state: with LoRC when a row has it (its first eigh sets up cuSOLVER's workspace, its threads' handles)
+                warm = "gptq+lorc" if any(METHODS[m].lorc_rank for m in methods) else "gptq"
+                run_one(model, shape_name, warm, calib[: a.calib_batch], device, a.layers, rates, a.calib_batch)
             for method, how in ((m, mv) for m in methods for mv in moves):
                 if a.budget_s and time.perf_counter() - t_start > a.budget_s:
                     sink.write(json.dumps({"shape": shape_name, "method": method, "moves": how,

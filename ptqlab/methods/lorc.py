@@ -49,8 +49,8 @@ _KRYLOV_MAX_FRACTION = 1 / 3
 # smaller matrix and comes less often (9 instead of 18 for an OPT-6.7B block). The U V products are then 4e-6 to
 # 2.6e-4 from the exact ones (fp16 rounding of the exact factors: 2.9e-4); bench/profile_lorc.py --sweep, H200.
 _KRYLOV_TOL = 1e-4
-# One batched Krylov run holds its Gram matrices and their two bases within this budget (six 4096-wide Grams of an
-# OPT-6.7B block take 1.3 GB; an 8192-wide one of a 70B model 0.9 GB, so two go at once).
+# One batched Krylov run holds its matrices' two bases within this budget (six 4096-wide ones of an OPT-6.7B block
+# take 0.5 GB; an 8192-wide one of a 70B model 0.36 GB, so five go at once).
 _KRYLOV_BATCH_BYTES = 2 * 2**30
 
 
@@ -160,17 +160,52 @@ def _ritz_pairs(Qt: torch.Tensor, GQt: torch.Tensor, rank: int) -> tuple[torch.T
     return theta, V, torch.stack([theta[:, 0], res, ortho], dim=1)
 
 
+class _Grams:
+    """The Gram matrices of a Krylov batch, applied to a block of each one's basis rows: ``(G Q_j)^T = Q_j^T G``.
+    Either formed and stacked (``[B, n, n]``, one batched product a step), or each given by its factor ``E``
+    (``G = E^T E`` for a tall E, ``E E^T`` for a wide one) and applied as two products with E, in E's precision:
+    on a GPU E is float32, which reads half the bytes of the float64 Gram a step (a 16384x4096 E: 268 MB) and
+    saves forming it (a float64 GEMM of 9 ms on an H200 for that E)."""
+
+    def __init__(self, grams: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        self.stacked = grams if isinstance(grams, torch.Tensor) else None
+        self.factors = None if self.stacked is not None else list(grams)
+        first = self.stacked if self.stacked is not None else self.factors[0]
+        self.n = self.stacked.shape[-1] if self.stacked is not None else min(first.shape)
+        self.device = first.device
+
+    def __len__(self) -> int:
+        return self.stacked.shape[0] if self.stacked is not None else len(self.factors)
+
+    def apply(self, Qt: torch.Tensor) -> torch.Tensor:
+        """``Qt [B, c, n]`` (float64) times each G."""
+        if self.stacked is not None:
+            return (Qt.to(self.stacked.dtype) @ self.stacked).to(Qt.dtype)  # G symmetric
+        out = torch.empty_like(Qt)
+        for b, E in enumerate(self.factors):
+            q = Qt[b].to(E.dtype)
+            out[b] = ((q @ E.t()) @ E) if E.shape[0] >= E.shape[1] else ((q @ E) @ E.t())
+        return out
+
+    def keep(self, rows: list[int]) -> "_Grams":
+        if self.stacked is not None:
+            return _Grams(self.stacked[torch.tensor(rows, device=self.device)])
+        return _Grams([self.factors[r] for r in rows])
+
+
 def top_eigenpairs_krylov_batched(
-    grams: torch.Tensor, rank: int, tol: float = _KRYLOV_TOL, max_dim: int | None = None, block: int | None = None,
-    first_check: int | None = None,
+    grams: torch.Tensor | Sequence[torch.Tensor], rank: int, tol: float = _KRYLOV_TOL, max_dim: int | None = None,
+    block: int | None = None, first_check: int | None = None,
 ) -> list[KrylovResult]:
-    """The ``rank`` largest eigenpairs of each symmetric PSD ``grams[b]`` (``[B, n, n]``) by block Krylov with
-    Rayleigh-Ritz, the matrices stepped together.
+    """The ``rank`` largest eigenpairs of each symmetric PSD Gram matrix by block Krylov with Rayleigh-Ritz, the
+    matrices stepped together. ``grams`` is either the Grams stacked (``[B, n, n]``) or a list of their factors
+    ``E`` (``G = E^T E`` for a tall E, ``E E^T`` for a wide one; never formed). The basis is float64 either way.
 
     The block (default ``2 rank`` columns, at least 8) is larger than ``rank`` so that repeated or clustered
     eigenvalues converge together. Rayleigh-Ritz (one small eigh of the projected matrix) runs only at a few sizes of
-    the space: after the first two, the next is predicted from the measured geometric decay of the residual, and the attempt stops as
-    soon as convergence would need more than ``max_dim`` columns. Each matrix stops on its own, and leaves the batch.
+    the space: after the first two, the next is predicted from the measured geometric decay of the residual, and the
+    attempt stops as soon as convergence would need more than ``max_dim`` columns. Each matrix stops on its own, and
+    leaves the batch.
     ``first_check`` (default ``max(3 block, 7 n / 64)``) is the space size of the first Rayleigh-Ritz step.
     Every matrix starts from the same seeded block, so a result does not depend on what it was batched with (up to
     the rounding of batched products) and is reproducible on one device.
@@ -179,11 +214,12 @@ def top_eigenpairs_krylov_batched(
     and one host sync per step; a decoder block's linears share the Gram width, so stepping them together divides
     the launches and syncs by their number.
     """
-    count, n = grams.shape[0], grams.shape[-1]
+    G = _Grams(grams)
+    count, n = len(G), G.n
     block = max(2 * rank, 8) if block is None else max(int(block), rank)
     max_dim = int(n * _KRYLOV_MAX_FRACTION) if max_dim is None else max_dim
     max_dim = max(block, min(max_dim, n) // block * block)
-    dtype, device = grams.dtype, grams.device
+    dtype, device = torch.float64, G.device
     gen = torch.Generator(device=device).manual_seed(0)
     # The bases Q and G Q, stored transposed so that each step fills a contiguous block of rows of each matrix.
     Qt = torch.empty(count, max_dim, n, dtype=dtype, device=device)
@@ -194,9 +230,9 @@ def top_eigenpairs_krylov_batched(
     check_at = [max(3 * block, 7 * n // 64) if first_check is None else first_check] * count
     history: list[list[tuple[int, float]]] = [[] for _ in range(count)]
     results: list[KrylovResult | None] = [None] * count
-    G, dim = grams, block
+    dim = block
     while True:
-        GQt[:, dim - block : dim] = Qt[:, dim - block : dim] @ G  # (G Q_j)^T, G symmetric
+        GQt[:, dim - block : dim] = G.apply(Qt[:, dim - block : dim])  # (G Q_j)^T
         last = dim + block > max_dim
         due = [j for j in range(len(active)) if dim >= check_at[j] or last]
         if due:
@@ -226,7 +262,7 @@ def top_eigenpairs_krylov_batched(
                 return results  # type: ignore[return-value]
             if len(keep) < len(active):
                 rows = torch.tensor(keep, device=device)
-                Qt, GQt, G = Qt[rows], GQt[rows], G[rows]
+                Qt, GQt, G = Qt[rows], GQt[rows], G.keep(keep)
                 active, check_at = [active[j] for j in keep], [check_at[j] for j in keep]
                 history = [history[j] for j in keep]
         Qt[:, dim : dim + block] = _orthonormal_blocks(GQt[:, dim - block : dim].mT, Qt[:, :dim].mT, gen).mT
@@ -245,36 +281,35 @@ def _uses_krylov(n: int, rank: int) -> bool:
     return n >= _KRYLOV_MIN_N and 4 * rank + 16 <= n // 4
 
 
-def _krylov_batch_size(n: int, dtype: torch.dtype) -> int:
-    """How many [n, n] Gram matrices one batched Krylov run takes: the Grams and their two bases within
-    ``_KRYLOV_BATCH_BYTES``."""
-    itemsize = torch.finfo(dtype).bits // 8
-    per_matrix = n * n * itemsize * (1 + 2 * _KRYLOV_MAX_FRACTION)
+def _krylov_batch_size(n: int) -> int:
+    """How many n-wide Gram matrices one batched Krylov run takes: their two float64 bases within
+    ``_KRYLOV_BATCH_BYTES`` (the Grams themselves are not formed)."""
+    per_matrix = n * n * 8 * 2 * _KRYLOV_MAX_FRACTION
     return max(1, int(_KRYLOV_BATCH_BYTES // per_matrix))
 
 
-def _top_eigenpairs_many(grams: Sequence[torch.Tensor],
+def _top_eigenpairs_many(errors: Sequence[torch.Tensor],
                          ranks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``ranks[i]`` largest eigenvalues (descending) and eigenvectors of each PSD ``grams[i]``: block Krylov where
-    it pays, the Grams of one width and rank batched, the full ``eigh`` otherwise and whenever Krylov has not
-    converged, so each answer is never worse than the full eigh's."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(grams)
+    """The ``ranks[i]`` largest eigenvalues (descending) and eigenvectors of the smaller Gram matrix of each
+    ``errors[i]``: block Krylov where it pays, the errors of one Gram width and rank batched, the full ``eigh`` of
+    the float64 Gram otherwise and whenever Krylov has not converged, so each answer is never worse than the full
+    eigh's."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(errors)
     by_kind: dict[tuple, list[int]] = {}
-    for i, (g, rank) in enumerate(zip(grams, ranks)):
-        if _uses_krylov(g.shape[0], rank):
-            by_kind.setdefault((g.shape[0], rank, g.dtype, g.device), []).append(i)
-    for (n, rank, dtype, _), members in by_kind.items():
-        size = _krylov_batch_size(n, dtype)
+    for i, (E, rank) in enumerate(zip(errors, ranks)):
+        if _uses_krylov(min(E.shape), rank):
+            by_kind.setdefault((min(E.shape), rank, E.device), []).append(i)
+    for (n, rank, _), members in by_kind.items():
+        size = _krylov_batch_size(n)
         for lo in range(0, len(members), size):
             chunk = members[lo : lo + size]
-            stacked = torch.stack([grams[i] for i in chunk])
-            for i, fast in zip(chunk, top_eigenpairs_krylov_batched(stacked, rank, tol=_KRYLOV_TOL)):
+            for i, fast in zip(chunk, top_eigenpairs_krylov_batched([errors[i] for i in chunk], rank,
+                                                                    tol=_KRYLOV_TOL)):
                 if fast.converged:
                     out[i] = (fast.eigvals, fast.eigvecs)
-            del stacked
-    for i, (g, rank) in enumerate(zip(grams, ranks)):
+    for i, (E, rank) in enumerate(zip(errors, ranks)):
         if out[i] is None:
-            eigvals, eigvecs = torch.linalg.eigh(g)  # ascending
+            eigvals, eigvecs = torch.linalg.eigh(_gram(E))  # ascending
             out[i] = (eigvals[-rank:].flip(0), eigvecs[:, -rank:].flip(1))
     return out  # type: ignore[return-value]
 
@@ -305,9 +340,7 @@ def _factors_from_eigenpairs(E: torch.Tensor, eigvals: torch.Tensor,
 def top_singular_factors_many(errors: Sequence[torch.Tensor],
                               ranks: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``top_singular_factors(errors[i], ranks[i])`` for each i, the Krylov runs of same-width Grams batched."""
-    grams = [_gram(E) for E in errors]
-    pairs = _top_eigenpairs_many(grams, ranks)
-    del grams
+    pairs = _top_eigenpairs_many(errors, ranks)
     return [_factors_from_eigenpairs(E, *pair) for E, pair in zip(errors, pairs)]
 
 
@@ -321,7 +354,10 @@ def top_singular_factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     (bench/bench_lorc_svd.py). Squaring ``E`` only costs accuracy in singular
     values below ~1e-8 of the largest, which carry no energy worth keeping.
     For large Gram matrices the top eigenpairs come from block Krylov
-    (``_top_eigenpairs_many``) instead of a full eigendecomposition.
+    (``_top_eigenpairs_many``) instead of a full eigendecomposition, which
+    applies the Gram as two products with ``E`` in E's own precision (float32
+    on a GPU: enough for the 1e-4 residual asked, not for tolerances below
+    ~1e-6) and never forms it.
     """
     return top_singular_factors_many([E], [rank])[0]
 
@@ -367,8 +403,8 @@ def lorc_factors_many(
         _check_rank(error, rank, name)
     whitened, factors = [], []
     for error, hessian, name in zip(errors, hessians, names):
-        # float64 where it is cheap (CPU); on the GPU float32 for the [out, in] products, while the
-        # Gram matrix and its eigendecomposition are always float64.
+        # float64 where it is cheap (CPU); on the GPU float32 for the [out, in] products (Krylov's too), while
+        # the Krylov basis, its Rayleigh-Ritz and the full eigh's Gram matrix are always float64.
         work = torch.float64 if error.device.type == "cpu" else torch.float32
         E = error.to(work)
         L = None if hessian is None else _hessian_factor(hessian, percdamp, work, name)

@@ -111,4 +111,4 @@ def test_streamed_and_plain_checkpoints_are_the_host_reuse_one(tmp_path, monkeyp
     for label in ("plain", "staged", "streamed"):
         assert sorted(files[label]) == sorted(files["host-reuse"]), label
         assert [n for n in files[label] if files[label][n] != files["host-reuse"][n]] == [], label
-    assert len({r["ppl"] for r in records}) == 1, [r["ppl"] for r in records]
+    assert all(r["ppl"] == records[0]["ppl"] for r in records), [r["ppl"] for r in records]
