@@ -337,11 +337,14 @@ def _run(session, out=None, seqlen=SEQLEN, windows=WINDOWS, **flat):
     return run(spec, session, progress=False, save=None if out is None else str(out))
 
 
-@pytest.mark.parametrize("wfmt", ["fp8", "mxfp4", "nvfp4"])
-def test_gptq_never_worse_than_rtn_in_the_same_format(small, wfmt):
+# FP8 E4M3 weights lose almost nothing, so there GPTQ and RTN differ by float noise, in either direction depending
+# on the machine's BLAS (on the CI machine of session 31 GPTQ came out 5.6e-5 above RTN, 135.960 vs 135.952): a
+# tolerance of 1e-4 relative for it; the 4-bit formats, where GPTQ's compensation matters, stay strict.
+@pytest.mark.parametrize(("wfmt", "slack"), [("fp8", 1e-4), ("mxfp4", 0.0), ("nvfp4", 0.0)])
+def test_gptq_never_worse_than_rtn_in_the_same_format(small, wfmt, slack):
     rtn = _run(small, wfmt=wfmt)
     gptq = _run(small, method="gptq", wfmt=wfmt)
-    assert gptq["ppl"]["heldout"] <= rtn["ppl"]["heldout"], (gptq["ppl"], rtn["ppl"])
+    assert gptq["ppl"]["heldout"] <= rtn["ppl"]["heldout"] * (1 + slack), (gptq["ppl"], rtn["ppl"])
 
 
 def test_fp8_w8a8_within_two_percent_of_fp16_on_testbed_opt():
