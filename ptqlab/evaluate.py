@@ -119,25 +119,15 @@ def offloaded_logits(model: nn.Module, windows: torch.Tensor, device: str | torc
     only one block, and at the end the final norm and LM head, are on the device at once."""
     from .blockio import capture_block_inputs, run_block
     from .models import get_adapter
-    from .moves import block_moves
 
     device = torch.device(device)
     adapter = get_adapter(model)
     inputs = capture_block_inputs(model, adapter, windows, device, batch_size)
     hidden = inputs.hidden
-    # the quantization's block moves; the way back copies nothing (an evaluation changes no weight)
-    moves = block_moves()
-    moves.prepare(adapter.blocks, device)
-    try:
-        for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
-            moves.to_device(block, device)
-            try:
-                hidden = run_block(block, hidden, inputs, out=hidden)
-            finally:
-                moves.discard(block)
-            moves.after_block(device)
-    finally:
-        moves.finish(device)
+    for block in tqdm(adapter.blocks, desc=f"{desc} (offloaded)", disable=not progress, leave=False):
+        block.to(device)
+        hidden = run_block(block, hidden, inputs, out=hidden)
+        block.to("cpu")
     yield from head_logits(adapter, hidden, windows, device)
 
 

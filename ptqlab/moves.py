@@ -31,16 +31,14 @@ from torch import nn
 
 class BlockMoves(Protocol):
     """How a block goes to the device and back; one instance serves one :func:`~ptqlab.pipeline.quantize_model`
-    call: ``prepare`` once, then block after block ``to_device``, the work, ``to_host`` (or ``discard`` after work
-    that changed nothing, such as an evaluation), ``after_block``; ``finish`` at the end."""
+    call: ``prepare`` once, then block after block ``to_device``, the work, ``to_host``, ``after_block``; ``finish``
+    at the end."""
 
     def prepare(self, blocks: Sequence[nn.Module], device: torch.device) -> None: ...
 
     def to_device(self, block: nn.Module, device: torch.device) -> None: ...
 
     def to_host(self, block: nn.Module) -> None: ...
-
-    def discard(self, block: nn.Module) -> None: ...
 
     def after_block(self, device: torch.device) -> None: ...
 
@@ -58,9 +56,6 @@ class PlainMoves:
         block.to(device)
 
     def to_host(self, block: nn.Module) -> None:
-        block.to("cpu")
-
-    def discard(self, block: nn.Module) -> None:
         block.to("cpu")
 
     def after_block(self, device: torch.device) -> None:
@@ -141,16 +136,6 @@ class HostReuseMoves:
         self._host = {}
         block.to("cpu")  # what is left (new tensors, buffers) as the plain moves take it; the rest is there
 
-    def discard(self, block: nn.Module) -> None:
-        """The way back from a visit that changed nothing (evaluation): each kept Parameter points at its host
-        tensor again, which still holds its values, so nothing is copied back; the rest goes as ``to_host``'s."""
-        for p in _unique_parameters(block):
-            kept = self._host.get(id(p))
-            if kept is not None and kept[0] is p:
-                p.data = kept[1]
-        self._host = {}
-        block.to("cpu")
-
     def _copy_back(self, back: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
         """Each Parameter's device data into its host tensor, which it then holds."""
         for p, host in back:
@@ -208,6 +193,10 @@ class StagedMoves(HostReuseMoves):
         return out
 
     def to_device(self, block: nn.Module, device: torch.device) -> None:
+        # The buffer is written here without waiting on the device: the previous block's copies out of it must be
+        # done, which ``to_host`` ensures (it waits on every copy back, and those follow the copies in on the one
+        # stream). A way back that copies nothing (an evaluation visit) would first have to wait for the copies
+        # in, e.g. on an event recorded after them.
         self._host = {}
         if device.type != "cuda":
             super().to_device(block, device)

@@ -283,13 +283,11 @@ class StreamedBlocks:
 
     def done(self, index: int, block: nn.Module) -> None:
         """Run the evaluation windows through the quantized block, write its tensors out, free it."""
-        moves = block_moves()  # the pipeline's moves; the way back copies nothing (the visit changes no weight)
+        moves = block_moves()  # back into the host tensors it left, as the pipeline's moves
         for _, (_, inputs, _) in self.evals.items():
             moves.to_device(block, inputs.device)
-            try:
-                run_block(block, inputs.hidden, inputs, out=inputs.hidden)
-            finally:
-                moves.discard(block)
+            run_block(block, inputs.hidden, inputs, out=inputs.hidden)
+            moves.to_host(block)
         self._write_block(index, block)
         _release(block)
 

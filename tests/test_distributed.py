@@ -192,3 +192,30 @@ def test_solve_all_in_turn_in_one_process_solves_once_and_applies_in_order():
     assert calls == [["c", "a", "b"]] and seen == [("c", 99), ("a", 97), ("b", 98)]
     with pytest.raises(ValueError):  # a solver that loses a result is an error, not a silently skipped layer
         SINGLE.solve_all_in_turn(["a", "b"], lambda keys: [(torch.zeros(1),)], lambda k, r: None)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_solve_all_in_turn_deals_the_keys_and_applies_every_owners_result(monkeypatch, rank):
+    # two ranks, the broadcast stood in for: each rank solves its own keys (i % 2) in one call, and every key's
+    # result comes from its owner and is applied on every rank, in key order
+    me = Distributed(rank, 2, "gloo")
+    calls, seen = [], []
+
+    def broadcast(self, result, src):
+        if src == rank:
+            assert result is not None
+            return result
+        assert result is None
+        return (torch.tensor([100 + src]),)  # what the other rank would send
+
+    monkeypatch.setattr(Distributed, "_broadcast", broadcast)  # (a frozen dataclass: patched on the class)
+
+    def solve_all(keys):
+        calls.append(list(keys))
+        return [(torch.tensor([ord(k)]),) for k in keys]
+
+    me.solve_all_in_turn(["a", "b", "c"], solve_all, lambda k, r: seen.append((k, int(r[0]))))
+    mine = ["a", "c"] if rank == 0 else ["b"]
+    assert calls == [mine]
+    assert [k for k, _ in seen] == ["a", "b", "c"]
+    assert all(v == (ord(k) if k in mine else 100 + (1 - rank)) for k, v in seen)
