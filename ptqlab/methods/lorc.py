@@ -113,7 +113,8 @@ def _orthonormal_blocks(W: torch.Tensor, Q: torch.Tensor | None, gen: torch.Gene
 
 # cuSOLVER's eigh of one small matrix is a long chain of small kernels (the tridiagonal reduction: ~250 launches of
 # ~0.25 ms for d = 672 on an H200) that leave most of the GPU idle, and a batch runs them one matrix after another.
-# With this on, the matrices of a batch go to one CUDA stream and host thread each, so their chains overlap.
+# With this on, the matrices of a batch go to one CUDA stream and host thread each, so their chains overlap: the
+# Krylov run of an OPT-6.7B block 0.098 -> 0.090 s (0.162 -> 0.135 s at the old block width), H200.
 _EIGH_STREAMS = True
 _STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
 
