@@ -176,7 +176,7 @@ class StagedMoves(HostReuseMoves):
             self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def prepare(self, blocks: Sequence[nn.Module], device: torch.device) -> None:
-        """Pin the buffer once, for the largest block, before the first (pinning 403 MB takes ~0.1 s)."""
+        """Pin the buffer once, for the largest block, before the first (pinning 403 MB: 0.23 s on the H200 machine)."""
         if device.type == "cuda" and len(blocks):
             self._reserve(max(sum(self._sizes([p.data for p in _unique_parameters(b)])) for b in blocks))
 

@@ -48,9 +48,10 @@ class QuantReport:
 
     ``timings`` covers the whole :func:`quantize_model` call: its phases sum to the call's wall time. Besides
     the work phases (capture, hessian, solve, lorc, propagate, ...) there are ``move`` (blocks to the device
-    and back), ``pin`` (the moves' host staging memory, once per call), ``stream`` (a streamed block read and written), ``setup`` (wrapping linears, keeping the
-    original weights, finishing the Hessians), ``log`` (the per-layer error log), ``finish`` (LM head, bits
-    per weight) and ``other``: whatever no phase names (Python between phases), so an unexplained gap shows.
+    and back), ``pin`` (the moves' host staging memory, once per call), ``stream`` (a streamed block read and
+    written), ``setup`` (wrapping linears, keeping the original weights, finishing the Hessians), ``log`` (the
+    per-layer error log), ``finish`` (LM head, bits per weight) and ``other``: whatever no phase names (Python
+    between phases), so an unexplained gap shows.
     """
 
     layers: list[dict] = field(default_factory=list)
