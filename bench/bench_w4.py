@@ -28,7 +28,7 @@ import torch
 import triton
 
 from kernel_common import copy_bandwidth, emit, open_output, rtn_with_grid
-from ptqlab.kernels import act_quant, w4_gemm
+from ptqlab.kernels import act_quant, w4_gemm, w4_mma
 from ptqlab.kernels.real import RealLinear
 from ptqlab.models import QuantLinear
 from ptqlab.quantizers import QuantSpec
@@ -41,6 +41,9 @@ KERNELS = {
     # name: (weight spec, activation spec, LoRC rank, backend)
     "w4a16-tinygemm": (QuantSpec(4, True, 128), FP, 0, "w4a16-tinygemm"),
     "w4a16-gemlite": (QuantSpec(4, True, 128), FP, 0, "w4a16-gemlite"),
+    "w4a16-mma": (QuantSpec(4, True, 128), FP, 0, "w4a16-mma"),
+    "w4a16-mma-asym": (QuantSpec(4, False, 128), FP, 0, "w4a16-mma"),
+    "w4a16-mma-unpack": (QuantSpec(4, True, 128), FP, 0, "w4a16-mma"),
     "w4a16-triton": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-asym": (QuantSpec(4, False, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-gemm": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
@@ -74,18 +77,34 @@ def buffer_bytes(layer: torch.nn.Module) -> int:
     return total
 
 
-FORCED_MAX_M = {"w4a16-triton-gemm": 1 << 30, "w4a16-triton-unpack": 0}
+FORCED_MAX_M = {"w4a16-triton-gemm": 1 << 30, "w4a16-triton-unpack": 0, "w4a16-mma-unpack": 0}
 
 
 @contextlib.contextmanager
 def forced_path(name: str):
     """W4A16 through the Triton GEMM (``-gemm``) or unpack + cuBLAS (``-unpack``) at every M > 1."""
-    old = w4_gemm.GEMM_MAX_M
-    w4_gemm.GEMM_MAX_M = FORCED_MAX_M.get(name, old)
+    module = w4_mma if name.startswith("w4a16-mma") else w4_gemm
+    attr = "MMA_MAX_M" if module is w4_mma else "GEMM_MAX_M"
+    old = getattr(module, attr)
+    setattr(module, attr, FORCED_MAX_M.get(name, old))
     try:
         yield
     finally:
-        w4_gemm.GEMM_MAX_M = old
+        setattr(module, attr, old)
+
+
+@contextlib.contextmanager
+def mma_disabled(disable: bool):
+    """The ``triton`` preference without the CUDA W4A16 kernel (its W4A16 layers on the Triton kernels)."""
+    w4_mma.unavailable()
+    saved = dict(w4_mma._STATE)
+    if disable:
+        w4_mma._STATE["reason"] = "disabled by the bench (the Triton kernels' row)"
+    try:
+        yield
+    finally:
+        w4_mma._STATE.clear()
+        w4_mma._STATE.update(saved)
 
 
 def timed(fn) -> float:
@@ -133,7 +152,7 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
             emit(row)
             rows.append(row)
             for name, layer in reals.items():
-                if name in FORCED_MAX_M and m == 1:
+                if name in FORCED_MAX_M and m == 1 and "triton" in name:
                     continue  # M = 1 is the GEMV either way
                 t0 = time.perf_counter()
                 try:
@@ -157,6 +176,11 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                 if name.startswith("w4a16-triton"):
                     max_m = FORCED_MAX_M.get(name, w4_gemm.GEMM_MAX_M)
                     row["triton_path"] = "gemv" if m == 1 else "gemm" if m <= max_m else "unpack+cublas"
+                if name.startswith("w4a16-mma"):
+                    max_m = FORCED_MAX_M.get(name, w4_mma.MMA_MAX_M)
+                    row["mma_path"] = "mma" if m <= max_m else "unpack+cublas"
+                    tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (w4_mma.token_tiles(m), n, k)]
+                    row["config"] = f"R, warps = {tuned[-1]}" if tuned and m <= max_m else ""
                 if "triton" in name and row.get("triton_path") != "unpack+cublas":  # the autotuned config used last
                     kernel = w4_gemm._gemv_kernel if m == 1 else w4_gemm._gemm_kernel
                     row["config"] = str(getattr(kernel, "best_config", ""))[:200]
@@ -199,12 +223,15 @@ def decode_part(shape: str, batches: list[int], schemes: list[str], prompt: int,
     originals = [layer.weight.data.clone() for layer in layers]
     for item in schemes:
         scheme, _, backend = item.partition(":")
+        # "triton-nomma": the triton preference with W4A16 on the Triton kernels (the CUDA kernel's alternative)
+        no_mma, backend = backend == "triton-nomma", "triton" if backend == "triton-nomma" else backend
         if out_of_time():
             emit({"part": "decode", "scheme": item, "skipped": "out of time"})
             continue
         t0 = time.perf_counter()
         try:
-            bench_scheme(model, layers, originals, shape, scheme, batches, prompt, new, bw, backend or "triton")
+            with mma_disabled(no_mma):
+                bench_scheme(model, layers, originals, shape, scheme, batches, prompt, new, bw, backend or "triton")
         except Exception as err:  # noqa: BLE001
             emit({"part": "decode", "shape": shape, "scheme": item, "error": f"{type(err).__name__}: {err}"[:300]})
         print(f"  decode {item}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -216,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,4,16,32,64,256,2048")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--decode-shape", default="opt-6.7b")
-    ap.add_argument("--decode-schemes", default="fp16,w4a16:triton,w4a16-lorc8:triton,w4a8:triton,w8a8:triton,"
-                                                "w8a8-fp8:triton,w4a16:tinygemm")
+    ap.add_argument("--decode-schemes", default="fp16,w4a16:triton,w4a16:triton-nomma,w4a16-lorc8:triton,w4a8:triton,"
+                                                "w8a8:triton,w8a8-fp8:triton,w4a16:tinygemm")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=64, help="decoded tokens per timed run")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip what is left after this many seconds")

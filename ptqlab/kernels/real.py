@@ -4,6 +4,10 @@ Fake quantization keeps dequantized fp16 weights and runs fp16 GEMMs: right numb
 gain.  Here a quantized layer becomes a :class:`RealLinear` that stores integer codes and runs a kernel
 that reads them:
 
+* ``w4a16-mma`` (the ``triton`` preference's first choice for fp16 4-bit weight-only layers without LoRC, groups
+  of a multiple of 64 or per row, where the CUDA toolkit can build it): ptqlab's CUDA tensor-core kernel on the
+  weight stored in the MMA's fragment order (:mod:`ptqlab.kernels.w4_mma`), up to ``w4_mma.MMA_MAX_M`` tokens;
+  above, the same layout unpacked once and cuBLAS;
 * ``w4a16-triton`` (the ``triton`` preference, the default: for 4-bit weight-only layers, groups of 32..4096 or
   per row, either zero point): ptqlab's own Triton GEMV (1 token) / tensor-core GEMM (up to ``w4_gemm.GEMM_MAX_M``
   tokens) reading the packed codes directly (:mod:`ptqlab.kernels.w4_gemm`), above that the same layout unpacked
@@ -62,10 +66,11 @@ class KernelBackend:
     """One real kernel: which (weight, activation) specs it runs, how it lays out a layer's codes, and its GEMM.
 
     ``supports(w, a, preference)``: whether it runs these specs (``preference``: one of :data:`PREFERENCES`,
-    the user's choice between backends that run the same specs); ``build(real, codes, scale, zero, group)`` registers the packed
-    buffers on the :class:`RealLinear`; ``forward(real, x, x2)`` returns ``(y [tokens, out], lorc_input)``
-    for the input ``x`` and its ``[tokens, in]`` view ``x2`` (``lorc_input`` None: no LoRC to add, or the kernel
-    added LoRC's product itself).
+    the user's choice between backends that run the same specs); ``fits(layer)``: whether it runs this layer
+    (dtype, shape, LoRC; the next backend that supports the specs runs it otherwise);
+    ``build(real, codes, scale, zero, group)`` registers the packed buffers on the :class:`RealLinear`;
+    ``forward(real, x, x2)`` returns ``(y [tokens, out], lorc_input)`` for the input ``x`` and its ``[tokens, in]``
+    view ``x2`` (``lorc_input`` None: no LoRC to add, or the kernel added LoRC's product itself).
     """
 
     name: str
@@ -73,6 +78,8 @@ class KernelBackend:
     supports: Callable[[QuantSpec, QuantSpec, str], bool]
     build: Callable[..., None]
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    #: whether it runs this particular layer (its dtype, shape, LoRC), beyond the specs; False: the next backend
+    fits: Callable[[nn.Module], bool] = lambda layer: True
 
 
 KERNEL_BACKENDS: dict[str, KernelBackend] = {}
@@ -119,13 +126,16 @@ def dequant_int4_reference(packed: torch.Tensor, scale: torch.Tensor, zero: torc
     return ((codes - zero.repeat_interleave(reps, 1)) * scale.repeat_interleave(reps, 1)).to(dtype)
 
 
-def kernel_for(w: QuantSpec, a: QuantSpec, preference: str = DEFAULT_PREFERENCE) -> str | None:
-    """The first backend that runs weights ``w`` with activations ``a`` (None: none does)."""
+def kernel_for(w: QuantSpec, a: QuantSpec, preference: str = DEFAULT_PREFERENCE,
+               layer: nn.Module | None = None) -> str | None:
+    """The first backend that runs weights ``w`` with activations ``a`` (and fits ``layer``, when given; None:
+    none does)."""
     if preference not in PREFERENCES:
         raise KernelError(f"unknown kernel preference {preference!r}; choose one of {', '.join(PREFERENCES)}")
     if not w.enabled or w.group_size == PER_TENSOR:
         return None
-    return next((name for name, b in KERNEL_BACKENDS.items() if b.supports(w, a, preference)), None)
+    return next((name for name, b in KERNEL_BACKENDS.items()
+                 if b.supports(w, a, preference) and (layer is None or b.fits(layer))), None)
 
 
 def scheme_of(layer: nn.Module, w4a16_backend: str = DEFAULT_PREFERENCE) -> str | None:
@@ -135,7 +145,7 @@ def scheme_of(layer: nn.Module, w4a16_backend: str = DEFAULT_PREFERENCE) -> str 
     if getattr(layer, "input_rotation", None):
         kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)  # (the preference is still checked)
         return None  # no kernel here rotates its input online: the rotation transform's down-projections
-    return kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend)
+    return kernel_for(layer.weight_spec, layer.act_spec, w4a16_backend, layer)
 
 
 def _describe(layer: nn.Module) -> str:
@@ -273,6 +283,41 @@ def _forward_w4a16_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -
         return y, x2
     y = w4_gemm.w4a16_gemm(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias, lorc=_lorc(real))
     return y, None
+
+
+def _mma_w4a16(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+    from .w4_mma import unavailable
+
+    group_ok = w.group_size == PER_ROW or (w.group_size > 0 and w.group_size % 64 == 0)
+    return _triton_w4a16(w, a, pref) and group_ok and unavailable() is None
+
+
+def _mma_fits(layer: nn.Module) -> bool:
+    from .w4_mma import check_shape
+
+    # fp16 only, its tile shape, no LoRC (the Triton kernels fuse LoRC into their epilogue; this one does not)
+    return (layer.weight.dtype == torch.float16 and getattr(layer, "lorc_u", None) is None
+            and check_shape(layer.out_features, layer.in_features) is None)
+
+
+def _build_w4a16_mma(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group: int) -> None:
+    from .w4_mma import pack_int4_mma
+
+    real.register_buffer("w_packed", pack_int4_mma(codes))  # [N/16, K/64, 32, 4] int32: the only copy
+    real.register_buffer("w_scale", scale.t().to(torch.float16).contiguous())  # [G, N]
+    symmetric = bool((zero == 8).all())
+    real.register_buffer("w_zero", None if symmetric else zero.t().to(torch.float16).contiguous())
+    real.group = group
+
+
+def _forward_w4a16_mma(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import w4_mma
+
+    if x2.shape[0] > w4_mma.MMA_MAX_M:  # compute-bound: unpack once (the same layout), cuBLAS
+        w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group)
+        return nn.functional.linear(x2, w, real.bias), x2
+    return w4_mma.w4a16_mma(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias), None
 
 
 def _lorc(real: RealLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -431,6 +476,10 @@ register_kernel(KernelBackend(
 register_kernel(KernelBackend(
     "w8a8-fp8", "FP8 E4M3 per-channel weights and per-token activations: fused Triton activation quantization + "
     "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8))
+register_kernel(KernelBackend(
+    "w4a16-mma", "4-bit weights per row or in groups of a multiple of 64, fp16 activations, no LoRC: ptqlab's CUDA "
+    "tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + cuBLAS above; built with nvcc "
+    "at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits))
 register_kernel(KernelBackend(
     "w4a16-triton", "4-bit weights per row or in groups of 32..4096 (power of two), fp16/bf16 activations: Triton "
     "GEMV/GEMM on the packed codes, unpack + cuBLAS at many tokens", _triton_w4a16, _build_w4a16_triton,

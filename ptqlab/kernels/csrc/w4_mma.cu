@@ -1,0 +1,237 @@
+// W4A16 on the tensor cores for 1..128 tokens: 4-bit weights in the MMA's own fragment order, dequantized in
+// registers with two bit operations a pair of weights, multiplied by mma.sync m16n8k16 with the weight as the
+// 16-row operand and the few tokens as the 8-column one (y^T = W x^T), float32 accumulation.
+//
+// Layout (ptqlab/kernels/w4_mma.py: pack_int4_mma): the weight W [N, K] is cut into tiles of 16 rows x 64 columns,
+// stored tile after tile, [N/16][K/64][32 lanes][4 words]: a warp reads one tile as one coalesced 512-byte load
+// (a uint4 a lane), and lane (g = lane/4, t = lane%4) gets exactly the A fragments of its 4 MMA steps s = 0..3.
+// Within a tile, step s and thread t own the columns k = 16t + 4s + u (u = 0..3): the MMA sums over k, so any
+// bijection of a tile's 64 columns onto the 4 steps x 16 fragment positions is correct as long as the input x
+// uses the same one, and this one makes a thread's 16 inputs of a tile contiguous (two 16-byte loads).
+// The 8 codes of word s of lane (g, t), for rows g and g + 8 of the tile and k0 = 16t + 4s:
+//   nibble 0: W[g][k0]    1: W[g+8][k0]    2: W[g][k0+2]    3: W[g+8][k0+2]
+//   nibble 4: W[g][k0+1]  5: W[g+8][k0+1]  6: W[g][k0+3]    7: W[g+8][k0+3]
+// so that (q & 0x000f000f) | 0x64006400 is the fp16 pair (1024 + nibble 0, 1024 + nibble 4) = the first A register
+// (row g, fragment columns 2t, 2t+1), and the 0x00f0 / >> 8 variants give the other three registers.
+//
+// The dequantized weight, (code - zero) * scale, is computed in fp16 as the exact difference times the fp16 scale
+// (one rounding): bit for bit the fake-quant fp16 weight. Scales and zero points: fp16 [G, N], GROUP_CHUNKS tiles
+// of 64 columns a group (a group is a multiple of 64 columns, or the whole row).
+//
+// One block: R consecutive row tiles (16R output channels), its warps splitting K; each warp keeps D tiles of
+// weight in flight (register ring), reads its tokens' inputs straight from global memory (L1/L2: they are small),
+// and the warps' partial sums meet in shared memory, where the bias is added and the output written.
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int D = 4;  // weight tiles in flight per warp (the register ring)
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;  // (a & b) | c in one instruction
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// one word (8 codes) -> the 4 A registers of one MMA step; zlo/zhi: 1024 + zero of row g / 64 + zero of row g + 8
+// (negated), slo/shi: the scales of rows g / g + 8
+__device__ __forceinline__ void dequant(uint32_t q, __half2 zlo, __half2 zhi, __half2 slo, __half2 shi,
+                                        uint32_t a[4]) {
+  const __half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t lo = and_or(q, 0x000f000fu, 0x64006400u);   // 1024 + code, rows g
+  const uint32_t hi = and_or(q, 0x00f000f0u, 0x64006400u);   // 1024 + 16 code, rows g + 8
+  const uint32_t lo2 = and_or(q >> 8, 0x000f000fu, 0x64006400u);
+  const uint32_t hi2 = and_or(q >> 8, 0x00f000f0u, 0x64006400u);
+  a[0] = h2u(__hmul2(__hsub2(u2h(lo), zlo), slo));                 // (code - zero) exact, then one rounding
+  a[1] = h2u(__hmul2(__hfma2(u2h(hi), sixteenth, zhi), shi));      // 64 + code - (64 + zero), exact
+  a[2] = h2u(__hmul2(__hsub2(u2h(lo2), zlo), slo));
+  a[3] = h2u(__hmul2(__hfma2(u2h(hi2), sixteenth, zhi), shi));
+}
+
+__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// NT: n8 token tiles (M <= 8 NT); R: row tiles per block; SYM: zero point 8 everywhere (Z unused)
+template <int NT, int R, bool SYM>
+__device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const uint4* __restrict__ P,
+                                            const __half* __restrict__ S, const __half* __restrict__ Z,
+                                            const __half* __restrict__ B, __half* __restrict__ Y, int M, int N,
+                                            int K, int group_chunks) {
+  __shared__ float red[16 * R][8 * NT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles_n = N >> 4, chunks = K >> 6;
+  const int tile0 = blockIdx.x * R;
+  const int per = (chunks + warps - 1) / warps;
+  const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
+
+  for (int i = threadIdx.x; i < 16 * R * 8 * NT; i += blockDim.x) red[i / (8 * NT)][i % (8 * NT)] = 0.f;
+
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+
+  // the inputs this lane feeds to the MMA: token 8j + g, columns 16t .. 16t + 15 of each 64-column tile
+  const __half* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    xok[j] = 8 * j + g < M;
+    xrow[j] = X + (size_t)(xok[j] ? 8 * j + g : 0) * K + 16 * t;
+  }
+
+  uint4 ring[D][R];
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      ring[d][r] = (c0 + d < c1 && tile0 + r < tiles_n)
+                       ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c0 + d) * 32 + lane) : zero4;
+
+  for (int cb = c0; cb < c1; cb += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int c = cb + d;
+      uint4 w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = ring[d][r];
+        // the weight is read once: streaming loads (evict first), keeping L1/L2 for the inputs
+        ring[d][r] = (c + D < c1 && tile0 + r < tiles_n)
+                         ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c + D) * 32 + lane) : zero4;
+      }
+      if (c >= c1) break;
+      // scales (and zero points) of this tile's group for rows g, g + 8 of each row tile
+      const int grp = c / group_chunks;
+      __half2 slo[R], shi[R], zlo[R], zhi[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = min((tile0 + r) * 16 + g, N - 9);
+        slo[r] = __half2half2(S[(size_t)grp * N + row]);
+        shi[r] = __half2half2(S[(size_t)grp * N + row + 8]);
+        if (SYM) {
+          zlo[r] = __float2half2_rn(1032.f);
+          zhi[r] = __float2half2_rn(-72.f);
+        } else {
+          const __half zl = Z[(size_t)grp * N + row], zh = Z[(size_t)grp * N + row + 8];
+          zlo[r] = __half2half2(__hadd(zl, __float2half(1024.f)));
+          zhi[r] = __half2half2(__hneg(__hadd(zh, __float2half(64.f))));
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // columns 16t + 8h .. + 7: steps 2h, 2h + 1
+        uint4 x[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          x[j] = xok[j] ? *reinterpret_cast<const uint4*>(xrow[j] + (size_t)c * 64 + 8 * h) : zero4;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          uint32_t a0[4], a1[4];
+          dequant(h ? w[r].z : w[r].x, zlo[r], zhi[r], slo[r], shi[r], a0);
+          dequant(h ? w[r].w : w[r].y, zlo[r], zhi[r], slo[r], shi[r], a1);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            mma(acc[r][j], a0, x[j].x, x[j].y);  // step 2h: columns 16t + 8h + 0..3
+            mma(acc[r][j], a1, x[j].z, x[j].w);  // step 2h + 1: + 4..7
+          }
+        }
+      }
+    }
+  }
+
+  __syncthreads();  // red is zeroed
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // C fragment: rows g / g + 8, tokens 8j + 2t, 8j + 2t + 1
+      atomicAdd(&red[16 * r + g][8 * j + 2 * t], acc[r][j][0]);
+      atomicAdd(&red[16 * r + g][8 * j + 2 * t + 1], acc[r][j][1]);
+      atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t], acc[r][j][2]);
+      atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t + 1], acc[r][j][3]);
+    }
+  __syncthreads();
+  const int rows = 16 * R;
+  for (int i = threadIdx.x; i < rows * M && i < rows * 8 * NT; i += blockDim.x) {
+    const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
+    if (n < N) {
+      float v = red[row][m];
+      if (B != nullptr) v += __half2float(B[n]);
+      Y[(size_t)m * N + n] = __float2half_rn(v);
+    }
+  }
+}
+
+}  // namespace
+
+#define W4_MMA(NT, R)                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_sym(                                 \
+      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, int M, int N, \
+      int K, int group_chunks) {                                                                                  \
+    w4_mma_body<NT, R, true>(X, P, S, Z, B, Y, M, N, K, group_chunks);                                            \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_asym(                                \
+      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, int M, int N, \
+      int K, int group_chunks) {                                                                                  \
+    w4_mma_body<NT, R, false>(X, P, S, Z, B, Y, M, N, K, group_chunks);                                           \
+  }
+
+W4_MMA(1, 1)
+W4_MMA(1, 2)
+W4_MMA(1, 4)
+W4_MMA(2, 1)
+W4_MMA(2, 2)
+W4_MMA(2, 4)
+W4_MMA(4, 1)
+W4_MMA(4, 2)
+W4_MMA(8, 1)
+W4_MMA(8, 2)
+W4_MMA(16, 1)
+
+// The weight W [N, K] (fp16, row-major) from the same layout: one thread a lane of a tile, rows g and g + 8,
+// 16 contiguous columns each (two 16-byte stores a row). For W4A16 at many tokens: unpack once, then cuBLAS.
+extern "C" __global__ void __launch_bounds__(256) w4_mma_dequant(const uint4* P, const __half* S, const __half* Z,
+                                                                 __half* W, int N, int K, int group_chunks) {
+  const int chunks = K >> 6;
+  const size_t lane_id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // over tiles x 32 lanes
+  const size_t tile = lane_id >> 5;
+  if (tile >= (size_t)(N >> 4) * chunks) return;
+  const int lane = lane_id & 31, g = lane >> 2, t = lane & 3;
+  const int tn = tile / chunks, c = tile % chunks, grp = c / group_chunks;
+  const int r0 = tn * 16 + g, r1 = r0 + 8;
+  const float s0 = __half2float(S[(size_t)grp * N + r0]), s1 = __half2float(S[(size_t)grp * N + r1]);
+  const float z0 = Z ? __half2float(Z[(size_t)grp * N + r0]) : 8.f, z1 = Z ? __half2float(Z[(size_t)grp * N + r1]) : 8.f;
+  const uint4 q4 = P[lane_id];
+  const uint32_t words[4] = {q4.x, q4.y, q4.z, q4.w};
+  __align__(16) __half out0[16], out1[16];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t q = words[s];
+    const int nib0[4] = {0, 4, 2, 6};  // row g, columns k0 + u
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      out0[4 * s + u] = __float2half_rn(((float)((q >> (4 * nib0[u])) & 15) - z0) * s0);
+      out1[4 * s + u] = __float2half_rn(((float)((q >> (4 * (nib0[u] + 1))) & 15) - z1) * s1);
+    }
+  }
+  uint4* w0 = reinterpret_cast<uint4*>(W + (size_t)r0 * K + (size_t)c * 64 + 16 * t);
+  uint4* w1 = reinterpret_cast<uint4*>(W + (size_t)r1 * K + (size_t)c * 64 + 16 * t);
+  w0[0] = reinterpret_cast<uint4*>(out0)[0];
+  w0[1] = reinterpret_cast<uint4*>(out0)[1];
+  w1[0] = reinterpret_cast<uint4*>(out1)[0];
+  w1[1] = reinterpret_cast<uint4*>(out1)[1];
+}

@@ -1,0 +1,285 @@
+"""W4A16 on the tensor cores from 1 to 128 tokens: ptqlab's CUDA kernel (``csrc/w4_mma.cu``), built at first use.
+
+Why CUDA: the Triton W4A16 kernels (:mod:`ptqlab.kernels.w4_gemm`) move the packed weight at 26-41% of the H200's
+bandwidth at one token and reach 0.5-1.3x FP16 at 16-64 tokens (bench/README.md, session 29): each weight costs
+about six float32 instructions (shift, mask, convert, subtract, multiply-add), and Triton offers no control of
+the MMA's register fragments, so its tensor-core GEMM routes the unpacked tile through shared memory.  This kernel
+stores the weight in the MMA's own fragment order (:func:`pack_int4_mma`), so one 16-byte load a lane is the
+A operand of four ``mma.sync.m16n8k16`` steps, and dequantizes two weights an instruction (a ``lop3`` makes
+the fp16 pair ``1024 + code``, one ``sub.f16x2`` the exact ``code - zero``, one ``mul.f16x2`` the fp16 weight,
+bit for bit the fake-quant one).  The few tokens are the MMA's 8-wide side: at one token 7/8 of each MMA is
+wasted, which costs nothing while the weight's bytes are the bound.
+
+Built with the CUDA toolkit's ``nvcc`` (``$PTQLAB_NVCC``, ``$CUDA_HOME/bin/nvcc`` or the ``PATH``) into a cubin
+for the GPU's architecture, cached under ``$PTQLAB_KERNEL_CACHE`` (default ``~/.cache/ptqlab/kernels``), loaded and
+launched through the CUDA driver API (``ctypes``; no compiled Python extension, so no build against torch's
+headers and ABI).  Where it cannot be built (no toolkit, a GPU before Ampere, ``PTQLAB_W4_MMA=0``),
+:func:`unavailable` says why and the ``triton`` preference runs the Triton kernels instead.
+
+Limits: fp16 activations (bf16 models run the Triton kernels), ``N`` divisible by 16, ``K`` by 64, groups of a
+multiple of 64 columns or one per row; no LoRC epilogue (layers with LoRC run the Triton kernels, which fuse it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "w4_mma.cu"
+#: up to this many tokens the MMA kernel; above, the weight unpacked once (same layout) and cuBLAS
+MMA_MAX_M = 128
+#: (token tiles NT) -> the (row tiles per block R, warps per block) the kernel is built for, first = untuned default
+CONFIGS: dict[int, list[tuple[int, int]]] = {
+    1: [(1, 8), (1, 4), (2, 8), (2, 4), (4, 4)],
+    2: [(1, 8), (1, 4), (2, 8), (2, 4), (4, 4)],
+    4: [(1, 8), (1, 4), (2, 8), (2, 4)],
+    8: [(1, 8), (1, 4), (2, 4)],
+    16: [(1, 8), (1, 4)],
+}
+
+
+def token_tiles(m: int) -> int:
+    """The kernel's token tiles for ``m`` tokens: 8 tokens each, a power of two (1, 2, 4, 8, 16)."""
+    nt = 1
+    while 8 * nt < m:
+        nt *= 2
+    return nt
+
+
+# ---------------------------------------------------------------- layout (CPU and GPU, torch only)
+
+
+def _tile_view(n: int, k: int) -> tuple[int, ...]:
+    # W [N, K] -> [N/16, h (row half), g (row in half), K/64, t, s, u]:
+    # row 16 tile + 8 h + g, column 64 c + 16 t + 4 s + u
+    return (n // 16, 2, 8, k // 64, 4, 4, 4)
+
+
+#: nibble position in a word of the code for (row half h, column u within the step): csrc/w4_mma.cu's header
+_NIBBLE = torch.tensor([[0, 4, 2, 6], [1, 5, 3, 7]])
+
+
+def check_shape(n: int, k: int) -> str | None:
+    """Why ``[n, k]`` cannot take the MMA layout (None: it can)."""
+    if n % 16 or k % 64:
+        return f"the W4A16 MMA kernel needs out_features divisible by 16 and in_features by 64, got {n}x{k}"
+    return None
+
+
+def pack_int4_mma(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes 0..15 to the kernel's ``[N/16, K/64, 32, 4]`` int32 words (the CUDA source's header)."""
+    n, k = codes.shape
+    if (why := check_shape(n, k)) is not None:
+        raise ValueError(why)
+    c = codes.to(torch.int64).reshape(_tile_view(n, k))  # [T, h, g, C, t, s, u]
+    shifts = (4 * _NIBBLE.to(codes.device)).view(1, 2, 1, 1, 1, 1, 4)
+    words = (c << shifts).sum(dim=(1, 6))  # [T, g, C, t, s]: the 8 codes of a word, disjoint bits
+    words = words.permute(0, 2, 1, 3, 4).reshape(n // 16, k // 64, 32, 4)  # lane = 4 g + t
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_int4_mma_reference(packed: torch.Tensor) -> torch.Tensor:
+    """Torch inverse of :func:`pack_int4_mma`: ``[N, K]`` uint8 codes."""
+    tn, chunks = packed.shape[:2]
+    n, k = tn * 16, chunks * 64
+    words = packed.to(torch.int64).reshape(tn, chunks, 8, 4, 4).permute(0, 2, 1, 3, 4)  # [T, g, C, t, s]
+    shifts = (4 * _NIBBLE.to(packed.device)).view(1, 2, 1, 1, 1, 1, 4)
+    codes = (words[:, None, :, :, :, :, None] >> shifts) & 15  # [T, h, g, C, t, s, u]
+    return codes.reshape(n, k).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- build and load
+
+
+class _Driver:
+    """The CUDA driver API through ctypes: the cubin loaded once per device, kernels launched on torch's stream."""
+
+    def __init__(self, cubin: bytes) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.cubin = cubin
+        self.modules: dict[int, ctypes.c_void_p] = {}
+        self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
+        self.lock = threading.Lock()
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"CUDA driver: {what} failed: {(name.value or b'?').decode()} ({rc})")
+
+    def function(self, device: int, name: str) -> ctypes.c_void_p:
+        key = (device, name)
+        fn = self.functions.get(key)
+        if fn is None:
+            with self.lock, torch.cuda.device(device):
+                torch.cuda.current_stream()  # (the device's primary context is current from here on)
+                if device not in self.modules:
+                    mod = ctypes.c_void_p()
+                    self._check(self.lib.cuModuleLoadData(ctypes.byref(mod), self.cubin), "loading the W4A16 cubin")
+                    self.modules[device] = mod
+                fn = ctypes.c_void_p()
+                self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), self.modules[device], name.encode()),
+                            f"finding kernel {name}")
+                self.functions[key] = fn
+        return fn
+
+    def launch(self, device: int, name: str, grid: int, threads: int, args: list) -> None:
+        fn = self.function(device, name)
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+        self._check(self.lib.cuLaunchKernel(fn, grid, 1, 1, threads, 1, 1, 0, stream, params, None),
+                    f"launching {name}")
+
+
+_STATE: dict[str, object] = {}
+
+
+def _nvcc() -> str | None:
+    if os.environ.get("PTQLAB_NVCC"):
+        return os.environ["PTQLAB_NVCC"]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception:  # noqa: BLE001 (an unusual torch build: look on the PATH only)
+        CUDA_HOME = None
+    for home in (os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").is_file():
+            return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+def _build(arch: str) -> bytes:
+    """The cubin for ``arch`` (e.g. ``sm_90``), from the cache or compiled now (written atomically)."""
+    source = SOURCE.read_bytes()
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("no CUDA toolkit (nvcc) found: set CUDA_HOME or PTQLAB_NVCC")
+    cache = Path(os.environ.get("PTQLAB_KERNEL_CACHE", Path.home() / ".cache" / "ptqlab" / "kernels"))
+    target = cache / f"w4_mma-{hashlib.sha256(source).hexdigest()[:16]}-{arch}.cubin"
+    if target.is_file():
+        return target.read_bytes()
+    cache.mkdir(parents=True, exist_ok=True)
+    warnings.warn(f"building ptqlab's W4A16 CUDA kernel for {arch} with {nvcc} (once; cached in {cache})",
+                  stacklevel=3)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / "w4_mma.cubin"
+        done = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-o", str(out), str(SOURCE)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+        os.replace(out, target)  # a reader sees the whole cubin or none
+    return target.read_bytes()
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here (None: it can; it is built on the first call and cached)."""
+    if "reason" not in _STATE:
+        _STATE["reason"] = _probe()
+    return _STATE["reason"]  # type: ignore[return-value]
+
+
+def _probe() -> str | None:
+    if os.environ.get("PTQLAB_W4_MMA", "1") == "0":
+        return "PTQLAB_W4_MMA=0"
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"compute capability {major}.{minor} (mma.sync m16n8k16 needs 8.0 or later)"
+    try:
+        _STATE["driver"] = _Driver(_build(f"sm_{major}{minor}"))
+    except Exception as err:  # noqa: BLE001 (any failure here means: use the Triton kernels)
+        warnings.warn(f"ptqlab's W4A16 CUDA kernel is not available ({err}); the Triton kernels run instead",
+                      stacklevel=3)
+        return str(err)
+    return None
+
+
+def _driver() -> _Driver:
+    if (why := unavailable()) is not None:
+        raise RuntimeError(f"the W4A16 MMA kernel is not available: {why}")
+    return _STATE["driver"]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- the two entry points
+
+_TUNED: dict[tuple, tuple[int, int]] = {}
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _mma_args(x, packed, scale, zero, bias, y, m, n, k, group_chunks) -> list:
+    return [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), ctypes.c_int(m), ctypes.c_int(n),
+            ctypes.c_int(k), ctypes.c_int(group_chunks)]
+
+
+def _run(cfg: tuple[int, int], nt: int, sym: bool, device: int, args: list, n: int) -> None:
+    r, warps = cfg
+    name = f"w4_mma_nt{nt}_r{r}_{'sym' if sym else 'asym'}"
+    _driver().launch(device, name, -(-(n // 16) // r), 32 * warps, args)
+
+
+def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int) -> tuple[int, int]:
+    """The fastest (R, warps) for this key, timed with CUDA events on the call's own tensors (not while a CUDA
+    graph is being captured: there the untuned default runs)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return CONFIGS[nt][0]
+    best, best_ms = CONFIGS[nt][0], float("inf")
+    for cfg in CONFIGS[nt]:
+        _run(cfg, nt, sym, device, args, n)  # warm
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            _run(cfg, nt, sym, device, args, n)
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) < best_ms:
+            best, best_ms = cfg, start.elapsed_time(end)
+    _TUNED[key] = best
+    return best
+
+
+def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+              bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` for ``M <= MMA_MAX_M`` fp16 tokens, ``W = (code - zero) * scale`` packed by
+    :func:`pack_int4_mma`; ``scale``/``zero`` fp16 ``[G, N]`` (``zero`` None: symmetric, 8), ``group`` = K / G (a
+    multiple of 64).  ``perm``: act-order columns stored sorted by group, ``W[:, perm]`` (as
+    :func:`ptqlab.kernels.w4_gemm.w4a16_gemm`)."""
+    m, k = x.shape
+    n = packed.shape[0] * 16
+    if x.dtype != torch.float16 or m > MMA_MAX_M or m < 1 or packed.shape[1] * 64 != k:
+        raise ValueError(f"w4a16_mma: fp16 x [1..{MMA_MAX_M}, {packed.shape[1] * 64}] expected, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    x = x.contiguous() if perm is None else x.index_select(1, perm)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    nt, sym, device = token_tiles(m), zero is None, x.device.index or 0
+    args = _mma_args(x, packed, scale, zero, bias, y, m, n, k, group // 64)
+    cfg = _tune((nt, n, k, group, sym, device), nt, sym, device, args, n)
+    _run(cfg, nt, sym, device, args, n)
+    return y
+
+
+def dequant_mma(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The fp16 weight ``W [N, K]`` from the MMA layout (one pass; for many tokens: unpack once, then cuBLAS)."""
+    if dtype != torch.float16:
+        raise ValueError(f"dequant_mma writes fp16, got {dtype}")
+    n, k = packed.shape[0] * 16, packed.shape[1] * 64
+    w = torch.empty(n, k, dtype=torch.float16, device=packed.device)
+    lanes = packed.numel() // 4
+    args = [_ptr(packed), _ptr(scale), _ptr(zero), _ptr(w), ctypes.c_int(n), ctypes.c_int(k),
+            ctypes.c_int(group // 64)]
+    _driver().launch(packed.device.index or 0, "w4_mma_dequant", -(-lanes // 256), 256, args)
+    return w

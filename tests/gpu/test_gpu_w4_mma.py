@@ -1,0 +1,137 @@
+"""ptqlab's CUDA W4A16 kernel (ptqlab.kernels.w4_mma) against float64 products of the dequantized weight: odd tile
+counts, symmetric and asymmetric grids (zero points 0 and 15 included), groups 64/128 and per row, M from 1 to 300
+(every token-tile count 1..16 and the unpack + cuBLAS hand-off above MMA_MAX_M), CUDA-graph capture, side streams.
+
+GPU only (``pytest -m gpu tests/gpu/test_gpu_w4_mma.py``); its layout and arithmetic are checked on CPU by
+tests/test_w4_mma.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqlab.kernels import w4_mma
+from ptqlab.kernels.real import RealLinear, scheme_of
+from ptqlab.models import QuantLinear
+from ptqlab.quantizers import PER_ROW, QuantSpec, fake_quantize, weight_qparams
+
+DEV = "cuda"
+# (k, n): K = 17 x 64 and N = 13 x 16 (no block size divides them), one tile each way, the OPT-6.7B shape
+SHAPES = [(4096, 4096), (1088, 208), (64, 16), (2048, 1040)]
+MS = [1, 3, 8, 9, 16, 17, 33, 64, 65, 100, 128, 129, 300]
+
+
+def _needs_kernel() -> None:
+    if (why := w4_mma.unavailable()) is not None:
+        pytest.skip(f"the W4A16 MMA kernel is not available here: {why}")
+
+
+def _layer(n: int, k: int, wspec: QuantSpec, seed: int, dtype=torch.float16) -> QuantLinear:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(n, k, device=DEV, generator=g) * 0.02
+    w[0] = w[0].abs() + 1e-3  # all positive / all negative rows: asymmetric zero points 0 and 15
+    w[1] = -w[1].abs() - 1e-3
+    layer = QuantLinear(w.to(dtype), (torch.randn(n, device=DEV, generator=g) * 0.1).to(dtype), "layer")
+    layer.weight_spec = wspec
+    layer.set_weight_qparams(*weight_qparams(w, wspec))
+    layer.weight.data.copy_(fake_quantize(w, wspec).to(dtype))
+    return layer
+
+
+def test_the_kernel_builds_on_this_gpu():
+    # a GPU of compute capability 8.0+ with the CUDA toolkit: the kernel must build (else the suite would skip it
+    # silently); nvcc's own message comes through unavailable()
+    if torch.cuda.get_device_capability()[0] >= 8 and w4_mma._nvcc() is not None:
+        assert w4_mma.unavailable() is None
+
+
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("group", [64, 128, PER_ROW])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", MS)
+def test_w4a16_mma_matches_the_dequantized_reference(k, n, group, symmetric, m):
+    _needs_kernel()
+    if group > 0 and k % group:
+        pytest.skip("group does not divide K")
+    layer = _layer(n, k, QuantSpec(4, symmetric, group), seed=k + n + max(group, 0))
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
+    with torch.no_grad():
+        got = real(x).double()
+        w = layer.weight.double()
+        ref = x.double() @ w.t() + layer.bias.double()
+        size = x.double().abs() @ w.abs().t()
+    # the same fp16 weights (bit for bit: test below), float32 sums, one fp16 rounding of the output
+    err = (got - ref).abs()
+    bound = 2.0 ** -10 * ref.abs() + 1e-5 * size + 1e-6
+    assert bool((err <= bound).all()), (m, float((err - bound).max()), float(err.max()))
+
+
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_unpacked_weight_is_the_fake_quant_weight_bit_for_bit(k, n, symmetric):
+    _needs_kernel()
+    layer = _layer(n, k, QuantSpec(4, symmetric, 64), seed=n)
+    real = RealLinear(layer, "w4a16-mma")
+    w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group)
+    # the reference from the stored fp16 scales: (code - zero) * scale in float32, one rounding
+    codes = w4_mma.unpack_int4_mma_reference(real.w_packed).float()
+    z = 8.0 if real.w_zero is None else real.w_zero.t().float().repeat_interleave(64, 1)
+    want = ((codes - z) * real.w_scale.t().float().repeat_interleave(64, 1)).half()
+    assert torch.equal(w, want)
+    # and the fake-quant layer's weight, up to its float32 scale's rounding to the stored fp16 one
+    assert float((w.float() - layer.weight.float()).abs().max()) <= float(layer.weight.float().abs().max()) * 2e-3
+
+
+def test_selection_takes_the_mma_kernel_for_fp16_and_the_triton_kernels_otherwise():
+    _needs_kernel()
+    layer = _layer(1040, 2048, QuantSpec(4, True, 128), seed=1)
+    assert scheme_of(layer) == "w4a16-mma"
+    assert scheme_of(_layer(1040, 2048, QuantSpec(4, True, 32), seed=1)) == "w4a16-triton"
+    assert scheme_of(_layer(1040, 2048, QuantSpec(4, True, 128), seed=1, dtype=torch.bfloat16)) == "w4a16-triton"
+    layer.set_lorc(torch.zeros(1040, 8, device=DEV, dtype=torch.float16),
+                   torch.zeros(8, 2048, device=DEV, dtype=torch.float16))
+    assert scheme_of(layer) == "w4a16-triton"  # LoRC: the Triton kernels fuse it
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_the_kernel_agrees_with_the_triton_kernels(m):
+    _needs_kernel()
+    layer = _layer(4096, 4096, QuantSpec(4, False, 128), seed=m)
+    x = torch.randn(m, 4096, device=DEV).half()
+    with torch.no_grad():
+        a, b = RealLinear(layer, "w4a16-mma")(x).float(), RealLinear(layer, "w4a16-triton")(x).float()
+    assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 24])
+def test_a_cuda_graph_captures_and_replays_it_on_a_side_stream(m):
+    _needs_kernel()
+    layer = _layer(2048, 1088, QuantSpec(4, True, 64), seed=m)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, 1088, device=DEV).half()
+    w4_mma._TUNED.clear()  # the first call inside the capture: no tuning there, the default config
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = real(x)
+    x.copy_(torch.randn(m, 1088, device=DEV).half())
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        eager = real(x)  # tuned now; every config gives the same sums up to float32 order
+    assert float((y.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
+    side = torch.cuda.Stream()
+    with torch.no_grad(), torch.cuda.stream(side):
+        again = real(x)
+    side.synchronize()
+    assert float((again.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
+
+
+def test_bad_input_is_refused_with_a_clear_error():
+    _needs_kernel()
+    real = RealLinear(_layer(64, 128, QuantSpec(4, True, 64), seed=2), "w4a16-mma")
+    with pytest.raises(ValueError, match="fp16 x"):
+        w4_mma.w4a16_mma(torch.zeros(2, 128, device=DEV), real.w_packed, real.w_scale, None, 64)
+    with pytest.raises(ValueError, match="fp16 x"):
+        w4_mma.w4a16_mma(torch.zeros(2, 192, device=DEV).half(), real.w_packed, real.w_scale, None, 64)

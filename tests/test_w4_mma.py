@@ -1,0 +1,196 @@
+"""The W4A16 MMA kernel's layout and arithmetic on CPU (the kernel itself runs in tests/gpu/test_gpu_w4_mma.py).
+
+The emulation below does what csrc/w4_mma.cu does, step by step and in the same fp16 arithmetic: per lane, the
+``lop3`` bit patterns read as fp16 pairs, the exact subtraction and the one rounding by the scale, the registers
+placed where PTX puts an m16n8k16 A / B fragment, and the product of each step's 16x16 by 16x8 fragments.  It
+checks the index math of the layout against a dense product, independently of :func:`pack_int4_mma`'s own view.
+"""
+
+from __future__ import annotations
+
+import stat
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from ptqlab.kernels import w4_mma
+from ptqlab.kernels.real import KERNEL_BACKENDS, scheme_of
+from ptqlab.kernels.w4_mma import pack_int4_mma, unpack_int4_mma_reference
+from ptqlab.models import QuantLinear
+from ptqlab.quantizers import PER_ROW, QuantSpec
+
+
+def _fp16_pairs(words: np.ndarray) -> np.ndarray:
+    """uint32 words -> [..., 2] fp16 (low half first, as the GPU's registers)."""
+    return words.astype(np.uint32).view(np.float16).reshape(*words.shape, 2)
+
+
+def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """y [M, N] the kernel computes: ``scale``/``zero`` fp16 [G, N], x fp16 [M <= 8, K]; float64 MMA sums."""
+    tn, chunks = packed.shape[:2]
+    n, k = tn * 16, chunks * 64
+    m = x.shape[0]
+    group_chunks = chunks // scale.shape[0]
+    words = packed.numpy().astype(np.int64) & 0xFFFFFFFF
+    y = np.zeros((n, 8))
+    xb = np.zeros((8, k), dtype=np.float16)
+    xb[:m] = x
+    for tile in range(tn):
+        for c in range(chunks):
+            grp = c // group_chunks
+            for s in range(4):
+                a = np.zeros((16, 16), dtype=np.float16)  # the step's A fragment: rows, fragment columns
+                b = np.zeros((16, 8), dtype=np.float16)  # B: fragment rows (k), tokens
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    q = words[tile, c, lane, s]
+                    r0, r1 = 16 * tile + g, 16 * tile + g + 8
+                    z0 = np.float16(8 if zero is None else zero[grp, r0])
+                    z1 = np.float16(8 if zero is None else zero[grp, r1])
+                    s0, s1 = np.float16(scale[grp, r0]), np.float16(scale[grp, r1])
+                    lo = _fp16_pairs(np.array([(q & 0x000F000F) | 0x64006400, ((q >> 8) & 0x000F000F) | 0x64006400]))
+                    hi = _fp16_pairs(np.array([(q & 0x00F000F0) | 0x64006400, ((q >> 8) & 0x00F000F0) | 0x64006400]))
+                    regs = [(lo[0] - (np.float16(1024) + z0)) * s0,
+                            (hi[0] * np.float16(0.0625) - (np.float16(64) + z1)) * s1,
+                            (lo[1] - (np.float16(1024) + z0)) * s0,
+                            (hi[1] * np.float16(0.0625) - (np.float16(64) + z1)) * s1]
+                    # PTX m16n8k16 .f16 A: a0a1 (g, 2t..), a2a3 (g+8, 2t..), a4a5 (g, 2t+8..), a6a7 (g+8, 2t+8..)
+                    a[g, 2 * t:2 * t + 2], a[g + 8, 2 * t:2 * t + 2] = regs[0], regs[1]
+                    a[g, 2 * t + 8:2 * t + 10], a[g + 8, 2 * t + 8:2 * t + 10] = regs[2], regs[3]
+                    # B: b0b1 (k 2t, 2t+1; token g), b2b3 (2t+8, 2t+9); the lane loads columns 64c + 16t + 4s + 0..3
+                    k0 = 64 * c + 16 * t + 4 * s
+                    b[2 * t:2 * t + 2, g], b[2 * t + 8:2 * t + 10, g] = xb[g, k0:k0 + 2], xb[g, k0 + 2:k0 + 4]
+                y[16 * tile:16 * tile + 16] += a.astype(np.float64) @ b.astype(np.float64)
+    return y[:, :m].T
+
+
+def _grid(n: int, k: int, group: int, symmetric: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    codes[0], codes[1, : k // 2] = 0, 15  # the grid's edges
+    groups = k // group
+    scale = (torch.rand(groups, n, generator=gen) * 0.05 + 1e-3).half().numpy()
+    zero = None if symmetric else torch.randint(0, 16, (groups, n), generator=gen).half().numpy()
+    return codes, scale, zero
+
+
+def _dense(codes: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, group: int) -> np.ndarray:
+    """The fake-quant fp16 weight ``fp16((code - zero) * scale)`` [N, K]."""
+    s = np.repeat(scale.T.astype(np.float32), group, axis=1)
+    z = 8.0 if zero is None else np.repeat(zero.T.astype(np.float32), group, axis=1)
+    return ((codes.numpy().astype(np.float32) - z) * s).astype(np.float16)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (32, 320)])
+def test_pack_round_trips_and_keeps_the_sources_word_table(n, k):
+    codes, _, _ = _grid(n, k, 64, True, n + k)
+    packed = pack_int4_mma(codes)
+    assert packed.shape == (n // 16, k // 64, 32, 4) and packed.dtype == torch.int32
+    assert torch.equal(unpack_int4_mma_reference(packed), codes)
+    # the header of csrc/w4_mma.cu: word s of lane (g, t), rows g / g + 8, k0 = 16 t + 4 s
+    table = {0: (0, 0), 1: (8, 0), 2: (0, 2), 3: (8, 2), 4: (0, 1), 5: (8, 1), 6: (0, 3), 7: (8, 3)}
+    for tile, c, lane, s in [(0, 0, 0, 0), (n // 16 - 1, k // 64 - 1, 31, 3), (0, k // 64 - 1, 13, 2)]:
+        word = int(packed[tile, c, lane, s]) & 0xFFFFFFFF
+        g, t = lane // 4, lane % 4
+        for nibble, (dr, dk) in table.items():
+            assert (word >> 4 * nibble) & 15 == codes[16 * tile + g + dr, 64 * c + 16 * t + 4 * s + dk]
+
+
+@pytest.mark.parametrize("group,symmetric,m", [(64, True, 1), (128, False, 3), (None, True, 8), (64, False, 5)])
+def test_the_kernels_fragment_arithmetic_equals_the_dense_product(group, symmetric, m):
+    n, k = 32, 256
+    group = group or k  # None: one group a row
+    codes, scale, zero = _grid(n, k, group, symmetric, group + m)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).half().numpy()
+    got = _emulate(pack_int4_mma(codes), scale, zero, x)
+    w = _dense(codes, scale, zero, group)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    # the same fp16 weights, summed in float64 in another order
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_pack_rejects_shapes_off_the_tile():
+    with pytest.raises(ValueError, match="divisible by 16 .* by 64, got 24x128"):
+        pack_int4_mma(torch.zeros(24, 128, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="got 32x96"):
+        pack_int4_mma(torch.zeros(32, 96, dtype=torch.uint8))
+
+
+def test_token_tiles():
+    assert [w4_mma.token_tiles(m) for m in (1, 8, 9, 16, 17, 33, 64, 65, 128)] == [1, 1, 2, 2, 4, 8, 8, 16, 16]
+    assert max(w4_mma.CONFIGS) * 8 == w4_mma.MMA_MAX_M
+
+
+def _fake_nvcc(tmp_path, body: str) -> str:
+    script = tmp_path / "nvcc"
+    script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_build_compiles_once_into_the_cache(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    # a stand-in nvcc: writes its -o file (the argument after -o) and counts its calls
+    nvcc = _fake_nvcc(tmp_path, f"""
+        echo x >> {calls}
+        while [ "$1" != "-o" ]; do shift; done
+        printf CUBIN > "$2"
+        """)
+    monkeypatch.setenv("PTQLAB_NVCC", nvcc)
+    monkeypatch.setenv("PTQLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="building ptqlab's W4A16 CUDA kernel for sm_90"):
+        assert w4_mma._build("sm_90") == b"CUBIN"
+    assert w4_mma._build("sm_90") == b"CUBIN"  # from the cache: no second compile
+    assert calls.read_text().count("x") == 1
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-sm_90.cubin")  # no temporary left behind
+
+
+def test_build_failure_says_what_nvcc_said(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTQLAB_NVCC", _fake_nvcc(tmp_path, "echo 'w4_mma.cu(1): error: no sm_99' >&2; exit 2\n"))
+    monkeypatch.setenv("PTQLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"nvcc failed \(2\): .*no sm_99"):
+        w4_mma._build("sm_99")
+    assert not any(p.suffix == ".cubin" for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_without_a_gpu_the_triton_kernels_keep_w4a16(monkeypatch):
+    monkeypatch.setattr(w4_mma, "_STATE", {})
+    assert w4_mma.unavailable() == "no CUDA GPU" or torch.cuda.is_available()
+    monkeypatch.setattr(w4_mma, "_STATE", {})
+    monkeypatch.setenv("PTQLAB_W4_MMA", "0")
+    assert w4_mma.unavailable() == "PTQLAB_W4_MMA=0"
+    layer = QuantLinear(torch.zeros(64, 128, dtype=torch.float16), None, "l")
+    layer.weight_spec = QuantSpec(4, True, 128)
+    assert scheme_of(layer) == "w4a16-triton"
+
+
+@pytest.mark.parametrize("dtype,n,k,lorc,fits", [
+    (torch.float16, 64, 128, False, True), (torch.bfloat16, 64, 128, False, False),
+    (torch.float16, 40, 128, False, False), (torch.float16, 64, 96, False, False),
+    (torch.float16, 64, 128, True, False)])
+def test_the_mma_backend_takes_only_the_layers_it_fits(monkeypatch, dtype, n, k, lorc, fits):
+    monkeypatch.setattr(w4_mma, "_STATE", {"reason": None})  # as on a GPU where it built
+    layer = QuantLinear(torch.zeros(n, k, dtype=dtype), None, "l")
+    layer.weight_spec = QuantSpec(4, True, 64)
+    if lorc:
+        layer.lorc_u = torch.zeros(n, 8, dtype=dtype)
+    assert KERNEL_BACKENDS["w4a16-mma"].fits(layer) is fits
+    assert scheme_of(layer) == ("w4a16-mma" if fits else "w4a16-triton")
+    for group in (32, 96):  # groups the kernel does not read: the Triton kernels (32), or none of ptqlab's (96)
+        layer.weight_spec = QuantSpec(4, True, group)
+        assert scheme_of(layer) != "w4a16-mma"
+    layer.weight_spec = QuantSpec(4, False, PER_ROW)
+    assert scheme_of(layer) == ("w4a16-mma" if fits else "w4a16-triton")
+    assert scheme_of(layer, "tinygemm") != "w4a16-mma"
+
+
+def test_cubin_names_cover_every_config():
+    source = w4_mma.SOURCE.read_text()
+    for nt, configs in w4_mma.CONFIGS.items():
+        for r, warps in configs:
+            assert f"W4_MMA({nt}, {r})" in source
+            assert 32 * warps <= 256  # the kernels' __launch_bounds__
+    assert "w4_mma_dequant" in source
