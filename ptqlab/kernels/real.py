@@ -302,13 +302,15 @@ def _mma_fits(layer: nn.Module) -> bool:
 
 def _build_w4a16_mma(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                      group: int) -> None:
-    from .w4_mma import pack_int4_mma
+    from .w4_mma import pack_int4_mma, reserve
 
     real.register_buffer("w_packed", pack_int4_mma(codes))  # [N/16, K/64, 32, 4] int32: the only copy
     real.register_buffer("w_scale", scale.t().to(torch.float16).contiguous())  # [G, N]
     symmetric = bool((zero == 8).all())
     real.register_buffer("w_zero", None if symmetric else zero.t().to(torch.float16).contiguous())
     real.group = group
+    if codes.is_cuda:
+        reserve(real.out_features, codes.device)  # the split-K workspace, before any CUDA-graph capture
 
 
 def _forward_w4a16_mma(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

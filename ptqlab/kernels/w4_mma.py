@@ -37,14 +37,13 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "w4_mma.cu"
 #: up to this many tokens the MMA kernel; above, the weight unpacked once (same layout) and cuBLAS
 MMA_MAX_M = 128
-#: (token tiles NT) -> the (row tiles per block R, warps per block) the kernel is built for, first = untuned default
-CONFIGS: dict[int, list[tuple[int, int]]] = {
-    1: [(1, 8), (1, 4), (2, 8), (2, 4), (4, 4)],
-    2: [(1, 8), (1, 4), (2, 8), (2, 4), (4, 4)],
-    4: [(1, 8), (1, 4), (2, 8), (2, 4)],
-    8: [(1, 8), (1, 4), (2, 4)],
-    16: [(1, 8), (1, 4)],
-}
+#: (token tiles NT) -> the (row tiles per block R, warps per block, K shares S) tried; the first is the default
+#: where no tuning can run (inside a CUDA-graph capture). More row tiles a block share each input load (at many
+#: tokens the inputs' traffic from L1/L2 outgrows the weight's); K shares fill the GPU when rows are few.
+_SMALL = [(1, 8, 1), (1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 4, 1), (1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2)]
+_MANY = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2), (4, 4, 4)]
+CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    1: _SMALL, 2: _SMALL, 4: _MANY, 8: _MANY, 16: [(1, 8, 1), (1, 4, 1), (1, 8, 2), (1, 4, 2), (1, 4, 4)]}
 
 
 def token_tiles(m: int) -> int:
@@ -132,11 +131,11 @@ class _Driver:
                 self.functions[key] = fn
         return fn
 
-    def launch(self, device: int, name: str, grid: int, threads: int, args: list) -> None:
+    def launch(self, device: int, name: str, grid: int, threads: int, args: list, grid_y: int = 1) -> None:
         fn = self.function(device, name)
         params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-        self._check(self.lib.cuLaunchKernel(fn, grid, 1, 1, threads, 1, 1, 0, stream, params, None),
+        self._check(self.lib.cuLaunchKernel(fn, grid, grid_y, 1, threads, 1, 1, 0, stream, params, None),
                     f"launching {name}")
 
 
@@ -211,44 +210,59 @@ def _driver() -> _Driver:
 
 # ---------------------------------------------------------------- the two entry points
 
-_TUNED: dict[tuple, tuple[int, int]] = {}
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def reserve(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace of ``device`` (float32 ``[MMA_MAX_M, N]`` and the row tiles' tickets), zero between
+    calls (each call's last block zeroes what it used); grown here, at build time, before any CUDA-graph capture."""
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < MMA_MAX_M * n:
+        ws = torch.zeros(MMA_MAX_M * n, dtype=torch.float32, device=device)
+        cnt = torch.zeros(-(-n // 16), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _mma_args(x, packed, scale, zero, bias, y, m, n, k, group_chunks) -> list:
-    return [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), ctypes.c_int(m), ctypes.c_int(n),
-            ctypes.c_int(k), ctypes.c_int(group_chunks)]
-
-
-def _run(cfg: tuple[int, int], nt: int, sym: bool, device: int, args: list, n: int) -> None:
-    r, warps = cfg
+def _run(cfg: tuple[int, int, int], nt: int, sym: bool, device: int, args: list, n: int) -> None:
+    r, warps, shares = cfg
     name = f"w4_mma_nt{nt}_r{r}_{'sym' if sym else 'asym'}"
-    _driver().launch(device, name, -(-(n // 16) // r), 32 * warps, args)
+    _driver().launch(device, name, -(-(n // 16) // r), 32 * warps, args, grid_y=shares)
 
 
-def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int) -> tuple[int, int]:
-    """The fastest (R, warps) for this key, timed with CUDA events on the call's own tensors (not while a CUDA
-    graph is being captured: there the untuned default runs)."""
+def _graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds a call, from a CUDA graph of ``reps`` calls replayed (no launch overhead: at a few µs a
+    kernel, eager timing would measure Python's launch rate)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (3 * reps)
+
+
+def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int) -> tuple[int, int, int]:
+    """The fastest (R, warps, S) for this key, timed on the call's own tensors (not while a CUDA graph is being
+    captured: there the default runs, and the next eager call tunes)."""
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():
         return CONFIGS[nt][0]
-    best, best_ms = CONFIGS[nt][0], float("inf")
-    for cfg in CONFIGS[nt]:
-        _run(cfg, nt, sym, device, args, n)  # warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            _run(cfg, nt, sym, device, args, n)
-        end.record()
-        end.synchronize()
-        if start.elapsed_time(end) < best_ms:
-            best, best_ms = cfg, start.elapsed_time(end)
-    _TUNED[key] = best
-    return best
+    times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n)) for cfg in CONFIGS[nt]}
+    _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]
 
 
 def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
@@ -265,7 +279,9 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     x = x.contiguous() if perm is None else x.index_select(1, perm)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     nt, sym, device = token_tiles(m), zero is None, x.device.index or 0
-    args = _mma_args(x, packed, scale, zero, bias, y, m, n, k, group // 64)
+    ws, cnt = reserve(n, x.device)
+    args = [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), _ptr(ws), _ptr(cnt),
+            ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(group // 64)]
     cfg = _tune((nt, n, k, group, sym, device), nt, sym, device, args, n)
     _run(cfg, nt, sym, device, args, n)
     return y

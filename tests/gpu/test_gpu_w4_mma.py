@@ -59,13 +59,43 @@ def test_w4a16_mma_matches_the_dequantized_reference(k, n, group, symmetric, m):
     x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
     with torch.no_grad():
         got = real(x).double()
-        w = layer.weight.double()
-        ref = x.double() @ w.t() + layer.bias.double()
-        size = x.double().abs() @ w.abs().t()
-    # the same fp16 weights (bit for bit: test below), float32 sums, one fp16 rounding of the output
+    _assert_close(got, x, real, layer)
+
+
+def _assert_close(got: torch.Tensor, x: torch.Tensor, real: RealLinear, layer: QuantLinear) -> None:
+    """Elementwise against the layer's own fp16 weights (bit for bit the unpacked ones: the test below) in
+    float64: the tensor cores' float32 sums and one fp16 rounding of the output; and norm-wise against the
+    fake-quant layer (whose weight used the float32 scale before its rounding to fp16)."""
+    w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group).double()
+    ref = x.double() @ w.t() + layer.bias.double()
+    size = x.double().abs() @ w.abs().t()
     err = (got - ref).abs()
-    bound = 2.0 ** -10 * ref.abs() + 1e-5 * size + 1e-6
-    assert bool((err <= bound).all()), (m, float((err - bound).max()), float(err.max()))
+    bound = 2.0 ** -10 * ref.abs() + 2.0 ** -15 * size + 1e-6
+    assert bool((err <= bound).all()), (float((err - bound).max()), float(err.max()))
+    fake = x.double() @ layer.weight.double().t() + layer.bias.double()
+    assert float((got - fake).norm() / fake.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 40, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_config_gives_the_product_and_leaves_the_workspace_zero(m, symmetric):
+    # the tuning picks one config per key: here each one runs (row tiles per block, warps, K shares), on a shape
+    # where K shares divide unevenly (17 tiles of 64 columns) and the row tiles do not fill the last block
+    _needs_kernel()
+    k, n = 1088, 208
+    layer = _layer(n, k, QuantSpec(4, symmetric, 64), seed=m)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
+    nt = w4_mma.token_tiles(m)
+    ws, cnt = w4_mma.reserve(n, x.device)
+    for cfg in w4_mma.CONFIGS[nt]:
+        w4_mma._TUNED[(nt, n, k, 64, symmetric, 0)] = cfg
+        with torch.no_grad():
+            got = real(x).double()
+        torch.cuda.synchronize()
+        _assert_close(got, x, real, layer)
+        assert not bool(ws.any()) and not bool(cnt.any()), cfg
+    w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0))
 
 
 @pytest.mark.parametrize(("k", "n"), SHAPES)

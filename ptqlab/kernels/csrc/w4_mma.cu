@@ -18,16 +18,17 @@
 // (one rounding): bit for bit the fake-quant fp16 weight. Scales and zero points: fp16 [G, N], GROUP_CHUNKS tiles
 // of 64 columns a group (a group is a multiple of 64 columns, or the whole row).
 //
-// One block: R consecutive row tiles (16R output channels), its warps splitting K; each warp keeps D tiles of
-// weight in flight (register ring), reads its tokens' inputs straight from global memory (L1/L2: they are small),
-// and the warps' partial sums meet in shared memory, where the bias is added and the output written.
+// One block: R consecutive row tiles (16R output channels) and one of S shares of K (gridDim.y = S), its warps
+// splitting that share; each warp keeps D = 4/R tiles of weight in flight per row tile (a register ring), reads
+// its tokens' inputs straight from global memory (L1/L2: they are small; R row tiles share each input load), and
+// the warps' partial sums meet in shared memory. With S = 1 the block adds the bias and writes the output; with
+// S > 1 each block adds its sums to a float32 workspace and the last block of the row tiles (a ticket counter)
+// reads them back, zeroing the workspace and the ticket for the next call, and writes the output: one launch.
 
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace {
-
-constexpr int D = 4;  // weight tiles in flight per warp (the register ring)
 
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;  // (a & b) | c in one instruction
@@ -65,15 +66,19 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
 template <int NT, int R, bool SYM>
 __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const uint4* __restrict__ P,
                                             const __half* __restrict__ S, const __half* __restrict__ Z,
-                                            const __half* __restrict__ B, __half* __restrict__ Y, int M, int N,
-                                            int K, int group_chunks) {
+                                            const __half* __restrict__ B, __half* __restrict__ Y,
+                                            float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
+                                            int group_chunks) {
+  constexpr int D = R >= 4 ? 1 : 4 / R;  // weight tiles in flight per row tile and warp (the register ring)
   __shared__ float red[16 * R][8 * NT];
+  __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles_n = N >> 4, chunks = K >> 6;
   const int tile0 = blockIdx.x * R;
-  const int per = (chunks + warps - 1) / warps;
-  const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
+  const int parts = warps * gridDim.y, part = blockIdx.y * warps + warp;
+  const int per = (chunks + parts - 1) / parts;
+  const int c0 = min(part * per, chunks), c1 = min(c0 + per, chunks);
 
   for (int i = threadIdx.x; i < 16 * R * 8 * NT; i += blockDim.x) red[i / (8 * NT)][i % (8 * NT)] = 0.f;
 
@@ -138,7 +143,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
         uint4 x[NT];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-          x[j] = xok[j] ? *reinterpret_cast<const uint4*>(xrow[j] + (size_t)c * 64 + 8 * h) : zero4;
+          x[j] = xok[j] ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + (size_t)c * 64 + 8 * h)) : zero4;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           uint32_t a0[4], a1[4];
@@ -165,30 +170,40 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
       atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t + 1], acc[r][j][3]);
     }
   __syncthreads();
-  const int rows = 16 * R;
-  for (int i = threadIdx.x; i < rows * M && i < rows * 8 * NT; i += blockDim.x) {
+  const int rows = 16 * R, outs = min(rows * M, rows * 8 * NT);
+  if (gridDim.y > 1) {  // split K: the workspace, then the last block of these row tiles finishes
+    for (int i = threadIdx.x; i < outs; i += blockDim.x) {
+      const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
+      if (n < N) atomicAdd(&WS[(size_t)m * N + n], red[row][m]);
+    }
+    __threadfence();  // this block's sums are visible before its ticket is
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  }
+  for (int i = threadIdx.x; i < outs; i += blockDim.x) {
     const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
     if (n < N) {
-      float v = red[row][m];
+      // split K: the total, read and zeroed in one atomic (the next call finds the workspace zero)
+      float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f) : red[row][m];
       if (B != nullptr) v += __half2float(B[n]);
       Y[(size_t)m * N + n] = __float2half_rn(v);
     }
   }
+  if (gridDim.y > 1 && threadIdx.x == 0) CNT[blockIdx.x] = 0;
 }
 
 }  // namespace
 
-#define W4_MMA(NT, R)                                                                                            \
-  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_sym(                                 \
-      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, int M, int N, \
-      int K, int group_chunks) {                                                                                  \
-    w4_mma_body<NT, R, true>(X, P, S, Z, B, Y, M, N, K, group_chunks);                                            \
-  }                                                                                                               \
-  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_asym(                                \
-      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, int M, int N, \
-      int K, int group_chunks) {                                                                                  \
-    w4_mma_body<NT, R, false>(X, P, S, Z, B, Y, M, N, K, group_chunks);                                           \
+#define W4_MMA_ONE(NT, R, SYM, NAME)                                                                           \
+  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_##NAME(                              \
+      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
+      int* CNT, int M, int N, int K, int group_chunks) {                                                          \
+    w4_mma_body<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                    \
   }
+#define W4_MMA(NT, R) W4_MMA_ONE(NT, R, true, sym) W4_MMA_ONE(NT, R, false, asym)
 
 W4_MMA(1, 1)
 W4_MMA(1, 2)
@@ -198,9 +213,11 @@ W4_MMA(2, 2)
 W4_MMA(2, 4)
 W4_MMA(4, 1)
 W4_MMA(4, 2)
+W4_MMA(4, 4)
 W4_MMA(8, 1)
 W4_MMA(8, 2)
-W4_MMA(16, 1)
+W4_MMA(8, 4)
+W4_MMA(16, 1)  // (R = 2 spills at 255 registers)
 
 // The weight W [N, K] (fp16, row-major) from the same layout: one thread a lane of a tile, rows g and g + 8,
 // 16 contiguous columns each (two 16-byte stores a row). For W4A16 at many tokens: unpack once, then cuBLAS.
