@@ -180,7 +180,7 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                     max_m = FORCED_MAX_M.get(name, w4_mma.MMA_MAX_M)
                     row["mma_path"] = "mma" if m <= max_m else "unpack+cublas"
                     tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (w4_mma.token_tiles(m), n, k)]
-                    row["config"] = f"R, warps = {tuned[-1]}" if tuned and m <= max_m else ""
+                    row["config"] = str(tuned[-1]) if tuned and m <= max_m else ""  # (body, R, warps, S)
                 if "triton" in name and row.get("triton_path") != "unpack+cublas":  # the autotuned config used last
                     kernel = w4_gemm._gemv_kernel if m == 1 else w4_gemm._gemm_kernel
                     row["config"] = str(getattr(kernel, "best_config", ""))[:200]

@@ -190,7 +190,8 @@ def test_the_mma_backend_takes_only_the_layers_it_fits(monkeypatch, dtype, n, k,
 def test_cubin_names_cover_every_config():
     source = w4_mma.SOURCE.read_text()
     for nt, configs in w4_mma.CONFIGS.items():
-        for r, warps, shares in configs:
-            assert f"W4_MMA({nt}, {r})" in source
-            assert 32 * warps <= 256 and shares >= 1  # the kernels' __launch_bounds__
+        for body, r, warps, shares in configs:
+            assert f"W4_MMA{'X' if body == 'x' else ''}({nt}, {r})" in source
+            assert 32 * warps <= 256 and shares >= 1 and body in "kx"  # the kernels' __launch_bounds__
+            assert body == "k" or warps >= 4  # the staging of the inputs assumes 128 threads or more
     assert "w4_mma_dequant" in source

@@ -37,13 +37,27 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "w4_mma.cu"
 #: up to this many tokens the MMA kernel; above, the weight unpacked once (same layout) and cuBLAS
 MMA_MAX_M = 128
-#: (token tiles NT) -> the (row tiles per block R, warps per block, K shares S) tried; the first is the default
-#: where no tuning can run (inside a CUDA-graph capture). More row tiles a block share each input load (at many
-#: tokens the inputs' traffic from L1/L2 outgrows the weight's); K shares fill the GPU when rows are few.
-_SMALL = [(1, 8, 1), (1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 4, 1), (1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2)]
-_MANY = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2), (4, 4, 4)]
-CONFIGS: dict[int, list[tuple[int, int, int]]] = {
-    1: _SMALL, 2: _SMALL, 4: _MANY, 8: _MANY, 16: [(1, 8, 1), (1, 4, 1), (1, 8, 2), (1, 4, 2), (1, 4, 4)]}
+#: (token tiles NT) -> the configs tried, ``(body, R, warps, S)``; the first is the default where no tuning can
+#: run (inside a CUDA-graph capture). ``body`` "k": a block's warps split K and read their inputs from L1/L2
+#: (few tokens); "x": its warps take different row tiles over the same K and share each input slice through
+#: shared memory (many tokens, where the inputs are most of the loads). R: row tiles a warp ("x") or block ("k");
+#: S: K shares across blocks (they fill the GPU when rows are few).
+Config = tuple[str, int, int, int]
+_K_SMALL = [(1, 8, 1), (1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 4, 1), (1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2)]
+_K_MANY = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2), (4, 4, 4)]
+
+
+def _x(rs: tuple[int, ...]) -> list[Config]:
+    return [("x", r, w, s) for r in rs for w in (4, 8) for s in (1, 2, 4, 8)]
+
+
+CONFIGS: dict[int, list[Config]] = {
+    1: [("k", *c) for c in _K_SMALL],
+    2: [("k", *c) for c in _K_SMALL] + _x((1,)),
+    4: [("k", *c) for c in _K_MANY] + _x((1, 2)),
+    8: _x((1, 2)) + [("k", *c) for c in _K_MANY],
+    16: _x((1,)) + [("k", 1, w, s) for w, s in ((8, 1), (4, 1), (8, 2), (4, 2), (4, 4))],
+}
 
 
 def token_tiles(m: int) -> int:
@@ -210,7 +224,7 @@ def _driver() -> _Driver:
 
 # ---------------------------------------------------------------- the two entry points
 
-_TUNED: dict[tuple, tuple[int, int, int]] = {}
+_TUNED: dict[tuple, Config] = {}
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -229,10 +243,11 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _run(cfg: tuple[int, int, int], nt: int, sym: bool, device: int, args: list, n: int) -> None:
-    r, warps, shares = cfg
-    name = f"w4_mma_nt{nt}_r{r}_{'sym' if sym else 'asym'}"
-    _driver().launch(device, name, -(-(n // 16) // r), 32 * warps, args, grid_y=shares)
+def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int) -> None:
+    body, r, warps, shares = cfg
+    name = f"w4_mma{'x' if body == 'x' else ''}_nt{nt}_r{r}_{'sym' if sym else 'asym'}"
+    tiles_a_block = r * warps if body == "x" else r
+    _driver().launch(device, name, -(-(n // 16) // tiles_a_block), 32 * warps, args, grid_y=shares)
 
 
 def _graph_ms(fn, reps: int = 20) -> float:
@@ -253,14 +268,21 @@ def _graph_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / (3 * reps)
 
 
-def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int) -> tuple[int, int, int]:
-    """The fastest (R, warps, S) for this key, timed on the call's own tensors (not while a CUDA graph is being
-    captured: there the default runs, and the next eager call tunes)."""
+#: the hand-off a key can tune to from 17 tokens on: the weight unpacked once and cuBLAS (where that wins)
+UNPACK: Config = ("unpack", 0, 0, 0)
+
+
+def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpack) -> Config:
+    """The fastest config for this key (from 17 tokens on, :data:`UNPACK` among them: ``unpack()`` runs it),
+    timed on the call's own tensors (not while a CUDA graph is being captured: there the default runs, and the
+    next eager call tunes)."""
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():
         return CONFIGS[nt][0]
     times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n)) for cfg in CONFIGS[nt]}
+    if nt >= 4:
+        times[UNPACK] = _graph_ms(unpack)
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 
@@ -282,7 +304,13 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     ws, cnt = reserve(n, x.device)
     args = [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), _ptr(ws), _ptr(cnt),
             ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(group // 64)]
-    cfg = _tune((nt, n, k, group, sym, device), nt, sym, device, args, n)
+
+    def unpack() -> torch.Tensor:
+        return torch.nn.functional.linear(x, dequant_mma(packed, scale, zero, group), bias)
+
+    cfg = _tune((nt, n, k, group, sym, device), nt, sym, device, args, n, unpack)
+    if cfg == UNPACK:
+        return unpack()
     _run(cfg, nt, sym, device, args, n)
     return y
 

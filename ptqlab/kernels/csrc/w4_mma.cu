@@ -195,6 +195,162 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   if (gridDim.y > 1 && threadIdx.x == 0) CNT[blockIdx.x] = 0;
 }
 
+
+// The many-token variant (16..128 tokens): at many tokens the inputs, not the weight, are most of the loads, and
+// the body above reads them per warp from L1/L2 at the moment it needs them (one warp per scheduler at its
+// register count: nothing hides that latency). Here a block's warps take different row tiles over the same share
+// of K, so one 64-column slice of every token's input serves them all: the block stages it in shared memory
+// (double-buffered, the next slice loaded into registers while the MMAs run on this one), and each warp reads
+// its B fragments from there. Each warp owns its rows: no reduction across warps; K shares as above.
+template <int NT, int R, bool SYM>
+__device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const uint4* __restrict__ P,
+                                             const __half* __restrict__ S, const __half* __restrict__ Z,
+                                             const __half* __restrict__ B, __half* __restrict__ Y,
+                                             float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
+                                             int group_chunks) {
+  constexpr int D = R >= 4 ? 1 : 4 / R;
+  constexpr int XROW = 64 + 8;                     // halves a token row of the staged slice (+16 B: fewer conflicts)
+  constexpr int PIECES = 8 * NT * 8;               // 16-byte pieces of a slice (8 NT tokens x 64 columns)
+  __shared__ __align__(16) __half xs[2][8 * NT][XROW];
+  __shared__ bool last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles_n = N >> 4, chunks = K >> 6;
+  const int tile0 = (blockIdx.x * warps + warp) * R;  // this warp's first row tile
+  const int per = (chunks + gridDim.y - 1) / gridDim.y;
+  const int c0 = min((int)blockIdx.y * per, chunks), c1 = min(c0 + per, chunks);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  uint4 next[(PIECES + 127) / 128];  // the pieces this thread stages (blocks of 128 threads or more)
+
+  auto fetch = [&](int c) {  // this thread's pieces of slice c into registers (tokens >= M: zeros)
+#pragma unroll
+    for (int i = 0; i < (PIECES + 127) / 128; ++i) {
+      const int piece = threadIdx.x + i * blockDim.x, tok = piece >> 3;
+      next[i] = (piece < PIECES && tok < M && c < c1)
+                    ? __ldg(reinterpret_cast<const uint4*>(X + (size_t)tok * K + (size_t)c * 64 + (piece & 7) * 8))
+                    : zero4;
+    }
+  };
+  auto stage = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < (PIECES + 127) / 128; ++i) {
+      const int piece = threadIdx.x + i * blockDim.x;
+      if (piece < PIECES) *reinterpret_cast<uint4*>(&xs[buf][piece >> 3][(piece & 7) * 8]) = next[i];
+    }
+  };
+
+  float acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+
+  uint4 ring[D][R];
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      ring[d][r] = (c0 + d < c1 && tile0 + r < tiles_n)
+                       ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c0 + d) * 32 + lane) : zero4;
+  fetch(c0);
+  stage(0);
+  fetch(c0 + 1);
+  __syncthreads();
+
+  for (int cb = c0; cb < c1; cb += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int c = cb + d;
+      if (c >= c1) break;  // (uniform across the block: the same K share)
+      const int buf = (c - c0) & 1;
+      uint4 w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = ring[d][r];
+        ring[d][r] = (c + D < c1 && tile0 + r < tiles_n)
+                         ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c + D) * 32 + lane) : zero4;
+      }
+      const int grp = c / group_chunks;
+      __half2 slo[R], shi[R], zlo[R], zhi[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = min((tile0 + r) * 16 + g, N - 9);
+        slo[r] = __half2half2(S[(size_t)grp * N + row]);
+        shi[r] = __half2half2(S[(size_t)grp * N + row + 8]);
+        if (SYM) {
+          zlo[r] = __float2half2_rn(1032.f);
+          zhi[r] = __float2half2_rn(-72.f);
+        } else {
+          const __half zl = Z[(size_t)grp * N + row], zh = Z[(size_t)grp * N + row + 8];
+          zlo[r] = __half2half2(__hadd(zl, __float2half(1024.f)));
+          zhi[r] = __half2half2(__hneg(__hadd(zh, __float2half(64.f))));
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a0[R][4], a1[R][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          dequant(h ? w[r].z : w[r].x, zlo[r], zhi[r], slo[r], shi[r], a0[r]);
+          dequant(h ? w[r].w : w[r].y, zlo[r], zhi[r], slo[r], shi[r], a1[r]);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4 x = *reinterpret_cast<const uint4*>(&xs[buf][8 * j + g][16 * t + 8 * h]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            mma(acc[r][j], a0[r], x.x, x.y);
+            mma(acc[r][j], a1[r], x.z, x.w);
+          }
+        }
+      }
+      __syncthreads();  // every warp is done with the other buffer's last use
+      stage(buf ^ 1);   // slice c + 1
+      fetch(c + 2);
+      __syncthreads();
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n0 = (tile0 + r) * 16 + g;
+    if (tile0 + r >= tiles_n) continue;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
+        if (m >= M) continue;
+        if (gridDim.y > 1) {
+          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
+        } else {
+          float v = acc[r][j][i];
+          if (B != nullptr) v += __half2float(B[n]);
+          Y[(size_t)m * N + n] = __float2half_rn(v);
+        }
+      }
+  }
+  if (gridDim.y == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int rows = 16 * R * warps, first = blockIdx.x * rows;
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    const int m = i / rows, n = first + i % rows;
+    if (n < N) {
+      float v = atomicExch(&WS[(size_t)m * N + n], 0.f);
+      if (B != nullptr) v += __half2float(B[n]);
+      Y[(size_t)m * N + n] = __float2half_rn(v);
+    }
+  }
+  if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
+}
+
 }  // namespace
 
 #define W4_MMA_ONE(NT, R, SYM, NAME)                                                                           \
@@ -218,6 +374,21 @@ W4_MMA(8, 1)
 W4_MMA(8, 2)
 W4_MMA(8, 4)
 W4_MMA(16, 1)  // (R = 2 spills at 255 registers)
+
+#define W4_MMAX_ONE(NT, R, SYM, NAME)                                                                          \
+  extern "C" __global__ void __launch_bounds__(256) w4_mmax_nt##NT##_r##R##_##NAME(                             \
+      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
+      int* CNT, int M, int N, int K, int group_chunks) {                                                          \
+    w4_mmax_body<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                   \
+  }
+#define W4_MMAX(NT, R) W4_MMAX_ONE(NT, R, true, sym) W4_MMAX_ONE(NT, R, false, asym)
+
+W4_MMAX(2, 1)
+W4_MMAX(4, 1)
+W4_MMAX(4, 2)
+W4_MMAX(8, 1)
+W4_MMAX(8, 2)
+W4_MMAX(16, 1)
 
 // The weight W [N, K] (fp16, row-major) from the same layout: one thread a lane of a tile, rows g and g + 8,
 // 16 contiguous columns each (two 16-byte stores a row). For W4A16 at many tokens: unpack once, then cuBLAS.
