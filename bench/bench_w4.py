@@ -1,4 +1,4 @@
-"""ptqlab's Triton low-bit kernels against cuBLAS FP16, tinygemm and gemlite, per linear and in decoding (issue 20).
+"""ptqlab's own low-bit kernels (Triton, and the CUDA W4A16 MMA kernel) against cuBLAS FP16, tinygemm and gemlite, per linear and in decoding (issue 20).
 
     python bench/bench_w4.py --out $OUT/w4.jsonl            # gemm part, then decode (OPT-6.7B shape, batch 1/16)
 
@@ -9,7 +9,10 @@ gemm:   per linear (K -> N on the five shapes of the issue), M tokens: median of
         norm-relative).  ``w4a16-triton`` dispatches (GEMV at 1 token, Triton GEMM up to w4_gemm.GEMM_MAX_M, unpack +
         cuBLAS above); ``w4a16-triton-gemm`` forces the Triton GEMM at every M > 1 and ``w4a16-triton-unpack`` the
         unpack + cuBLAS path (the two sides of the crossover).  ``+lorc8``: LoRC rank 8, added inside the kernel.
-decode: bench_decode.py's CUDA-graph greedy decoder with the Triton backends (and FP16, and tinygemm W4A16).
+        ``w4a16-mma`` (``-asym``): the CUDA tensor-core kernel (ptqlab.kernels.w4_mma; its tuned config per row,
+        "unpack" where the hand-off won the tuning), ``w4a16-mma-unpack`` its unpack + cuBLAS path at every M.
+decode: bench_decode.py's CUDA-graph greedy decoder with the ``triton`` preference (its W4A16 layers on the MMA
+        kernel; ``w4a16:triton-nomma`` on the Triton kernels), FP16, and tinygemm W4A16.
 
 Every kernel runs in a try: a failure is a record with "error", and the run goes on.  ``--budget-s``: past it,
 the remaining cases are skipped (a record says which), so that one command stays inside its device slot.

@@ -6,9 +6,17 @@ about six float32 instructions (shift, mask, convert, subtract, multiply-add), a
 the MMA's register fragments, so its tensor-core GEMM routes the unpacked tile through shared memory.  This kernel
 stores the weight in the MMA's own fragment order (:func:`pack_int4_mma`), so one 16-byte load a lane is the
 A operand of four ``mma.sync.m16n8k16`` steps, and dequantizes two weights an instruction (a ``lop3`` makes
-the fp16 pair ``1024 + code``, one ``sub.f16x2`` the exact ``code - zero``, one ``mul.f16x2`` the fp16 weight,
-bit for bit the fake-quant one).  The few tokens are the MMA's 8-wide side: at one token 7/8 of each MMA is
-wasted, which costs nothing while the weight's bytes are the bound.
+the fp16 pair ``1024 + code``, one ``sub.f16x2`` the exact ``code - zero``, one ``mul.f16x2`` the fp16 weight
+from the stored fp16 scale, bit for bit what :func:`dequant_mma` and the Triton unpack write).  The few tokens are
+the MMA's 8-wide side: at one token 7/8 of each MMA is wasted, which costs nothing while the weight's bytes are the
+bound.
+
+Two bodies, tuned per (tokens bucket, shape, group, grid) on the first eager call from CUDA-graph replays of every
+config (:data:`CONFIGS`): "k", a block's warps split K and read their few inputs from L1/L2 (1-16 tokens); "x",
+its warps take different rows over the same K and share each input slice through shared memory (17-128 tokens).
+From 17 tokens on, the weight unpacked once + cuBLAS (:data:`UNPACK`) is a candidate too, so a key takes the
+hand-off where it wins. Measured on an H200 (bench/README.md, session 32): 1.2-2.5x cuBLAS FP16 at one token,
+1.05-1.9x at 16, 0.5-1.2x at 32, 0.4-0.8x at 64-128 (where the Triton GEMM on its own layout was faster).
 
 Built with the CUDA toolkit's ``nvcc`` (``$PTQLAB_NVCC``, ``$CUDA_HOME/bin/nvcc`` or the ``PATH``) into a cubin
 for the GPU's architecture, cached under ``$PTQLAB_KERNEL_CACHE`` (default ``~/.cache/ptqlab/kernels``), loaded and
