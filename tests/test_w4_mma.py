@@ -195,3 +195,31 @@ def test_cubin_names_cover_every_config():
             assert 32 * warps <= 256 and shares >= 1 and body in "kx"  # the kernels' __launch_bounds__
             assert body == "k" or warps >= 4  # the staging of the inputs assumes 128 threads or more
     assert "w4_mma_dequant" in source
+
+
+def test_tuning_takes_the_fastest_config_once_and_the_default_while_capturing(monkeypatch):
+    # the timing stands in for CUDA-graph replays: a made-up time per config, the hand-off slowest or fastest
+    runs: list = []
+    monkeypatch.setattr(w4_mma, "_TUNED", {})
+    monkeypatch.setattr(w4_mma, "_run", lambda cfg, *args: runs.append(cfg))
+    fake_ms = {cfg: 1.0 + i for i, cfg in enumerate(w4_mma.CONFIGS[4])}
+    fastest = w4_mma.CONFIGS[4][3]
+    fake_ms[fastest] = 0.5
+    unpack_ms = [9.0]
+
+    def graph_ms(fn):
+        before = len(runs)
+        fn()
+        return fake_ms.get(runs[-1], 5.0) if len(runs) > before else unpack_ms[0]
+
+    monkeypatch.setattr(w4_mma, "_graph_ms", graph_ms)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert w4_mma._tune(("key",), 4, True, 0, [], 64, lambda: None) == w4_mma.CONFIGS[4][0]
+    assert not runs and not w4_mma._TUNED  # nothing timed inside a capture, nothing remembered
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert w4_mma._tune(("key",), 4, True, 0, [], 64, lambda: None) == fastest
+    timed = len(runs)
+    assert w4_mma._tune(("key",), 4, True, 0, [], 64, lambda: None) == fastest and len(runs) == timed  # cached
+    unpack_ms[0] = 0.1  # from 17 tokens (4 token tiles) on the hand-off competes, and wins here
+    assert w4_mma._tune(("other",), 4, True, 0, [], 64, lambda: None) == w4_mma.UNPACK
+    assert w4_mma._tune(("one token",), 1, True, 0, [], 64, lambda: None) != w4_mma.UNPACK  # not at 1..16
