@@ -216,7 +216,9 @@ def _probe() -> str | None:
     if major < 8:
         return f"compute capability {major}.{minor} (mma.sync m16n8k16 needs 8.0 or later)"
     try:
-        _STATE["driver"] = _Driver(_build(f"sm_{major}{minor}"))
+        driver = _Driver(_build(f"sm_{major}{minor}"))
+        driver.function(torch.cuda.current_device(), "w4_mma_dequant")  # loads: a bad cubin fails here, not later
+        _STATE["driver"] = driver
     except Exception as err:  # noqa: BLE001 (any failure here means: use the Triton kernels)
         warnings.warn(f"ptqlab's W4A16 CUDA kernel is not available ({err}); the Triton kernels run instead",
                       stacklevel=3)
