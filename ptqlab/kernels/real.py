@@ -52,13 +52,15 @@ from ..quantizers import PER_ROW, PER_TENSOR, QuantizationError, QuantSpec
 KERNEL_MODES = ("auto", "fake", "real")
 #: up to this many tokens W4A16 runs tinygemm; above, unpack + cuBLAS (crossover measured on an H100)
 TINYGEMM_MAX_M = 16
-#: the kernel family a layer gets when several run it: ptqlab's Triton kernels, or "tinygemm" (PyTorch's int4
-#: GEMM and ``torch._int_mm``: the previous default) or "gemlite" (4-bit weight-only through gemlite)
+#: the kernel family a layer gets when several run it: ptqlab's own kernels ("triton", the name from before its
+#: CUDA W4A16 kernel joined: fp16 W4A16 layers without LoRC run ``w4a16-mma`` where it builds), or "tinygemm"
+#: (PyTorch's int4 GEMM and ``torch._int_mm``: the previous default) or "gemlite" (4-bit weight-only through gemlite)
 PREFERENCES = ("triton", "tinygemm", "gemlite")
 # the Triton family by default since it was measured on an H200 (bench/README.md, "ptqlab's own low-bit kernels"):
 # W4A16 decoding of the OPT-6.7B shape 1.15x tinygemm's tokens/s at batch 1 and 2.0x at batch 16 from one layout
 # (0.28x FP16 bytes; tinygemm keeps two), LoRC inside the kernel (-4% / -9% of W4A16 against -30% as side GEMMs),
-# W8A8 decoding 1.08x / 1.18x FP16, 4-bit W4A8 weights kept packed, and the only FP8 path
+# W8A8 decoding 1.08x / 1.18x FP16, 4-bit W4A8 weights kept packed, and the only FP8 path; with the CUDA W4A16
+# kernel (session 32) W4A16 decodes at 1.45x / 1.32x FP16 against the Triton kernels' 1.28x / 1.09x
 DEFAULT_PREFERENCE = "triton"
 
 @dataclass(frozen=True)
