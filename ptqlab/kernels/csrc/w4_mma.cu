@@ -62,6 +62,37 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// the scales (and zero points) of group grp for rows g, g + 8 of R row tiles from tile0, as dequant() takes them
+template <int R, bool SYM>
+__device__ __forceinline__ void group_params(const __half* __restrict__ S, const __half* __restrict__ Z, int grp,
+                                             int tile0, int g, int N, __half2 slo[R], __half2 shi[R],
+                                             __half2 zlo[R], __half2 zhi[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min((tile0 + r) * 16 + g, N - 9);
+    slo[r] = __half2half2(S[(size_t)grp * N + row]);
+    shi[r] = __half2half2(S[(size_t)grp * N + row + 8]);
+    if (SYM) {
+      zlo[r] = __float2half2_rn(1032.f);
+      zhi[r] = __float2half2_rn(-72.f);
+    } else {
+      const __half zl = Z[(size_t)grp * N + row], zh = Z[(size_t)grp * N + row + 8];
+      zlo[r] = __half2half2(__hadd(zl, __float2half(1024.f)));
+      zhi[r] = __half2half2(__hneg(__hadd(zh, __float2half(64.f))));
+    }
+  }
+}
+
+template <int R, int NT>
+__device__ __forceinline__ void zero_acc(float acc[R][NT][4]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+}
+
 // NT: n8 token tiles (M <= 8 NT); R: row tiles per block; SYM: zero point 8 everywhere (Z unused)
 template <int NT, int R, bool SYM>
 __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const uint4* __restrict__ P,
@@ -83,12 +114,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   for (int i = threadIdx.x; i < 16 * R * 8 * NT; i += blockDim.x) red[i / (8 * NT)][i % (8 * NT)] = 0.f;
 
   float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+  zero_acc<R, NT>(acc);
 
   // the inputs this lane feeds to the MMA: token 8j + g, columns 16t .. 16t + 15 of each 64-column tile
   const __half* xrow[NT];
@@ -124,20 +150,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
       // scales (and zero points) of this tile's group for rows g, g + 8 of each row tile
       const int grp = c / group_chunks;
       __half2 slo[R], shi[R], zlo[R], zhi[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int row = min((tile0 + r) * 16 + g, N - 9);
-        slo[r] = __half2half2(S[(size_t)grp * N + row]);
-        shi[r] = __half2half2(S[(size_t)grp * N + row + 8]);
-        if (SYM) {
-          zlo[r] = __float2half2_rn(1032.f);
-          zhi[r] = __float2half2_rn(-72.f);
-        } else {
-          const __half zl = Z[(size_t)grp * N + row], zh = Z[(size_t)grp * N + row + 8];
-          zlo[r] = __half2half2(__hadd(zl, __float2half(1024.f)));
-          zhi[r] = __half2half2(__hneg(__hadd(zh, __float2half(64.f))));
-        }
-      }
+      group_params<R, SYM>(S, Z, grp, tile0, g, N, slo, shi, zlo, zhi);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // columns 16t + 8h .. + 7: steps 2h, 2h + 1
         uint4 x[NT];
@@ -240,12 +253,7 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
   };
 
   float acc[R][NT][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+  zero_acc<R, NT>(acc);
 
   uint4 ring[D][R];
 #pragma unroll
@@ -274,20 +282,7 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
       }
       const int grp = c / group_chunks;
       __half2 slo[R], shi[R], zlo[R], zhi[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int row = min((tile0 + r) * 16 + g, N - 9);
-        slo[r] = __half2half2(S[(size_t)grp * N + row]);
-        shi[r] = __half2half2(S[(size_t)grp * N + row + 8]);
-        if (SYM) {
-          zlo[r] = __float2half2_rn(1032.f);
-          zhi[r] = __float2half2_rn(-72.f);
-        } else {
-          const __half zl = Z[(size_t)grp * N + row], zh = Z[(size_t)grp * N + row + 8];
-          zlo[r] = __half2half2(__hadd(zl, __float2half(1024.f)));
-          zhi[r] = __half2half2(__hneg(__hadd(zh, __float2half(64.f))));
-        }
-      }
+      group_params<R, SYM>(S, Z, grp, tile0, g, N, slo, shi, zlo, zhi);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t a0[R][4], a1[R][4];
