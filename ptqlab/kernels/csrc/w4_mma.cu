@@ -348,13 +348,17 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
 
 }  // namespace
 
-#define W4_MMA_ONE(NT, R, SYM, NAME)                                                                           \
-  extern "C" __global__ void __launch_bounds__(256) w4_mma_nt##NT##_r##R##_##NAME(                              \
+// one exported kernel per (body, token tiles, row tiles, grid): the names w4_mma.py launches
+#define W4_KERNEL(PREFIX, BODY, NT, R, SYM, NAME)                                                              \
+  extern "C" __global__ void __launch_bounds__(256) PREFIX##_nt##NT##_r##R##_##NAME(                            \
       const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
       int* CNT, int M, int N, int K, int group_chunks) {                                                          \
-    w4_mma_body<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                    \
+    BODY<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                           \
   }
-#define W4_MMA(NT, R) W4_MMA_ONE(NT, R, true, sym) W4_MMA_ONE(NT, R, false, asym)
+#define W4_MMA(NT, R) \
+  W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, sym) W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, asym)
+#define W4_MMAX(NT, R) \
+  W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, true, sym) W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, false, asym)
 
 W4_MMA(1, 1)
 W4_MMA(1, 2)
@@ -369,14 +373,6 @@ W4_MMA(8, 1)
 W4_MMA(8, 2)
 W4_MMA(8, 4)
 W4_MMA(16, 1)  // (R = 2 spills at 255 registers)
-
-#define W4_MMAX_ONE(NT, R, SYM, NAME)                                                                          \
-  extern "C" __global__ void __launch_bounds__(256) w4_mmax_nt##NT##_r##R##_##NAME(                             \
-      const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
-      int* CNT, int M, int N, int K, int group_chunks) {                                                          \
-    w4_mmax_body<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                   \
-  }
-#define W4_MMAX(NT, R) W4_MMAX_ONE(NT, R, true, sym) W4_MMAX_ONE(NT, R, false, asym)
 
 W4_MMAX(2, 1)
 W4_MMAX(4, 1)
