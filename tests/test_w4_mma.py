@@ -223,3 +223,26 @@ def test_tuning_takes_the_fastest_config_once_and_the_default_while_capturing(mo
     unpack_ms[0] = 0.1  # from 17 tokens (4 token tiles) on the hand-off competes, and wins here
     assert w4_mma._tune(("other",), 4, True, 0, [], 64, lambda: None) == w4_mma.UNPACK
     assert w4_mma._tune(("one token",), 1, True, 0, [], 64, lambda: None) != w4_mma.UNPACK  # not at 1..16
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_real_layer_holds_the_packed_codes_and_the_grid_alone(symmetric):
+    # the build on CPU (the forward needs the GPU): one layout, fp16 scales [G, N], zero points only when asymmetric;
+    # unpacked with the grid it gives the layer's fake-quant weight (up to the scale's rounding to fp16)
+    from ptqlab.kernels.real import RealLinear
+    from ptqlab.quantizers import fake_quantize, weight_qparams
+
+    spec = QuantSpec(4, symmetric, 64)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1)) * 0.02
+    layer = QuantLinear(w.clone(), None, "l")
+    layer.weight_spec = spec
+    layer.set_weight_qparams(*weight_qparams(w, spec))
+    layer.weight.data.copy_(fake_quantize(w, spec))
+    real = RealLinear(layer, "w4a16-mma", keep_original=False)
+    names = {n for n, b in real.named_buffers() if b is not None}
+    assert names == {"w_packed", "w_scale"} | ({"w_zero"} if not symmetric else set())
+    assert real.w_packed.shape == (2, 2, 32, 4) and real.w_scale.shape == (2, 32) and real.group == 64
+    codes = unpack_int4_mma_reference(real.w_packed).float()
+    zero = 8.0 if symmetric else real.w_zero.t().float().repeat_interleave(64, 1)
+    deq = (codes - zero) * real.w_scale.t().float().repeat_interleave(64, 1)
+    assert float((deq - layer.weight).abs().max()) <= float(layer.weight.abs().max()) * 2e-3
