@@ -40,8 +40,10 @@ SCHEMES = {
 
 
 def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: list[int], prompt: int, new: int,
-                 bw: float, backend: str = DEFAULT_PREFERENCE) -> None:
-    """``backend``: the kernel preference (ptqlab.kernels.real.PREFERENCES) the real layers are chosen with."""
+                 bw: float, backend: str = DEFAULT_PREFERENCE, decoders: tuple[str, ...] = ("fused",)) -> None:
+    """``backend``: the kernel preference (ptqlab.kernels.real.PREFERENCES) the real layers are chosen with;
+    ``decoders``: "fused" (StaticOPTDecoder's fusions: add + LayerNorm, q/k/v) and/or "plain" (HF's modules one by
+    one), each timed in turn."""
     wspec, aspec, rank = SCHEMES[scheme]
     rtn_with_grid(layers, wspec, aspec, rank, originals=originals, svd=False)
     undo = None
@@ -51,14 +53,15 @@ def bench_scheme(model, layers, originals, shape: str, scheme: str, batches: lis
         kernels = summary["real"]
     wbytes = step_bytes(model)
     hidden, n_layers, _, _ = SHAPES[shape]
-    for batch in batches:
+    for decoder, batch in ((d, b) for d in decoders for b in batches):
         torch.cuda.reset_peak_memory_stats()
+        fused = decoder == "fused"
         row = {"part": "decode", "shape": shape, "scheme": scheme, "kernels": kernels, "batch": batch,
-               "prompt": prompt, "new_tokens": new}
+               "prompt": prompt, "new_tokens": new, "decoder": decoder}
         try:
-            t_eager, toks_eager = run_eager(model, batch, prompt, new)
+            t_eager, toks_eager = run_eager(model, batch, prompt, new, fused)
             row["eager_tok_s"] = round(batch * new / t_eager, 1)
-            t_graph, toks_graph = run_graph(model, batch, prompt, new)
+            t_graph, toks_graph = run_graph(model, batch, prompt, new, fused)
             row["graph_tok_s"] = round(batch * new / t_graph, 1)
             row["graph_ms_per_step"] = round(1e3 * t_graph / new, 3)
             row["graph_tokens_equal_eager"] = round((toks_graph == toks_eager).float().mean().item(), 4)
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--backend", default=DEFAULT_PREFERENCE,
                     help=f"kernel preference: triton, tinygemm or gemlite (default: the library's, {DEFAULT_PREFERENCE})")
+    ap.add_argument("--decoders", default="fused,plain", help="fused and/or plain (StaticOPTDecoder's fusions)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         layers = wrap_model(model)
         originals = [layer.weight.data.clone() for layer in layers]
         for scheme in args.schemes.split(","):
-            bench_scheme(model, layers, originals, shape, scheme, batches, args.prompt, args.new, bw, args.backend)
+            bench_scheme(model, layers, originals, shape, scheme, batches, args.prompt, args.new, bw, args.backend,
+                         tuple(args.decoders.split(",")))
         del model, layers, originals
         gc.collect()
         torch.cuda.empty_cache()

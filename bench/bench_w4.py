@@ -217,7 +217,8 @@ def table(rows: list[dict], kernels: list[str]) -> str:
     return "\n".join(out + errs)
 
 
-def decode_part(shape: str, batches: list[int], schemes: list[str], prompt: int, new: int, bw: float) -> None:
+def decode_part(shape: str, batches: list[int], schemes: list[str], prompt: int, new: int, bw: float,
+                decoders: tuple[str, ...] = ("fused",)) -> None:
     from bench_decode import bench_scheme
     from kernel_common import build_opt, wrap_model
 
@@ -234,7 +235,8 @@ def decode_part(shape: str, batches: list[int], schemes: list[str], prompt: int,
         t0 = time.perf_counter()
         try:
             with mma_disabled(no_mma):
-                bench_scheme(model, layers, originals, shape, scheme, batches, prompt, new, bw, backend or "triton")
+                bench_scheme(model, layers, originals, shape, scheme, batches, prompt, new, bw, backend or "triton",
+                             decoders)
         except Exception as err:  # noqa: BLE001
             emit({"part": "decode", "shape": shape, "scheme": item, "error": f"{type(err).__name__}: {err}"[:300]})
         print(f"  decode {item}: {time.perf_counter() - t0:.1f}s", flush=True)
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "w8a8:triton,w8a8-fp8:triton,w4a16:tinygemm")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=64, help="decoded tokens per timed run")
+    ap.add_argument("--decoders", default="fused", help="fused and/or plain: the decoder's fusions on or off")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip what is left after this many seconds")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cpu-check", action="store_true",
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemm part: {time.perf_counter() - t0:.0f}s", flush=True)
     if "decode" in a.parts:
         decode_part(a.decode_shape, [int(b) for b in a.batches.split(",")], a.decode_schemes.split(","), 128, a.new,
-                    bw)
+                    bw, tuple(a.decoders.split(",")))
     if rows:
         print("\n" + table(rows, kernels), flush=True)
     print(f"total {time.perf_counter() - t0:.0f}s", flush=True)

@@ -27,20 +27,23 @@ from ptqlab.speed import make_decoder, prefill, run_graph, step
 # cuBLAS (sm90_xmma_*, nvjet_* on Hopper, gemv*), ptqlab's CUDA and Triton W4A16 kernels (_gemv_kernel, _gemm_kernel)
 LINEAR = ("gemm", "gemv", "w4_mma", "cutlass", "xmma", "nvjet", "cublas", "splitk")
 ATTENTION = ("attention", "fmha", "flash", "softmax", "sdpa", "efficient")
+NORM = ("layer_norm", "layernorm")  # torch's, and the fused decoder's add + LayerNorm
 
 
 def kernel_class(name: str) -> str:
     low = name.lower()
     if any(a in low for a in ATTENTION):
         return "attention"
+    if any(a in low for a in NORM):
+        return "norm"
     if any(k in low for k in LINEAR):
         return "linear"
     return "other"
 
 
 @torch.no_grad()
-def profile_steps(model, batch: int, steps: int) -> dict:
-    dec, ids = make_decoder(model, batch, 128, steps + 4)
+def profile_steps(model, batch: int, steps: int, fused: bool = True) -> dict:
+    dec, ids = make_decoder(model, batch, 128, steps + 4, fused)
     tok, pos = prefill(dec, ids)
     for _ in range(2):  # warm: tuning, allocator
         step(dec, tok, pos)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default="fp16,w4a16")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--decoders", default="fused,plain", help="fused and/or plain: the decoder's fusions on or off")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         rtn_with_grid(layers, wspec, aspec, rank, originals=originals, svd=False)
         summary, undo = swap_real(model, "real", torch.device("cuda"), backend="triton") if scheme != "fp16" else (
             {"real": {}}, None)
-        for batch in (int(b) for b in a.batches.split(",")):
+        for decoder, batch in ((d, int(b)) for d in a.decoders.split(",") for b in a.batches.split(",")):
+            fused = decoder == "fused"
             row = {"part": "decode_profile", "shape": a.shape, "scheme": scheme, "kernels": summary["real"],
-                   "batch": batch, **profile_steps(model, batch, a.steps)}
-            t_graph, _ = run_graph(model, batch, 128, 32)
+                   "decoder": decoder, "batch": batch, **profile_steps(model, batch, a.steps, fused)}
+            t_graph, _ = run_graph(model, batch, 128, 32, fused)
             row["graph_us_per_step"] = round(1e6 * t_graph / 32, 1)
             row["kernel_us_per_step"] = round(sum(c["us"] for c in row["classes"].values()), 1)
             emit(row)

@@ -32,16 +32,29 @@ class StaticOPTDecoder(nn.Module):
     with the same pre/post layer-norm logic, but the positions are a device tensor, k/v are written with
     ``index_copy_`` and attention runs over the whole cache with the unwritten slots masked: static shapes for
     a given (batch, tokens), no host sync, no branching on tensor values.  Inference only (no dropout).
+
+    ``fused`` (the default): what a serving engine fuses, so that the step's time is the kernels' and not their
+    count: each residual add with the LayerNorm after it in one kernel (:func:`ptqlab.kernels.layer_norm.
+    add_layer_norm`), q/k/v as one linear where the layers fuse (:func:`ptqlab.kernels.fuse.fuse_linears`;
+    their weights become views of the fused one's, so memory does not grow), and the attention mask made
+    additive once a step.  ``fused=False``: the model's
+    modules one by one, as HF runs them.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, fused: bool = True) -> None:
         super().__init__()
+        from .kernels.fuse import fuse_linears
+
         dec = model.model.decoder
         self.dec, self.lm_head = dec, model.lm_head
         self.pre_ln = model.config.do_layer_norm_before
+        self.fused = fused
         self.pos_offset: int = getattr(dec.embed_positions, "offset", 2)  # row of position p is p + 2
         attn = dec.layers[0].self_attn
         self.heads, self.head_dim, self.scaling = attn.num_heads, attn.head_dim, attn.scaling
+        # one q/k/v linear per layer where they fuse (None: that layer runs the three)
+        self.qkv = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) if fused else None
+                    for a in (layer.self_attn for layer in dec.layers)]
         w = dec.embed_tokens.weight
         shape = (len(dec.layers), batch, self.heads, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=w.dtype, device=w.device)
@@ -54,11 +67,29 @@ class StaticOPTDecoder(nn.Module):
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
-        q = heads(attn.q_proj(x) * self.scaling)  # HF scales q before the product, then attends with scale 1
-        self.k[i].index_copy_(2, pos, heads(attn.k_proj(x)))
-        self.v[i].index_copy_(2, pos, heads(attn.v_proj(x)))
+        if self.qkv[i] is not None:
+            q, k, v = self.qkv[i](x).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                            attn.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = heads(q * self.scaling)  # HF scales q before the product, then attends with scale 1
+        self.k[i].index_copy_(2, pos, heads(k))
+        self.v[i].index_copy_(2, pos, heads(v))
         o = nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=1.0)
         return attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                  ln: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, ln(x + delta)): one kernel when fused; ``ln`` None: no norm (OPT-350m has no final one)."""
+        if ln is None:
+            s = x if delta is None else x + delta
+            return s, s
+        if self.fused:
+            from .kernels.layer_norm import add_layer_norm
+
+            return add_layer_norm(x, delta, ln)
+        s = x if delta is None else x + delta
+        return s, ln(s)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids [B, T] at positions pos [T] (device tensor) -> next-token logits of the last position [B, vocab]."""
@@ -68,24 +99,25 @@ class StaticOPTDecoder(nn.Module):
             x = dec.project_in(x)
         x = x + nn.functional.embedding(pos + self.pos_offset, dec.embed_positions.weight)
         mask = self.slots[None, :] <= pos[:, None]  # [T, max_len]: causal, and slots not yet written are masked
-        for i, layer in enumerate(dec.layers):
-            h = layer.self_attn_layer_norm(x) if self.pre_ln else x
-            x = x + self._attn(i, layer.self_attn, h, pos, mask)
-            if not self.pre_ln:
-                x = layer.self_attn_layer_norm(x)
-            shape = x.shape
-            x = x.reshape(-1, shape[-1])  # HF runs the MLP on [B*T, hidden]
-            h = layer.final_layer_norm(x) if self.pre_ln else x
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
-            if not self.pre_ln:
-                x = layer.final_layer_norm(x)
-            x = x.view(shape)
-        x = x[:, -1]
-        if dec.final_layer_norm is not None:
-            x = dec.final_layer_norm(x)
+        if self.fused:  # additive, once a step (a boolean mask is converted again by every layer's attention)
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        layers = dec.layers
+        if self.pre_ln:
+            # x: the residual stream; h: the normed input of the next sub-block (the add before it, fused)
+            _, h = self._add_norm(x, None, layers[0].self_attn_layer_norm)
+            for i, layer in enumerate(layers):
+                x, h = self._add_norm(x, self._attn(i, layer.self_attn, h, pos, mask), layer.final_layer_norm)
+                following = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else dec.final_layer_norm
+                x, h = self._add_norm(x, layer.fc2(layer.activation_fn(layer.fc1(h))), following)
+        else:  # post-LN (OPT-350m): each add and the norm after it; the normed sum is the residual
+            for i, layer in enumerate(layers):
+                _, x = self._add_norm(x, self._attn(i, layer.self_attn, x, pos, mask), layer.self_attn_layer_norm)
+                _, x = self._add_norm(x, layer.fc2(layer.activation_fn(layer.fc1(x))), layer.final_layer_norm)
+            _, h = self._add_norm(x, None, dec.final_layer_norm)
+        h = h[:, -1]
         if dec.project_out is not None:
-            x = dec.project_out(x)
-        return self.lm_head(x)
+            h = dec.project_out(h)
+        return self.lm_head(h)
 
 
 # model_type -> static decoder class (the families whose decode can be captured in a CUDA graph)
@@ -104,13 +136,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def make_decoder(model: nn.Module, batch: int, prompt: int, new: int) -> tuple[nn.Module, torch.Tensor]:
+def make_decoder(model: nn.Module, batch: int, prompt: int, new: int,
+                 fused: bool = True) -> tuple[nn.Module, torch.Tensor]:
     """A decoder whose cache has room for the prompt, the new tokens and the graph's warm-up/capture steps,
-    and a prompt of random tokens (seeded by the batch size)."""
+    and a prompt of random tokens (seeded by the batch size).  ``fused``: see :class:`StaticOPTDecoder`."""
     dev = _device_of(model)
     g = torch.Generator(device=dev).manual_seed(batch)
     ids = torch.randint(4, model.config.vocab_size, (batch, prompt), device=dev, generator=g)
-    return STATIC_DECODERS[model.config.model_type](model, batch, prompt + new + 3), ids
+    return STATIC_DECODERS[model.config.model_type](model, batch, prompt + new + 3, fused), ids
 
 
 @torch.no_grad()
@@ -129,9 +162,10 @@ def step(dec: nn.Module, tok: torch.Tensor, pos: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def run_eager(model: nn.Module, batch: int, prompt: int, new: int) -> tuple[float, torch.Tensor]:
+def run_eager(model: nn.Module, batch: int, prompt: int, new: int,
+              fused: bool = True) -> tuple[float, torch.Tensor]:
     """Seconds of ``new`` greedy steps in a plain Python loop, and their tokens [batch, new]."""
-    dec, ids = make_decoder(model, batch, prompt, new)
+    dec, ids = make_decoder(model, batch, prompt, new, fused)
     tok, pos = prefill(dec, ids)
     out = []
     torch.cuda.synchronize()
@@ -145,10 +179,10 @@ def run_eager(model: nn.Module, batch: int, prompt: int, new: int) -> tuple[floa
 
 @torch.no_grad()
 def run_graph_repeats(model: nn.Module, batch: int, prompt: int, new: int,
-                      repeats: int = 1) -> tuple[list[float], torch.Tensor]:
+                      repeats: int = 1, fused: bool = True) -> tuple[list[float], torch.Tensor]:
     """Seconds of each of ``repeats`` greedy decodes of ``new`` tokens (one captured step replayed), each from
     the prefill's state, and the tokens of the last [batch, new]."""
-    dec, ids = make_decoder(model, batch, prompt, new)
+    dec, ids = make_decoder(model, batch, prompt, new, fused)
     tok, pos = prefill(dec, ids)
     tok0, pos0 = tok.clone(), pos.clone()
     # warm up on a side stream (allocator, autotuning), then capture one step
@@ -179,17 +213,18 @@ def run_graph_repeats(model: nn.Module, batch: int, prompt: int, new: int,
     return times, out
 
 
-def run_graph(model: nn.Module, batch: int, prompt: int, new: int) -> tuple[float, torch.Tensor]:
+def run_graph(model: nn.Module, batch: int, prompt: int, new: int,
+              fused: bool = True) -> tuple[float, torch.Tensor]:
     """Seconds of one graph-replayed greedy decode of ``new`` tokens, and its tokens."""
-    times, out = run_graph_repeats(model, batch, prompt, new, 1)
+    times, out = run_graph_repeats(model, batch, prompt, new, 1, fused)
     return times[0], out
 
 
 @torch.no_grad()
-def prefill_seconds(model: nn.Module, tokens: int, repeats: int) -> list[float]:
+def prefill_seconds(model: nn.Module, tokens: int, repeats: int, fused: bool = True) -> list[float]:
     """Seconds of each of ``repeats`` prefills of one window of ``tokens`` into the static cache (after one
     warm-up prefill)."""
-    dec, ids = make_decoder(model, 1, tokens, -3)  # the cache holds exactly the window
+    dec, ids = make_decoder(model, 1, tokens, -3, fused)  # the cache holds exactly the window
     pos = torch.arange(tokens, device=ids.device)
     dec(ids, pos)
     times = []
@@ -277,6 +312,7 @@ class SpeedSettings:
     new: int = 64  # tokens decoded per timed repeat
     prefill: int = 2048  # tokens of the prefill window (capped to the model's positions)
     repeats: int = 5  # timed repeats after warm-up; the median is recorded
+    fused: bool = True  # the decoder's fusions (add + LayerNorm, q/k/v): StaticOPTDecoder
 
 
 def measure_speed(model: nn.Module, max_positions: int | None, settings: SpeedSettings = SpeedSettings()) -> dict:
@@ -290,15 +326,17 @@ def measure_speed(model: nn.Module, max_positions: int | None, settings: SpeedSe
     new = min(settings.new, limit // 2)
     prompt = max(1, min(settings.prompt, limit - new - 3))
     window = min(settings.prefill, limit)
-    out: dict = {"prompt_tokens": prompt, "new_tokens": new, "prefill_tokens": window, "repeats": settings.repeats}
+    out: dict = {"prompt_tokens": prompt, "new_tokens": new, "prefill_tokens": window, "repeats": settings.repeats,
+                 "decoder": "fused" if settings.fused else "plain"}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
     for batch in settings.batches:
-        times, _ = run_graph_repeats(model, batch, prompt, new, settings.repeats)
+        times, _ = run_graph_repeats(model, batch, prompt, new, settings.repeats, settings.fused)
         out[f"decode_tok_s_b{batch}"] = batch * new / statistics.median(times)
         out[f"decode_ms_per_step_b{batch}"] = 1e3 * statistics.median(times) / new
     out["decode_peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    out["prefill_tok_s"] = window / statistics.median(prefill_seconds(model, window, settings.repeats))
+    out["prefill_tok_s"] = window / statistics.median(prefill_seconds(model, window, settings.repeats,
+                                                                      settings.fused))
     out["weight_bytes"] = resident_bytes(model, dev)
     out["decode_read_bytes"] = decode_read_bytes(model)
     return out

@@ -30,17 +30,21 @@ def tiny_opt(pre_ln: bool, proj_dim: int):
     return model
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("pre_ln,proj_dim", [(True, 64), (False, 64), (True, 32)],
                          ids=["pre-ln", "post-ln", "project-in-out"])
 @torch.no_grad()
-def test_static_decoder_matches_hf(pre_ln: bool, proj_dim: int) -> None:
+def test_static_decoder_matches_hf(pre_ln: bool, proj_dim: int, fused: bool) -> None:
+    """Fused (q/k/v as one linear whose rows the layers' weights now view, add + LayerNorm together) or not,
+    the decoder gives HF's logits and greedy tokens; HF's own forward, over the same (now view) weights, too."""
     model = tiny_opt(pre_ln, proj_dim)
     assert (model.model.decoder.project_in is not None) == (proj_dim != 64)
     assert (model.model.decoder.final_layer_norm is not None) == pre_ln
     ids = torch.randint(4, 500, (2, 9), generator=torch.Generator().manual_seed(1))
 
     # (a) prefill, then the step logits against HF's full-sequence forward at each step
-    dec = StaticOPTDecoder(model, batch=2, max_len=ids.shape[1] + NEW + 3)
+    dec = StaticOPTDecoder(model, batch=2, max_len=ids.shape[1] + NEW + 3, fused=fused)
+    assert all((qkv is not None) == fused for qkv in dec.qkv)
     seq = ids
     logits = dec(ids, torch.arange(ids.shape[1]))
     pos = torch.tensor([ids.shape[1]])
@@ -52,7 +56,7 @@ def test_static_decoder_matches_hf(pre_ln: bool, proj_dim: int) -> None:
         pos = pos + 1
 
     # (b) the bench's prefill + in-place steps give HF generate's greedy tokens (fresh cache, dirty slots ahead)
-    dec = StaticOPTDecoder(model, batch=2, max_len=ids.shape[1] + NEW + 3)
+    dec = StaticOPTDecoder(model, batch=2, max_len=ids.shape[1] + NEW + 3, fused=fused)
     dec.k.normal_()
     dec.v.normal_()  # unwritten slots must be masked, whatever they hold
     tok, pos = prefill(dec, ids)

@@ -41,7 +41,7 @@ cuBLAS path at many tokens, run it as a thin side GEMM (``y += (x V^T) U^T``).  
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +82,10 @@ class KernelBackend:
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     #: whether it runs this particular layer (its dtype, shape, LoRC), beyond the specs; False: the next backend
     fits: Callable[[nn.Module], bool] = lambda layer: True
+    #: the dimension of each buffer ``build`` registers that runs over the output channels, so that layers reading
+    #: one input fuse into one wider layer (:mod:`ptqlab.kernels.fuse`); None: its layers run one by one (a layout
+    #: whose weight runs over the outputs along a later dimension would need a copy of it to fuse)
+    out_dims: Mapping[str, int] | None = None
 
 
 KERNEL_BACKENDS: dict[str, KernelBackend] = {}
@@ -473,24 +477,26 @@ def _weight_only(bits: int, tinygemm: bool = False) -> Callable[[QuantSpec, Quan
 
 register_kernel(KernelBackend(
     "w8a8-triton", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: Triton int8 GEMM with "
-    "the scales and bias in its epilogue", _triton_w_a8(8), _build_int_triton, _forward_int_triton))
+    "the scales and bias in its epilogue", _triton_w_a8(8), _build_int_triton, _forward_int_triton,
+    out_dims={"w_int8": 0, "w_scale": 0}))
 register_kernel(KernelBackend(
     "w4a8-triton", "4-bit symmetric per-row weights kept packed, 8-bit symmetric per-token activations: Triton int8 "
     "GEMM unpacking the weight in registers", _triton_w_a8(4), _build_int_triton, _forward_int_triton))
 register_kernel(KernelBackend(
     "w8a8-fp8", "FP8 E4M3 per-channel weights and per-token activations: fused Triton activation quantization + "
-    "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8))
+    "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8, out_dims={"w_fp8": 0, "w_scale": 1}))
 register_kernel(KernelBackend(
     "w4a16-mma", "4-bit weights per row or in groups of a multiple of 64, fp16 activations, no LoRC: ptqlab's CUDA "
     "tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + cuBLAS above; built with nvcc "
-    "at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits))
+    "at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits,
+    out_dims={"w_packed": 0, "w_scale": 1, "w_zero": 1}))
 register_kernel(KernelBackend(
     "w4a16-triton", "4-bit weights per row or in groups of 32..4096 (power of two), fp16/bf16 activations: Triton "
     "GEMV/GEMM on the packed codes, unpack + cuBLAS at many tokens", _triton_w4a16, _build_w4a16_triton,
     _forward_w4a16_triton))
 register_kernel(KernelBackend(
     "w8a8-int8", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
-    _w_a8(8), _build_int8, _forward_int8))
+    _w_a8(8), _build_int8, _forward_int8, out_dims={"w_int8": 0, "w_scale": 0}))
 register_kernel(KernelBackend(
     "w4a8-int8", "4-bit symmetric per-row weights, 8-bit symmetric per-token activations: torch._int_mm",
     _w_a8(4), _build_int8, _forward_int8))
