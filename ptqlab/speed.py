@@ -37,8 +37,7 @@ class StaticOPTDecoder(nn.Module):
     count: each residual add with the LayerNorm after it in one kernel (:func:`ptqlab.kernels.layer_norm.
     add_layer_norm`), q/k/v as one linear where the layers fuse (:func:`ptqlab.kernels.fuse.fuse_linears`;
     their weights become views of the fused one's, so memory does not grow), and the attention mask made
-    additive once a step.  ``fused=False``: the model's
-    modules one by one, as HF runs them.
+    additive once a step.  ``fused=False``: the model's modules one by one, as HF runs them.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, fused: bool = True) -> None:
@@ -81,15 +80,12 @@ class StaticOPTDecoder(nn.Module):
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                   ln: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, ln(x + delta)): one kernel when fused; ``ln`` None: no norm (OPT-350m has no final one)."""
-        if ln is None:
-            s = x if delta is None else x + delta
-            return s, s
-        if self.fused:
+        if self.fused and ln is not None:
             from .kernels.layer_norm import add_layer_norm
 
             return add_layer_norm(x, delta, ln)
         s = x if delta is None else x + delta
-        return s, ln(s)
+        return s, s if ln is None else ln(s)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids [B, T] at positions pos [T] (device tensor) -> next-token logits of the last position [B, vocab]."""

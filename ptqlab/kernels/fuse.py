@@ -93,15 +93,10 @@ def _fuse_real(layers: Sequence[nn.Module]) -> nn.Module | None:
         return None  # different specs, grids or kernels
     if any((layer.lorc_u is None) != (first.lorc_u is None) for layer in layers):
         return None
-    buffers: dict[str, torch.Tensor | None] = {}
-    for name, dim in dims.items():
-        parts = [getattr(layer, name) for layer in layers]
-        if all(p is None for p in parts):
-            buffers[name] = None
-            continue
-        if any(p is None for p in parts):
-            return None  # e.g. a symmetric grid (no zero points) beside an asymmetric one
-        buffers[name] = torch.cat(parts, dim)
+    parts = {name: [getattr(layer, name) for layer in layers] for name in dims}
+    if any(len({p is None for p in ps}) > 1 for ps in parts.values()):
+        return None  # e.g. a symmetric grid (no zero points) beside an asymmetric one
+    buffers = {name: None if ps[0] is None else torch.cat(ps, dims[name]) for name, ps in parts.items()}
     outs = [layer.out_features for layer in layers]
     fused = RealLinear.__new__(RealLinear)
     nn.Module.__init__(fused)
@@ -120,8 +115,7 @@ def _fuse_real(layers: Sequence[nn.Module]) -> nn.Module | None:
     for name, buf in buffers.items():
         fused.register_buffer(name, buf)
         if buf is not None and dims[name] == 0:
-            parts = [getattr(layer, name) for layer in layers]
-            _rows_to_views(buf, parts)
+            _rows_to_views(buf, parts[name])
     # (a split-K workspace sized for the wider output grows on the first eager call, before any capture)
     return fused
 

@@ -12,6 +12,8 @@ two differ only in the order of the float32 sums.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ from torch import nn
 MAX_COLUMNS = 16384
 
 
-def _triton_kernel():
+@functools.cache
+def _kernel():
     import triton
     import triton.language as tl
 
@@ -40,17 +43,7 @@ def _triton_kernel():
         b = tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * C + c, (diff * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
 
-    return add_layer_norm_kernel
-
-
-_KERNEL = None
-
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _triton_kernel()
-    return _KERNEL
+    return add_layer_norm_kernel  # (built once: Triton needs a GPU build, imported only where it runs)
 
 
 def _fused_ok(x: torch.Tensor, ln: nn.LayerNorm) -> bool:
