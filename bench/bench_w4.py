@@ -10,9 +10,11 @@ gemm:   per linear (K -> N on the five shapes of the issue), M tokens: median of
         cuBLAS above); ``w4a16-triton-gemm`` forces the Triton GEMM at every M > 1 and ``w4a16-triton-unpack`` the
         unpack + cuBLAS path (the two sides of the crossover).  ``+lorc8``: LoRC rank 8, added inside the kernel.
         ``w4a16-mma`` (``-asym``): the CUDA tensor-core kernel (ptqlab.kernels.w4_mma; its tuned config per row,
-        "unpack" where the hand-off won the tuning), ``w4a16-mma-unpack`` its unpack + cuBLAS path at every M.
+        "unpack" where the hand-off won the tuning), ``w4a16-mma-unpack`` its unpack + cuBLAS path at every M,
+        ``w4a16-mma+lorc8`` with LoRC rank 8 (in its epilogue up to 16 tokens, an addmm after it beyond).
 decode: bench_decode.py's CUDA-graph greedy decoder with the ``triton`` preference (its W4A16 layers on the MMA
-        kernel; ``w4a16:triton-nomma`` on the Triton kernels), FP16, and tinygemm W4A16.
+        kernel; ``w4a16:triton-nomma`` / ``w4a16-lorc8:triton-nomma`` on the Triton kernels), FP16, and tinygemm
+        W4A16.
 
 Every kernel runs in a try: a failure is a record with "error", and the run goes on.  ``--budget-s``: past it,
 the remaining cases are skipped (a record says which), so that one command stays inside its device slot.
@@ -47,6 +49,7 @@ KERNELS = {
     "w4a16-mma": (QuantSpec(4, True, 128), FP, 0, "w4a16-mma"),
     "w4a16-mma-asym": (QuantSpec(4, False, 128), FP, 0, "w4a16-mma"),
     "w4a16-mma-unpack": (QuantSpec(4, True, 128), FP, 0, "w4a16-mma"),
+    "w4a16-mma+lorc8": (QuantSpec(4, True, 128), FP, 8, "w4a16-mma"),
     "w4a16-triton": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-asym": (QuantSpec(4, False, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-gemm": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,4,16,32,64,256,2048")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--decode-shape", default="opt-6.7b")
-    ap.add_argument("--decode-schemes", default="fp16,w4a16:triton,w4a16:triton-nomma,w4a16-lorc8:triton,w4a8:triton,"
+    ap.add_argument("--decode-schemes", default="fp16,w4a16:triton,w4a16:triton-nomma,w4a16-lorc8:triton,"
+                                                "w4a16-lorc8:triton-nomma,w4a8:triton,"
                                                 "w8a8:triton,w8a8-fp8:triton,w4a16:tinygemm")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=64, help="decoded tokens per timed run")

@@ -111,6 +111,49 @@ def test_the_kernels_fragment_arithmetic_equals_the_dense_product(group, symmetr
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
 
 
+def _emulate_lorc(v: np.ndarray, u: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """LoRC's ``(x V^T) U^T`` [M, N] as the kernel's LORC variant computes it: V [rank <= 32, K] row-major fp16 read
+    as rank tiles of 16 rows, lane (g, t) loading 8 halves of rows 16 rt + g and + 8 at columns 64c + 16t + 8h
+    (v0, v1), step 2h's A registers {v0.x, v1.x, v0.y, v1.y} and step 2h + 1's {v0.z, v1.z, v0.w, v1.w}; the x
+    fragments as the weight's; then U [N, rank] times t as each output is written."""
+    rank, k = v.shape
+    m = x.shape[0]
+    vp = np.zeros((32, k), dtype=np.float16)
+    vp[:rank] = v  # rows past rank: the kernel's predicated-off loads (zeros)
+    xb = np.zeros((8, k), dtype=np.float16)
+    xb[:m] = x
+    t_acc = np.zeros((32, 8))
+    for rt in range(2):
+        for c in range(k // 64):
+            for h in range(2):
+                for step in range(2):  # 2h, 2h + 1
+                    a = np.zeros((16, 16), dtype=np.float16)
+                    b = np.zeros((16, 8), dtype=np.float16)
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        col = 64 * c + 16 * t + 8 * h
+                        v0, v1 = vp[16 * rt + g, col:col + 8], vp[16 * rt + g + 8, col:col + 8]
+                        regs = [v0[4 * step:4 * step + 2], v1[4 * step:4 * step + 2],
+                                v0[4 * step + 2:4 * step + 4], v1[4 * step + 2:4 * step + 4]]
+                        a[g, 2 * t:2 * t + 2], a[g + 8, 2 * t:2 * t + 2] = regs[0], regs[1]
+                        a[g, 2 * t + 8:2 * t + 10], a[g + 8, 2 * t + 8:2 * t + 10] = regs[2], regs[3]
+                        k0 = col + 4 * step  # the x registers of this step: x[j].x, .y (step 2h) or .z, .w
+                        b[2 * t:2 * t + 2, g], b[2 * t + 8:2 * t + 10, g] = xb[g, k0:k0 + 2], xb[g, k0 + 2:k0 + 4]
+                    t_acc[16 * rt:16 * rt + 16] += a.astype(np.float64) @ b.astype(np.float64)
+    return (u.astype(np.float64) @ t_acc[:rank])[:, :m].T
+
+
+@pytest.mark.parametrize("rank,m", [(1, 1), (8, 3), (16, 8), (17, 2), (24, 5), (32, 1)])
+def test_lorc_fragments_from_row_major_v_equal_the_dense_product(rank, m):
+    k, n = 128, 16
+    gen = torch.Generator().manual_seed(rank + m)
+    v = torch.randn(rank, k, generator=gen).half().numpy()
+    u = torch.randn(n, rank, generator=gen).half().numpy()
+    x = torch.randn(m, k, generator=gen).half().numpy()
+    want = (x.astype(np.float64) @ v.astype(np.float64).T) @ u.astype(np.float64).T
+    np.testing.assert_allclose(_emulate_lorc(v, u, x), want, rtol=1e-9, atol=1e-9)
+
+
 def test_pack_rejects_shapes_off_the_tile():
     with pytest.raises(ValueError, match="divisible by 16 .* by 64, got 24x128"):
         pack_int4_mma(torch.zeros(24, 128, dtype=torch.uint8))
@@ -170,7 +213,7 @@ def test_without_a_gpu_the_triton_kernels_keep_w4a16(monkeypatch):
 @pytest.mark.parametrize("dtype,n,k,lorc,fits", [
     (torch.float16, 64, 128, False, True), (torch.bfloat16, 64, 128, False, False),
     (torch.float16, 40, 128, False, False), (torch.float16, 64, 96, False, False),
-    (torch.float16, 64, 128, True, False)])
+    (torch.float16, 64, 128, True, True), (torch.bfloat16, 64, 128, True, False)])
 def test_the_mma_backend_takes_only_the_layers_it_fits(monkeypatch, dtype, n, k, lorc, fits):
     monkeypatch.setattr(w4_mma, "_STATE", {"reason": None})  # as on a GPU where it built
     layer = QuantLinear(torch.zeros(n, k, dtype=dtype), None, "l")
@@ -195,6 +238,11 @@ def test_cubin_names_cover_every_config():
             assert 32 * warps <= 256 and shares >= 1 and body in "kx"  # the kernels' __launch_bounds__
             assert body == "k" or warps >= 4  # the staging of the inputs assumes 128 threads or more
     assert "w4_mma_dequant" in source
+    for nt in w4_mma.CONFIGS:  # LoRC's variants: the "k" body at 1..16 tokens, none beyond
+        lorc = w4_mma.lorc_configs(nt)
+        assert bool(lorc) == (nt <= w4_mma.LORC_MAX_NT) and all(body == "k" for body, *_ in lorc)
+        for _, r, _, _ in lorc:
+            assert f"W4_MMA_LORC({nt}, {r})" in source
 
 
 def test_tuning_takes_the_fastest_config_once_and_the_default_while_capturing(monkeypatch):

@@ -4,7 +4,7 @@ Fake quantization keeps dequantized fp16 weights and runs fp16 GEMMs: right numb
 gain.  Here a quantized layer becomes a :class:`RealLinear` that stores integer codes and runs a kernel
 that reads them:
 
-* ``w4a16-mma`` (the ``triton`` preference's first choice for fp16 4-bit weight-only layers without LoRC, groups
+* ``w4a16-mma`` (the ``triton`` preference's first choice for fp16 4-bit weight-only layers, groups
   of a multiple of 64 or per row, where the CUDA toolkit can build it): ptqlab's CUDA tensor-core kernel on the
   weight stored in the MMA's fragment order (:mod:`ptqlab.kernels.w4_mma`), up to ``w4_mma.MMA_MAX_M`` tokens;
   above, the same layout unpacked once and cuBLAS;
@@ -33,8 +33,9 @@ that reads them:
   separate Triton epilogue over its int32 result; 4-bit weights stored as int8.
 
 LoRC: the Triton kernels add ``(x V^T) U^T`` inside the same GEMV/GEMM (the product is linear in x, so each
-split-K share adds its part; no side GEMMs, no second pass over the output); the other backends, and the unpack +
-cuBLAS path at many tokens, run it as a thin side GEMM (``y += (x V^T) U^T``).  Integer codes come from the layer's
+split-K share adds its part; no side GEMMs, no second pass over the output), and so does ``w4a16-mma`` up to 16
+tokens (rank <= 32); the other backends, and the paths at many tokens, run it as a thin side GEMM
+(``y += (x V^T) U^T``).  Integer codes come from the layer's
 ``weight_scale``/``weight_zero`` (``codes = clamp(round(W / scale) + zero, 0, 2**bits - 1)``).
 """
 
@@ -53,7 +54,7 @@ KERNEL_MODES = ("auto", "fake", "real")
 #: up to this many tokens W4A16 runs tinygemm; above, unpack + cuBLAS (crossover measured on an H100)
 TINYGEMM_MAX_M = 16
 #: the kernel family a layer gets when several run it: ptqlab's own kernels ("triton", the name from before its
-#: CUDA W4A16 kernel joined: fp16 W4A16 layers without LoRC run ``w4a16-mma`` where it builds), or "tinygemm"
+#: CUDA W4A16 kernel joined: fp16 W4A16 layers run ``w4a16-mma`` where it builds), or "tinygemm"
 #: (PyTorch's int4 GEMM and ``torch._int_mm``: the previous default) or "gemlite" (4-bit weight-only through gemlite)
 PREFERENCES = ("triton", "tinygemm", "gemlite")
 # the Triton family by default since it was measured on an H200 (bench/README.md, "ptqlab's own low-bit kernels"):
@@ -301,9 +302,8 @@ def _mma_w4a16(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
 def _mma_fits(layer: nn.Module) -> bool:
     from .w4_mma import check_shape
 
-    # fp16 only, its tile shape, no LoRC (the Triton kernels fuse LoRC into their epilogue; this one does not)
-    return (layer.weight.dtype == torch.float16 and getattr(layer, "lorc_u", None) is None
-            and check_shape(layer.out_features, layer.in_features) is None)
+    # fp16 only and its tile shape (LoRC: in its epilogue up to 16 tokens, an addmm after it beyond)
+    return layer.weight.dtype == torch.float16 and check_shape(layer.out_features, layer.in_features) is None
 
 
 def _build_w4a16_mma(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -325,7 +325,8 @@ def _forward_w4a16_mma(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> t
     if x2.shape[0] > w4_mma.MMA_MAX_M:  # compute-bound: unpack once (the same layout), cuBLAS
         w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group)
         return nn.functional.linear(x2, w, real.bias), x2
-    return w4_mma.w4a16_mma(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias), None
+    return w4_mma.w4a16_mma(x2, real.w_packed, real.w_scale, real.w_zero, real.group, real.bias,
+                            lorc=_lorc(real)), None
 
 
 def _lorc(real: RealLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -486,8 +487,8 @@ register_kernel(KernelBackend(
     "w8a8-fp8", "FP8 E4M3 per-channel weights and per-token activations: fused Triton activation quantization + "
     "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8, out_dims={"w_fp8": 0, "w_scale": 1}))
 register_kernel(KernelBackend(
-    "w4a16-mma", "4-bit weights per row or in groups of a multiple of 64, fp16 activations, no LoRC: ptqlab's CUDA "
-    "tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + cuBLAS above; built with nvcc "
+    "w4a16-mma", "4-bit weights per row or in groups of a multiple of 64, fp16 activations, LoRC in its epilogue up "
+    "to 16 tokens: ptqlab's CUDA tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + cuBLAS above; built with nvcc "
     "at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits,
     out_dims={"w_packed": 0, "w_scale": 1, "w_zero": 1}))
 register_kernel(KernelBackend(

@@ -24,8 +24,12 @@ launched through the CUDA driver API (``ctypes``; no compiled Python extension, 
 headers and ABI).  Where it cannot be built (no toolkit, a GPU before Ampere, ``PTQLAB_W4_MMA=0``),
 :func:`unavailable` says why and the ``triton`` preference runs the Triton kernels instead.
 
+LoRC: from 1 to 16 tokens the "k" body adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`:
+``V`` is one or two more 16-row MMA operands next to the weight, ``U`` is applied as each output is written; the
+CUDA source's header); from 17 tokens on, or at a larger rank, the product is added after the kernel (``addmm``).
+
 Limits: fp16 activations (bf16 models run the Triton kernels), ``N`` divisible by 16, ``K`` by 64, groups of a
-multiple of 64 columns or one per row; no LoRC epilogue (layers with LoRC run the Triton kernels, which fuse it).
+multiple of 64 columns or one per row.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ CONFIGS: dict[int, list[Config]] = {
     8: _x((1, 2)) + [("k", *c) for c in _K_MANY],
     16: _x((1,)) + [("k", 1, w, s) for w, s in ((8, 1), (4, 1), (8, 2), (4, 2), (4, 4))],
 }
+
+
+#: the largest LoRC rank the kernel's epilogue takes (two 16-row tiles of V); beyond, the product is an ``addmm``
+LORC_MAX_RANK = 32
+#: token tiles up to which LoRC runs inside the kernel (the "k" body's LoRC variants: csrc/w4_mma.cu)
+LORC_MAX_NT = 2
+
+
+def lorc_configs(nt: int) -> list[Config]:
+    """The configs with a LoRC variant for ``nt`` token tiles (the "k" body, row tiles 1, 2, 4); empty: none."""
+    return [c for c in CONFIGS[nt] if c[0] == "k"] if nt <= LORC_MAX_NT else []
 
 
 def token_tiles(m: int) -> int:
@@ -253,9 +268,9 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
-def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int) -> None:
+def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int, lorc: bool = False) -> None:
     body, r, warps, shares = cfg
-    name = f"w4_mma{'x' if body == 'x' else ''}_nt{nt}_r{r}_{'sym' if sym else 'asym'}"
+    name = f"w4_mma{'x' if body == 'x' else ''}_nt{nt}_r{r}_{'sym' if sym else 'asym'}{'_lorc' if lorc else ''}"
     tiles_a_block = r * warps if body == "x" else r
     _driver().launch(device, name, -(-(n // 16) // tiles_a_block), 32 * warps, args, grid_y=shares)
 
@@ -282,27 +297,44 @@ def _graph_ms(fn, reps: int = 20) -> float:
 UNPACK: Config = ("unpack", 0, 0, 0)
 
 
-def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpack) -> Config:
+def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpack, lorc: bool = False) -> Config:
     """The fastest config for this key (from 17 tokens on, :data:`UNPACK` among them: ``unpack()`` runs it),
     timed on the call's own tensors (not while a CUDA graph is being captured: there the default runs, and the
-    next eager call tunes)."""
+    next eager call tunes).  ``lorc``: the LoRC variants (:func:`lorc_configs`)."""
     if key in _TUNED:
         return _TUNED[key]
+    configs = lorc_configs(nt) if lorc else CONFIGS[nt]
     if torch.cuda.is_current_stream_capturing():
-        return CONFIGS[nt][0]
-    times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n)) for cfg in CONFIGS[nt]}
-    if nt >= 4:
+        return configs[0]
+    times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n, lorc)) for cfg in configs}
+    if nt >= 4 and not lorc:
         times[UNPACK] = _graph_ms(unpack)
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 
 
+Lorc = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_lorc(lorc: Lorc, n: int, k: int) -> Lorc:
+    v, u = lorc
+    if v.dtype != torch.float16 or u.dtype != torch.float16 or v.dim() != 2 or u.shape != (n, v.shape[0]) \
+            or v.shape[1] != k:
+        raise ValueError(f"w4a16_mma: LoRC's fp16 V [r, {k}] and U [{n}, r] expected, got {v.dtype} "
+                         f"{tuple(v.shape)} and {u.dtype} {tuple(u.shape)}")
+    v, u = v.contiguous(), u.contiguous()
+    return (v if v.data_ptr() % 16 == 0 else v.clone()), u  # (the kernel reads V's rows 16 bytes at a time)
+
+
 def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-              bias: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+              lorc: Lorc | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T + bias`` for ``M <= MMA_MAX_M`` fp16 tokens, ``W = (code - zero) * scale`` packed by
     :func:`pack_int4_mma`; ``scale``/``zero`` fp16 ``[G, N]`` (``zero`` None: symmetric, 8), ``group`` = K / G (a
     multiple of 64).  ``perm``: act-order columns stored sorted by group, ``W[:, perm]`` (as
-    :func:`ptqlab.kernels.w4_gemm.w4a16_gemm`)."""
+    :func:`ptqlab.kernels.w4_gemm.w4a16_gemm`).  ``lorc``: LoRC's fp16 ``(V [r, K], U [N, r])`` (``V``'s columns
+    in the packed weight's order), ``+ (x V^T) U^T``: in the kernel's epilogue up to 16 tokens and rank 32, else
+    an ``addmm`` after it."""
     m, k = x.shape
     n = packed.shape[0] * 16
     if x.dtype != torch.float16 or m > MMA_MAX_M or m < 1 or packed.shape[1] * 64 != k:
@@ -311,17 +343,26 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     x = x.contiguous() if perm is None else x.index_select(1, perm)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     nt, sym, device = token_tiles(m), zero is None, x.device.index or 0
+    if lorc is not None:
+        lorc = _check_lorc(lorc, n, k)
+    fused = lorc is not None and nt <= LORC_MAX_NT and lorc[0].shape[0] <= LORC_MAX_RANK
+    v, u = lorc if fused else (None, None)
     ws, cnt = reserve(n, x.device)
     args = [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), _ptr(ws), _ptr(cnt),
-            ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(group // 64)]
+            ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(group // 64),
+            _ptr(v), _ptr(u), ctypes.c_int(0 if v is None else v.shape[0])]
 
     def unpack() -> torch.Tensor:
         return torch.nn.functional.linear(x, dequant_mma(packed, scale, zero, group), bias)
 
-    cfg = _tune((nt, n, k, group, sym, device), nt, sym, device, args, n, unpack)
+    rank = 0 if lorc is None else lorc[0].shape[0]
+    cfg = _tune((nt, n, k, group, sym, device, rank if fused else 0), nt, sym, device, args, n, unpack, fused)
     if cfg == UNPACK:
-        return unpack()
-    _run(cfg, nt, sym, device, args, n)
+        y = unpack()
+    else:
+        _run(cfg, nt, sym, device, args, n, fused)
+    if lorc is not None and not fused:  # many tokens or a large rank: the product after the kernel
+        y.addmm_(torch.nn.functional.linear(x, lorc[0]), lorc[1].t())
     return y
 
 

@@ -62,24 +62,29 @@ def test_add_layer_norm_inside_a_cuda_graph():
     assert torch.equal(s, x + d)
 
 
-def _real(n: int, k: int, spec: QuantSpec, seed: int) -> RealLinear:
+def _real(n: int, k: int, spec: QuantSpec, seed: int, lorc_rank: int = 0) -> RealLinear:
     g = torch.Generator(device=DEV).manual_seed(seed)
     w = torch.randn(n, k, device=DEV, generator=g) * 0.02
     layer = QuantLinear(w.half(), (torch.randn(n, device=DEV, generator=g) * 0.1).half(), f"l{seed}")
     layer.weight_spec = spec
     layer.set_weight_qparams(*weight_qparams(w, spec))
     layer.weight.data.copy_(fake_quantize(w, spec).half())
+    if lorc_rank:
+        layer.set_lorc((torch.randn(n, lorc_rank, device=DEV, generator=g) * 0.1).half(),
+                       (torch.randn(lorc_rank, k, device=DEV, generator=g) * 0.02).half())
     return RealLinear(layer, "w4a16-mma", keep_original=False)
 
 
+@pytest.mark.parametrize("lorc_rank", [0, 8], ids=["plain", "lorc8"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 5, 16, 64, 200])
 @torch.no_grad()
-def test_fused_mma_layers_equal_the_layers_one_by_one(m, symmetric):
+def test_fused_mma_layers_equal_the_layers_one_by_one(m, symmetric, lorc_rank):
+    # with LoRC rank 8 the fused layer's rank is 24 (stacked V, block-diagonal U): the kernel's second rank tile
     if (why := w4_mma.unavailable()) is not None:
         pytest.skip(f"the W4A16 MMA kernel is not available here: {why}")
     spec = QuantSpec(4, symmetric, 128)
-    layers = [_real(n, 1024, spec, seed) for seed, n in enumerate((1024, 256, 512))]
+    layers = [_real(n, 1024, spec, seed, lorc_rank) for seed, n in enumerate((1024, 256, 512))]
     x = torch.randn(m, 1024, device=DEV, dtype=torch.float16)
     ref = torch.cat([layer(x) for layer in layers], -1)
     fused = fuse_linears(layers)

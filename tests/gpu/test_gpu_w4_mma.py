@@ -1,6 +1,7 @@
 """ptqlab's CUDA W4A16 kernel (ptqlab.kernels.w4_mma) against float64 products of the dequantized weight: odd tile
 counts, symmetric and asymmetric grids (zero points 0 and 15 included), groups 64/128 and per row, M from 1 to 300
-(every token-tile count 1..16 and the unpack + cuBLAS hand-off above MMA_MAX_M), CUDA-graph capture, side streams.
+(every token-tile count 1..16 and the unpack + cuBLAS hand-off above MMA_MAX_M), CUDA-graph capture, side streams;
+LoRC in the epilogue (ranks 1..33: one and two rank tiles, and the addmm beyond) against the float64 product.
 
 GPU only (``pytest -m gpu tests/gpu/test_gpu_w4_mma.py``); its layout and arithmetic are checked on CPU by
 tests/test_w4_mma.py.
@@ -89,13 +90,103 @@ def test_every_config_gives_the_product_and_leaves_the_workspace_zero(m, symmetr
     nt = w4_mma.token_tiles(m)
     ws, cnt = w4_mma.reserve(n, x.device)
     for cfg in w4_mma.CONFIGS[nt] + ([w4_mma.UNPACK] if nt >= 4 else []):
-        w4_mma._TUNED[(nt, n, k, 64, symmetric, 0)] = cfg
+        w4_mma._TUNED[(nt, n, k, 64, symmetric, 0, 0)] = cfg
         with torch.no_grad():
             got = real(x).double()
         torch.cuda.synchronize()
         _assert_close(got, x, real, layer)
         assert not bool(ws.any()) and not bool(cnt.any()), cfg  # (the split-K sums and tickets, reset)
-    w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0))
+    w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0, 0))
+
+
+def _with_lorc(layer: QuantLinear, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    u = (torch.randn(layer.out_features, rank, device=DEV, generator=g) * 0.1).half()
+    v = (torch.randn(rank, layer.in_features, device=DEV, generator=g) * 0.02).half()
+    layer.set_lorc(u, v)
+    return u, v
+
+
+def _assert_close_lorc(got: torch.Tensor, x: torch.Tensor, real: RealLinear, layer: QuantLinear,
+                       in_kernel: bool) -> None:
+    """As :func:`_assert_close`, the reference plus ``(x V^T) U^T`` in float64. In the kernel, t = x V^T and
+    U t are float32 sums before the output's one rounding; after it (``addmm``), t and the sum are rounded to fp16
+    as well (a looser bound)."""
+    w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group).double()
+    u, v = layer.lorc_u.double(), layer.lorc_v.double()
+    xd = x.double()
+    ref = xd @ w.t() + layer.bias.double() + (xd @ v.t()) @ u.t()
+    size = xd.abs() @ w.abs().t()
+    lsize = (xd.abs() @ v.abs().t()) @ u.abs().t()
+    err = (got - ref).abs()
+    if in_kernel:
+        bound = 2.0 ** -10 * ref.abs() + 2.0 ** -15 * (size + lsize) + 1e-6
+    else:
+        bound = 2.0 ** -9 * ref.abs() + 2.0 ** -15 * size + 2.0 ** -10 * lsize + 1e-5
+    assert bool((err <= bound).all()), (float((err - bound).max()), float(err.max()))
+    fake = xd @ layer.weight.double().t() + layer.bias.double() + (xd @ v.t()) @ u.t()
+    assert float((got - fake).norm() / fake.norm()) < 2e-3
+
+
+@pytest.mark.parametrize(("k", "n"), [(1088, 208), (4096, 4096), (64, 16)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rank", [1, 8, 16, 17, 24, 32, 33])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 17, 64, 129])
+def test_lorc_in_the_kernel_matches_the_dequantized_reference(k, n, symmetric, rank, m):
+    # 1..16 tokens and rank <= 32: in the kernel's epilogue (one and two rank tiles, ranks that fill neither);
+    # more tokens or rank 33: the kernel, then an addmm
+    _needs_kernel()
+    layer = _layer(n, k, QuantSpec(4, symmetric, 64), seed=k + rank)
+    _with_lorc(layer, rank, seed=m + rank)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
+    with torch.no_grad():
+        got = real(x).double()
+    in_kernel = m <= 16 and rank <= w4_mma.LORC_MAX_RANK
+    _assert_close_lorc(got, x, real, layer, in_kernel)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("rank", [8, 24])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_lorc_config_gives_the_product_and_leaves_the_workspace_zero(m, rank, symmetric):
+    _needs_kernel()
+    k, n = 1088, 208
+    layer = _layer(n, k, QuantSpec(4, symmetric, 64), seed=m)
+    _with_lorc(layer, rank, seed=rank)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
+    nt = w4_mma.token_tiles(m)
+    ws, cnt = w4_mma.reserve(n, x.device)
+    configs = w4_mma.lorc_configs(nt)
+    assert configs and all(c[0] == "k" for c in configs)
+    for cfg in configs:
+        w4_mma._TUNED[(nt, n, k, 64, symmetric, 0, rank)] = cfg
+        with torch.no_grad():
+            got = real(x).double()
+        torch.cuda.synchronize()
+        _assert_close_lorc(got, x, real, layer, in_kernel=True)
+        assert not bool(ws.any()) and not bool(cnt.any()), cfg
+    w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0, rank))
+
+
+def test_lorc_in_a_cuda_graph_and_bad_factors_refused():
+    _needs_kernel()
+    layer = _layer(2048, 1088, QuantSpec(4, True, 64), seed=3)
+    _with_lorc(layer, 8, seed=3)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(1, 1088, device=DEV).half()
+    w4_mma._TUNED.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = real(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close_lorc(y.double(), x, real, layer, in_kernel=True)
+    with pytest.raises(ValueError, match="LoRC's fp16 V"):
+        w4_mma.w4a16_mma(x, real.w_packed, real.w_scale, None, 64, lorc=(layer.lorc_v.float(), layer.lorc_u))
+    with pytest.raises(ValueError, match="LoRC's fp16 V"):
+        w4_mma.w4a16_mma(x, real.w_packed, real.w_scale, None, 64, lorc=(layer.lorc_v[:, :64], layer.lorc_u))
 
 
 @pytest.mark.parametrize(("k", "n"), SHAPES)
@@ -122,7 +213,7 @@ def test_selection_takes_the_mma_kernel_for_fp16_and_the_triton_kernels_otherwis
     assert scheme_of(_layer(1040, 2048, QuantSpec(4, True, 128), seed=1, dtype=torch.bfloat16)) == "w4a16-triton"
     layer.set_lorc(torch.zeros(1040, 8, device=DEV, dtype=torch.float16),
                    torch.zeros(8, 2048, device=DEV, dtype=torch.float16))
-    assert scheme_of(layer) == "w4a16-triton"  # LoRC: the Triton kernels fuse it
+    assert scheme_of(layer) == "w4a16-mma"  # LoRC: in its epilogue (1..16 tokens) or an addmm after it
 
 
 @pytest.mark.parametrize("m", [1, 16, 100])

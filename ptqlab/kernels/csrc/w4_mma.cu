@@ -24,6 +24,14 @@
 // the warps' partial sums meet in shared memory. With S = 1 the block adds the bias and writes the output; with
 // S > 1 each block adds its sums to a float32 workspace and the last block of the row tiles (a ticket counter)
 // reads them back, zeroing the workspace and the ticket for the next call, and writes the output: one launch.
+//
+// LoRC (the "k" body's LORC variants, rank <= 32): y += (x V^T) U^T in the same launch. V [rank, K] (row-major
+// fp16) is one or two more 16-row A operands: its fragment for step s is four half2 loads of rows g, g + 8 at the
+// columns 16t + 4s.. that the weight's own fragment uses, so V needs no special layout. Each warp sums its chunks'
+// share of t = x V^T in float32 next to the weight's, the block's warps meet in shared memory, and every output
+// the block writes adds U[n, :] . t_share. The product is linear in x, so K shares add their parts to the
+// workspace like the weight's: no side GEMM, no second launch. What it costs: every block re-reads V for its K
+// share from L2 (N / 16R times in all), so blocks of more row tiles amortize it (the tuning sees that).
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -93,15 +101,29 @@ __device__ __forceinline__ void zero_acc(float acc[R][NT][4]) {
       for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
 }
 
-// NT: n8 token tiles (M <= 8 NT); R: row tiles per block; SYM: zero point 8 everywhere (Z unused)
-template <int NT, int R, bool SYM>
+// U[n, :] . t[:, m] for LoRC's t = x V^T summed in shared memory (rank rows of tr)
+template <int NT>
+__device__ __forceinline__ float lorc_dot(const __half* __restrict__ U, const float (*tr)[8 * NT], int rank, int n,
+                                          int m) {
+  float v = 0.f;
+  for (int q = 0; q < rank; ++q) v = fmaf(__half2float(U[(size_t)n * rank + q]), tr[q][m], v);
+  return v;
+}
+
+// NT: n8 token tiles (M <= 8 NT); R: row tiles per block; SYM: zero point 8 everywhere (Z unused); LORC: add
+// (x V^T) U^T for V [rank, K], U [N, rank], rank <= 32 (else V, U, rank unused)
+template <int NT, int R, bool SYM, bool LORC>
 __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const uint4* __restrict__ P,
                                             const __half* __restrict__ S, const __half* __restrict__ Z,
                                             const __half* __restrict__ B, __half* __restrict__ Y,
                                             float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
-                                            int group_chunks) {
+                                            int group_chunks, const __half* __restrict__ V,
+                                            const __half* __restrict__ U, int rank) {
   constexpr int D = R >= 4 ? 1 : 4 / R;  // weight tiles in flight per row tile and warp (the register ring)
+  constexpr int RT = LORC ? 2 : 0;       // LoRC's rank tiles of 16 (the second one only runs when rank > 16)
+  constexpr int TT = LORC ? 2 : 1;       // (their arrays' size: none of zero length)
   __shared__ float red[16 * R][8 * NT];
+  __shared__ float tred[LORC ? 32 : 1][8 * NT];  // LoRC: the block's share of t = x V^T, [rank][token]
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -112,9 +134,23 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   const int c0 = min(part * per, chunks), c1 = min(c0 + per, chunks);
 
   for (int i = threadIdx.x; i < 16 * R * 8 * NT; i += blockDim.x) red[i / (8 * NT)][i % (8 * NT)] = 0.f;
+  if (LORC)
+    for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) tred[i / (8 * NT)][i % (8 * NT)] = 0.f;
 
   float acc[R][NT][4];
   zero_acc<R, NT>(acc);
+  float tacc[TT][NT][4];  // LoRC: this warp's share of t, rank rows g / g + 8 of each rank tile
+  zero_acc<TT, NT>(tacc);
+  const __half* vrow[TT][2];  // LoRC: V rows 16 rt + g (+ 8), this lane's 16 columns of a tile
+  bool vok[TT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = 16 * rt + 8 * hh + g;
+      vok[rt][hh] = row < rank;
+      vrow[rt][hh] = V + (size_t)(vok[rt][hh] ? row : 0) * K + 16 * t;
+    }
 
   // the inputs this lane feeds to the MMA: token 8j + g, columns 16t .. 16t + 15 of each 64-column tile
   const __half* xrow[NT];
@@ -168,6 +204,21 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
             mma(acc[r][j], a1, x[j].z, x[j].w);  // step 2h + 1: + 4..7
           }
         }
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          if (rt > 0 && rank <= 16) break;  // (uniform)
+          // V's A fragments for steps 2h, 2h + 1: rows g / g + 8, columns 16t + 8h + 0..3 / 4..7 (as the weight's)
+          const uint4 v0 = vok[rt][0] ? __ldg(reinterpret_cast<const uint4*>(vrow[rt][0] + (size_t)c * 64 + 8 * h))
+                                      : zero4;
+          const uint4 v1 = vok[rt][1] ? __ldg(reinterpret_cast<const uint4*>(vrow[rt][1] + (size_t)c * 64 + 8 * h))
+                                      : zero4;
+          const uint32_t a0[4] = {v0.x, v1.x, v0.y, v1.y}, a1[4] = {v0.z, v1.z, v0.w, v1.w};
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            mma(tacc[rt][j], a0, x[j].x, x[j].y);
+            mma(tacc[rt][j], a1, x[j].z, x[j].w);
+          }
+        }
       }
     }
   }
@@ -182,12 +233,21 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
       atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t], acc[r][j][2]);
       atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t + 1], acc[r][j][3]);
     }
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // (rank rows past rank hold zeros)
+      atomicAdd(&tred[16 * rt + g][8 * j + 2 * t], tacc[rt][j][0]);
+      atomicAdd(&tred[16 * rt + g][8 * j + 2 * t + 1], tacc[rt][j][1]);
+      atomicAdd(&tred[16 * rt + g + 8][8 * j + 2 * t], tacc[rt][j][2]);
+      atomicAdd(&tred[16 * rt + g + 8][8 * j + 2 * t + 1], tacc[rt][j][3]);
+    }
   __syncthreads();
   const int rows = 16 * R, outs = min(rows * M, rows * 8 * NT);
   if (gridDim.y > 1) {  // split K: the workspace, then the last block of these row tiles finishes
     for (int i = threadIdx.x; i < outs; i += blockDim.x) {
       const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
-      if (n < N) atomicAdd(&WS[(size_t)m * N + n], red[row][m]);
+      if (n < N) atomicAdd(&WS[(size_t)m * N + n], red[row][m] + (LORC ? lorc_dot<NT>(U, tred, rank, n, m) : 0.f));
     }
     __threadfence();  // this block's sums are visible before its ticket is
     __syncthreads();
@@ -200,7 +260,8 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
     if (n < N) {
       // split K: the total, read and zeroed in one atomic (the next call finds the workspace zero)
-      float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f) : red[row][m];
+      float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f)
+                              : red[row][m] + (LORC ? lorc_dot<NT>(U, tred, rank, n, m) : 0.f);
       if (B != nullptr) v += __half2float(B[n]);
       Y[(size_t)m * N + n] = __float2half_rn(v);
     }
@@ -215,12 +276,12 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
 // of K, so one 64-column slice of every token's input serves them all: the block stages it in shared memory
 // (double-buffered, the next slice loaded into registers while the MMAs run on this one), and each warp reads
 // its B fragments from there. Each warp owns its rows: no reduction across warps; K shares as above.
-template <int NT, int R, bool SYM>
+template <int NT, int R, bool SYM, bool LORC_UNUSED>
 __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const uint4* __restrict__ P,
                                              const __half* __restrict__ S, const __half* __restrict__ Z,
                                              const __half* __restrict__ B, __half* __restrict__ Y,
                                              float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
-                                             int group_chunks) {
+                                             int group_chunks, const __half*, const __half*, int) {
   constexpr int D = R >= 4 ? 1 : 4 / R;
   constexpr int XROW = 64 + 8;                     // halves a token row of the staged slice (+16 B: fewer conflicts)
   constexpr int PIECES = 8 * NT * 8;               // 16-byte pieces of a slice (8 NT tokens x 64 columns)
@@ -348,17 +409,22 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
 
 }  // namespace
 
-// one exported kernel per (body, token tiles, row tiles, grid): the names w4_mma.py launches
-#define W4_KERNEL(PREFIX, BODY, NT, R, SYM, NAME)                                                              \
+// one exported kernel per (body, token tiles, row tiles, grid, LoRC): the names w4_mma.py launches, one signature
+#define W4_KERNEL(PREFIX, BODY, NT, R, SYM, LORC, NAME)                                                         \
   extern "C" __global__ void __launch_bounds__(256) PREFIX##_nt##NT##_r##R##_##NAME(                            \
       const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
-      int* CNT, int M, int N, int K, int group_chunks) {                                                          \
-    BODY<NT, R, SYM>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks);                                           \
+      int* CNT, int M, int N, int K, int group_chunks, const __half* V, const __half* U, int rank) {              \
+    BODY<NT, R, SYM, LORC>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks, V, U, rank);                         \
   }
-#define W4_MMA(NT, R) \
-  W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, sym) W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, asym)
-#define W4_MMAX(NT, R) \
-  W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, true, sym) W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, false, asym)
+#define W4_MMA(NT, R)                                                  \
+  W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, false, sym)              \
+  W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, false, asym)
+#define W4_MMA_LORC(NT, R)                                             \
+  W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, true, sym_lorc)          \
+  W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, true, asym_lorc)
+#define W4_MMAX(NT, R)                                                 \
+  W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, true, false, sym)            \
+  W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, false, false, asym)
 
 W4_MMA(1, 1)
 W4_MMA(1, 2)
@@ -373,6 +439,14 @@ W4_MMA(8, 1)
 W4_MMA(8, 2)
 W4_MMA(8, 4)
 W4_MMA(16, 1)  // (R = 2 spills at 255 registers)
+
+// LoRC in the epilogue: the "k" body at 1..16 tokens (decoding); from 17 tokens on the wrapper adds (x V^T) U^T
+W4_MMA_LORC(1, 1)
+W4_MMA_LORC(1, 2)
+W4_MMA_LORC(1, 4)
+W4_MMA_LORC(2, 1)
+W4_MMA_LORC(2, 2)
+W4_MMA_LORC(2, 4)
 
 W4_MMAX(2, 1)
 W4_MMAX(4, 1)
