@@ -185,7 +185,9 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                 if name.startswith("w4a16-mma"):
                     max_m = FORCED_MAX_M.get(name, w4_mma.MMA_MAX_M)
                     row["mma_path"] = "mma" if m <= max_m else "unpack+cublas"
-                    tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (w4_mma.token_tiles(m), n, k)]
+                    nt = w4_mma.token_tiles(m)
+                    key_rank = KERNELS[name][2] if nt <= w4_mma.LORC_MAX_NT else 0  # (LoRC's own tuning keys)
+                    tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (nt, n, k) and key[-1] == key_rank]
                     row["config"] = str(tuned[-1]) if tuned and m <= max_m else ""  # (body, R, warps, S)
                 if "triton" in name and row.get("triton_path") != "unpack+cublas":  # the autotuned config used last
                     kernel = w4_gemm._gemv_kernel if m == 1 else w4_gemm._gemm_kernel

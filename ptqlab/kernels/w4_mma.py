@@ -24,9 +24,10 @@ launched through the CUDA driver API (``ctypes``; no compiled Python extension, 
 headers and ABI).  Where it cannot be built (no toolkit, a GPU before Ampere, ``PTQLAB_W4_MMA=0``),
 :func:`unavailable` says why and the ``triton`` preference runs the Triton kernels instead.
 
-LoRC: from 1 to 16 tokens the "k" body adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`:
-``V`` is one or two more 16-row MMA operands next to the weight, ``U`` is applied as each output is written; the
-CUDA source's header); from 17 tokens on, or at a larger rank, the product is added after the kernel (``addmm``).
+LoRC: from 1 to 16 tokens the "k" body adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`):
+the first blocks compute ``t = x V^T`` once (``V`` as one or two more 16-row MMA operands) into a small global
+workspace, and each block applies ``U`` to it as it writes its outputs (the CUDA source's header); from 17 tokens
+on, or at a larger rank, the product is added after the kernel (``addmm``).
 
 Limits: fp16 activations (bf16 models run the Triton kernels), ``N`` divisible by 16, ``K`` by 64, groups of a
 multiple of 64 columns or one per row.
@@ -251,17 +252,28 @@ def _driver() -> _Driver:
 
 _TUNED: dict[tuple, Config] = {}
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_LORC_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def reserve(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The split-K workspace of ``device`` (float32 ``[MMA_MAX_M, N]`` and the row tiles' tickets), zero between
-    calls (each call's last block zeroes what it used); grown here, at build time, before any CUDA-graph capture."""
+    calls (each call's last block zeroes what it used); grown here, at build time, before any CUDA-graph capture.
+    LoRC's (``t = x V^T`` and its two counters: :func:`lorc_workspace`) is made here too."""
     ws, cnt = _WORKSPACE.get(device, (None, None))
     if ws is None or ws.numel() < MMA_MAX_M * n:
         ws = torch.zeros(MMA_MAX_M * n, dtype=torch.float32, device=device)
         cnt = torch.zeros(-(-n // 16), dtype=torch.int32, device=device)
         _WORKSPACE[device] = (ws, cnt)
+    if device not in _LORC_WORKSPACE:
+        _LORC_WORKSPACE[device] = (torch.zeros(LORC_MAX_RANK * 8 * LORC_MAX_NT, dtype=torch.float32, device=device),
+                                   torch.zeros(2, dtype=torch.int32, device=device))
     return ws, cnt
+
+
+def lorc_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRC's workspace of ``device``: float32 ``t`` ``[32, 8 NT]`` and the counters (blocks done with their share
+    of t, writers done reading it), zero between calls (the call's last writer zeroes them)."""
+    return _LORC_WORKSPACE[device]
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -348,9 +360,10 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     fused = lorc is not None and nt <= LORC_MAX_NT and lorc[0].shape[0] <= LORC_MAX_RANK
     v, u = lorc if fused else (None, None)
     ws, cnt = reserve(n, x.device)
+    tw, tc = lorc_workspace(x.device)
     args = [_ptr(x), _ptr(packed), _ptr(scale), _ptr(zero), _ptr(bias), _ptr(y), _ptr(ws), _ptr(cnt),
             ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(group // 64),
-            _ptr(v), _ptr(u), ctypes.c_int(0 if v is None else v.shape[0])]
+            _ptr(v), _ptr(u), ctypes.c_int(0 if v is None else v.shape[0]), _ptr(tw), _ptr(tc)]
 
     def unpack() -> torch.Tensor:
         return torch.nn.functional.linear(x, dequant_mma(packed, scale, zero, group), bias)

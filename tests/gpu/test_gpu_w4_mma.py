@@ -167,22 +167,30 @@ def test_every_lorc_config_gives_the_product_and_leaves_the_workspace_zero(m, ra
         torch.cuda.synchronize()
         _assert_close_lorc(got, x, real, layer, in_kernel=True)
         assert not bool(ws.any()) and not bool(cnt.any()), cfg
+        tw, tc = w4_mma.lorc_workspace(x.device)
+        assert not bool(tw.any()) and not bool(tc.any()), cfg  # (t and its counters, reset by the last writer)
     w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0, rank))
 
 
-def test_lorc_in_a_cuda_graph_and_bad_factors_refused():
+@pytest.mark.parametrize("m", [1, 16])
+def test_lorc_in_a_cuda_graph_and_bad_factors_refused(m):
+    # replayed many times: each call leaves t and its counters zero for the next (a left-over would add up)
     _needs_kernel()
     layer = _layer(2048, 1088, QuantSpec(4, True, 64), seed=3)
     _with_lorc(layer, 8, seed=3)
     real = RealLinear(layer, "w4a16-mma")
-    x = torch.randn(1, 1088, device=DEV).half()
+    x = torch.randn(m, 1088, device=DEV).half()
     w4_mma._TUNED.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        y = real(x)
-    graph.replay()
+        for _ in range(3):
+            y = real(x)
+    for _ in range(5):
+        graph.replay()
     torch.cuda.synchronize()
     _assert_close_lorc(y.double(), x, real, layer, in_kernel=True)
+    tw, tc = w4_mma.lorc_workspace(x.device)
+    assert not bool(tw.any()) and not bool(tc.any())
     with pytest.raises(ValueError, match="LoRC's fp16 V"):
         w4_mma.w4a16_mma(x, real.w_packed, real.w_scale, None, 64, lorc=(layer.lorc_v.float(), layer.lorc_u))
     with pytest.raises(ValueError, match="LoRC's fp16 V"):

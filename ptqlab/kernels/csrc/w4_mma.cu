@@ -25,13 +25,15 @@
 // S > 1 each block adds its sums to a float32 workspace and the last block of the row tiles (a ticket counter)
 // reads them back, zeroing the workspace and the ticket for the next call, and writes the output: one launch.
 //
-// LoRC (the "k" body's LORC variants, rank <= 32): y += (x V^T) U^T in the same launch. V [rank, K] (row-major
-// fp16) is one or two more 16-row A operands: its fragment for step s is four half2 loads of rows g, g + 8 at the
-// columns 16t + 4s.. that the weight's own fragment uses, so V needs no special layout. Each warp sums its chunks'
-// share of t = x V^T in float32 next to the weight's, the block's warps meet in shared memory, and every output
-// the block writes adds U[n, :] . t_share. The product is linear in x, so K shares add their parts to the
-// workspace like the weight's: no side GEMM, no second launch. What it costs: every block re-reads V for its K
-// share from L2 (N / 16R times in all), so blocks of more row tiles amortize it (the tuning sees that).
+// LoRC (the "k" body's LORC variants, rank <= 32): y += (x V^T) U^T in the same launch. t = x V^T [rank, M] is
+// computed once per call, not per block: the first P blocks (P <= 64, the lowest block indices, so the first to
+// be dispatched: they never wait on anything) each take a slice of K before their weight work, V [rank, K]
+// (row-major fp16) being one or two more 16-row A operands (its fragment for step s is two 16-byte loads of rows
+// g, g + 8 at the columns the weight's own fragment uses, so V needs no layout of its own), and add their float32
+// sums to a global t (TW) and a counter (TC[0]). Each block that writes outputs waits for TC[0] = P (by then
+// long done: it has streamed its weight meanwhile), reads t, and adds U[n, :] . t as it writes; the last of them
+// (TC[1]) zeroes t and both counters for the next call. A first version that had every block compute t for its
+// own rows re-read V from L2 N / 16R times (4x the weight's bytes at 4096 -> 16384) and cost 20-60% a linear.
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -101,7 +103,7 @@ __device__ __forceinline__ void zero_acc(float acc[R][NT][4]) {
       for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
 }
 
-// U[n, :] . t[:, m] for LoRC's t = x V^T summed in shared memory (rank rows of tr)
+// U[n, :] . t[:, m] for LoRC's t = x V^T (rank rows of tr)
 template <int NT>
 __device__ __forceinline__ float lorc_dot(const __half* __restrict__ U, const float (*tr)[8 * NT], int rank, int n,
                                           int m) {
@@ -110,20 +112,106 @@ __device__ __forceinline__ float lorc_dot(const __half* __restrict__ U, const fl
   return v;
 }
 
+constexpr int LORC_BLOCKS = 64;  // at most this many blocks compute t (each a slice of K)
+
+// LoRC's prologue in block idx < P: this block's slice of t = x V^T, its warps over the slice's 64-column tiles,
+// added to TW [32][8 NT] (float32), then the block's ticket in TC[0]
+template <int NT>
+__device__ __forceinline__ void lorc_share(const __half* __restrict__ X, const __half* __restrict__ V, int rank,
+                                           int M, int K, int idx, int P, float* __restrict__ TW,
+                                           int* __restrict__ TC) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3, chunks = K >> 6;
+  const int per = (chunks + P - 1) / P, c0 = min(idx * per, chunks), c1 = min(c0 + per, chunks);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  if (c0 + warp < c1) {
+    float acc[2][NT][4];
+    zero_acc<2, NT>(acc);
+    const int tiles = rank > 16 ? 2 : 1;
+    for (int c = c0 + warp; c < c1; c += warps)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // as the weight's loop: columns 64c + 16t + 8h .. + 7, steps 2h, 2h + 1
+        uint4 x[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          x[j] = 8 * j + g < M
+                     ? __ldg(reinterpret_cast<const uint4*>(X + (size_t)(8 * j + g) * K + (size_t)c * 64 + 16 * t + 8 * h))
+                     : zero4;
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+          if (rt >= tiles) break;
+          const int r0 = 16 * rt + g, r1 = r0 + 8;  // V's A fragments: rows g / g + 8 of the rank tile
+          const size_t col = (size_t)c * 64 + 16 * t + 8 * h;
+          const uint4 v0 = r0 < rank ? __ldg(reinterpret_cast<const uint4*>(V + (size_t)r0 * K + col)) : zero4;
+          const uint4 v1 = r1 < rank ? __ldg(reinterpret_cast<const uint4*>(V + (size_t)r1 * K + col)) : zero4;
+          const uint32_t a0[4] = {v0.x, v1.x, v0.y, v1.y}, a1[4] = {v0.z, v1.z, v0.w, v1.w};
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            mma(acc[rt][j], a0, x[j].x, x[j].y);
+            mma(acc[rt][j], a1, x[j].z, x[j].w);
+          }
+        }
+      }
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // C fragment: rank row 16 rt + g (+ 8), tokens 8j + 2t (+ 1)
+          const int q = 16 * rt + g + (i >> 1) * 8, m = 8 * j + 2 * t + (i & 1);
+          if (q < rank && m < M) atomicAdd(&TW[q * 8 * NT + m], acc[rt][j][i]);
+        }
+  }
+  __threadfence();  // this block's sums are visible before its ticket is
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(&TC[0], 1);
+}
+
+// LoRC in a block that writes outputs: wait for the P shares of t (computed by blocks that never wait, so this
+// ends; a bound turns a broken invariant into an error rather than a hang), then t into shared memory
+template <int NT>
+__device__ __forceinline__ void lorc_wait(const float* __restrict__ TW, int* __restrict__ TC, int P,
+                                          float (*tr)[8 * NT]) {
+  if (threadIdx.x == 0) {
+    long long spins = 0;
+    while (atomicAdd(&TC[0], 0) < P) {
+      __nanosleep(64);
+      if (++spins > (1ll << 26)) __trap();
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) tr[i / (8 * NT)][i % (8 * NT)] = __ldcg(&TW[i]);
+  __syncthreads();
+}
+
+// LoRC, after a writer block's outputs: the last writer zeroes t and the counters for the next call (every other
+// writer has read t by then: it counts itself in TC[1] only after)
+template <int NT>
+__device__ __forceinline__ void lorc_done(float* __restrict__ TW, int* __restrict__ TC, int writers) {
+  if (threadIdx.x != 0) return;
+  if (atomicAdd(&TC[1], 1) == writers - 1) {
+    for (int i = 0; i < 32 * 8 * NT; ++i) TW[i] = 0.f;
+    TC[0] = 0;
+    TC[1] = 0;
+    __threadfence();
+  }
+}
+
 // NT: n8 token tiles (M <= 8 NT); R: row tiles per block; SYM: zero point 8 everywhere (Z unused); LORC: add
-// (x V^T) U^T for V [rank, K], U [N, rank], rank <= 32 (else V, U, rank unused)
+// (x V^T) U^T for V [rank, K], U [N, rank], rank <= 32, through t's workspace TW [32 * 8 NT] and counters TC [2],
+// both zero between calls (else V, U, rank, TW, TC unused)
 template <int NT, int R, bool SYM, bool LORC>
 __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const uint4* __restrict__ P,
                                             const __half* __restrict__ S, const __half* __restrict__ Z,
                                             const __half* __restrict__ B, __half* __restrict__ Y,
                                             float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
                                             int group_chunks, const __half* __restrict__ V,
-                                            const __half* __restrict__ U, int rank) {
+                                            const __half* __restrict__ U, int rank, float* __restrict__ TW,
+                                            int* __restrict__ TC) {
   constexpr int D = R >= 4 ? 1 : 4 / R;  // weight tiles in flight per row tile and warp (the register ring)
-  constexpr int RT = LORC ? 2 : 0;       // LoRC's rank tiles of 16 (the second one only runs when rank > 16)
-  constexpr int TT = LORC ? 2 : 1;       // (their arrays' size: none of zero length)
   __shared__ float red[16 * R][8 * NT];
-  __shared__ float tred[LORC ? 32 : 1][8 * NT];  // LoRC: the block's share of t = x V^T, [rank][token]
+  __shared__ float tred[LORC ? 32 : 1][8 * NT];  // LoRC: t = x V^T, [rank][token]
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -134,23 +222,9 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   const int c0 = min(part * per, chunks), c1 = min(c0 + per, chunks);
 
   for (int i = threadIdx.x; i < 16 * R * 8 * NT; i += blockDim.x) red[i / (8 * NT)][i % (8 * NT)] = 0.f;
-  if (LORC)
-    for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) tred[i / (8 * NT)][i % (8 * NT)] = 0.f;
 
   float acc[R][NT][4];
   zero_acc<R, NT>(acc);
-  float tacc[TT][NT][4];  // LoRC: this warp's share of t, rank rows g / g + 8 of each rank tile
-  zero_acc<TT, NT>(tacc);
-  const __half* vrow[TT][2];  // LoRC: V rows 16 rt + g (+ 8), this lane's 16 columns of a tile
-  bool vok[TT][2];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = 16 * rt + 8 * hh + g;
-      vok[rt][hh] = row < rank;
-      vrow[rt][hh] = V + (size_t)(vok[rt][hh] ? row : 0) * K + 16 * t;
-    }
 
   // the inputs this lane feeds to the MMA: token 8j + g, columns 16t .. 16t + 15 of each 64-column tile
   const __half* xrow[NT];
@@ -169,6 +243,10 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     for (int r = 0; r < R; ++r)
       ring[d][r] = (c0 + d < c1 && tile0 + r < tiles_n)
                        ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c0 + d) * 32 + lane) : zero4;
+  // LoRC: the first blocks compute t while their first weight tiles are in flight
+  const int lorc_p = min((int)(gridDim.x * gridDim.y), min(chunks, LORC_BLOCKS));
+  const int block_idx = blockIdx.y * gridDim.x + blockIdx.x;
+  if (LORC && block_idx < lorc_p) lorc_share<NT>(X, V, rank, M, K, block_idx, lorc_p, TW, TC);
 
   for (int cb = c0; cb < c1; cb += D) {
 #pragma unroll
@@ -204,21 +282,6 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
             mma(acc[r][j], a1, x[j].z, x[j].w);  // step 2h + 1: + 4..7
           }
         }
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt) {
-          if (rt > 0 && rank <= 16) break;  // (uniform)
-          // V's A fragments for steps 2h, 2h + 1: rows g / g + 8, columns 16t + 8h + 0..3 / 4..7 (as the weight's)
-          const uint4 v0 = vok[rt][0] ? __ldg(reinterpret_cast<const uint4*>(vrow[rt][0] + (size_t)c * 64 + 8 * h))
-                                      : zero4;
-          const uint4 v1 = vok[rt][1] ? __ldg(reinterpret_cast<const uint4*>(vrow[rt][1] + (size_t)c * 64 + 8 * h))
-                                      : zero4;
-          const uint32_t a0[4] = {v0.x, v1.x, v0.y, v1.y}, a1[4] = {v0.z, v1.z, v0.w, v1.w};
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            mma(tacc[rt][j], a0, x[j].x, x[j].y);
-            mma(tacc[rt][j], a1, x[j].z, x[j].w);
-          }
-        }
       }
     }
   }
@@ -233,21 +296,12 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
       atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t], acc[r][j][2]);
       atomicAdd(&red[16 * r + g + 8][8 * j + 2 * t + 1], acc[r][j][3]);
     }
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {  // (rank rows past rank hold zeros)
-      atomicAdd(&tred[16 * rt + g][8 * j + 2 * t], tacc[rt][j][0]);
-      atomicAdd(&tred[16 * rt + g][8 * j + 2 * t + 1], tacc[rt][j][1]);
-      atomicAdd(&tred[16 * rt + g + 8][8 * j + 2 * t], tacc[rt][j][2]);
-      atomicAdd(&tred[16 * rt + g + 8][8 * j + 2 * t + 1], tacc[rt][j][3]);
-    }
   __syncthreads();
   const int rows = 16 * R, outs = min(rows * M, rows * 8 * NT);
   if (gridDim.y > 1) {  // split K: the workspace, then the last block of these row tiles finishes
     for (int i = threadIdx.x; i < outs; i += blockDim.x) {
       const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
-      if (n < N) atomicAdd(&WS[(size_t)m * N + n], red[row][m] + (LORC ? lorc_dot<NT>(U, tred, rank, n, m) : 0.f));
+      if (n < N) atomicAdd(&WS[(size_t)m * N + n], red[row][m]);
     }
     __threadfence();  // this block's sums are visible before its ticket is
     __syncthreads();
@@ -256,17 +310,19 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     if (!last) return;
     __threadfence();
   }
+  if (LORC) lorc_wait<NT>(TW, TC, lorc_p, tred);  // (a writer: the block itself, or the last K share's)
   for (int i = threadIdx.x; i < outs; i += blockDim.x) {
     const int m = i / rows, row = i % rows, n = tile0 * 16 + row;
     if (n < N) {
       // split K: the total, read and zeroed in one atomic (the next call finds the workspace zero)
-      float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f)
-                              : red[row][m] + (LORC ? lorc_dot<NT>(U, tred, rank, n, m) : 0.f);
+      float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f) : red[row][m];
+      if (LORC) v += lorc_dot<NT>(U, tred, rank, n, m);
       if (B != nullptr) v += __half2float(B[n]);
       Y[(size_t)m * N + n] = __float2half_rn(v);
     }
   }
   if (gridDim.y > 1 && threadIdx.x == 0) CNT[blockIdx.x] = 0;
+  if (LORC) lorc_done<NT>(TW, TC, gridDim.x);  // (one writer per block column)
 }
 
 
@@ -281,7 +337,7 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
                                              const __half* __restrict__ S, const __half* __restrict__ Z,
                                              const __half* __restrict__ B, __half* __restrict__ Y,
                                              float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
-                                             int group_chunks, const __half*, const __half*, int) {
+                                             int group_chunks, const __half*, const __half*, int, float*, int*) {
   constexpr int D = R >= 4 ? 1 : 4 / R;
   constexpr int XROW = 64 + 8;                     // halves a token row of the staged slice (+16 B: fewer conflicts)
   constexpr int PIECES = 8 * NT * 8;               // 16-byte pieces of a slice (8 NT tokens x 64 columns)
@@ -413,8 +469,9 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
 #define W4_KERNEL(PREFIX, BODY, NT, R, SYM, LORC, NAME)                                                         \
   extern "C" __global__ void __launch_bounds__(256) PREFIX##_nt##NT##_r##R##_##NAME(                            \
       const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
-      int* CNT, int M, int N, int K, int group_chunks, const __half* V, const __half* U, int rank) {              \
-    BODY<NT, R, SYM, LORC>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks, V, U, rank);                         \
+      int* CNT, int M, int N, int K, int group_chunks, const __half* V, const __half* U, int rank, float* TW,     \
+      int* TC) {                                                                                                   \
+    BODY<NT, R, SYM, LORC>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks, V, U, rank, TW, TC);                 \
   }
 #define W4_MMA(NT, R)                                                  \
   W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, false, sym)              \
