@@ -25,9 +25,9 @@ headers and ABI).  Where it cannot be built (no toolkit, a GPU before Ampere, ``
 :func:`unavailable` says why and the ``triton`` preference runs the Triton kernels instead.
 
 LoRC: from 1 to 16 tokens the "k" body adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`):
-the first blocks compute ``t = x V^T`` once (``V`` as one or two more 16-row MMA operands) into a small global
-workspace, and each block applies ``U`` to it as it writes its outputs (the CUDA source's header); from 17 tokens
-on, or at a larger rank, the product is added after the kernel (``addmm``).
+:func:`lorc_blocks` extra blocks in front of the grid compute ``t = x V^T`` once (``V`` as one or two more 16-row
+MMA operands) into a small global workspace, and each block applies ``U`` to it as it writes its outputs (the
+CUDA source's header); from 17 tokens on, or at a larger rank, the product is added after the kernel (``addmm``).
 
 Limits: fp16 activations (bf16 models run the Triton kernels), ``N`` divisible by 16, ``K`` by 64, groups of a
 multiple of 64 columns or one per row.
@@ -77,6 +77,12 @@ CONFIGS: dict[int, list[Config]] = {
 LORC_MAX_RANK = 32
 #: token tiles up to which LoRC runs inside the kernel (the "k" body's LoRC variants: csrc/w4_mma.cu)
 LORC_MAX_NT = 2
+
+
+def lorc_blocks(k: int, warps: int) -> int:
+    """The blocks a LoRC launch adds in front of its grid to compute ``t = x V^T``: one 64-column tile of K a warp,
+    at most 64 (csrc/w4_mma.cu's ``lorc_blocks``, the same formula)."""
+    return min(64, -(-(k // 64) // warps))
 
 
 def lorc_configs(nt: int) -> list[Config]:
@@ -284,7 +290,10 @@ def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int, lorc:
     body, r, warps, shares = cfg
     name = f"w4_mma{'x' if body == 'x' else ''}_nt{nt}_r{r}_{'sym' if sym else 'asym'}{'_lorc' if lorc else ''}"
     tiles_a_block = r * warps if body == "x" else r
-    _driver().launch(device, name, -(-(n // 16) // tiles_a_block), 32 * warps, args, grid_y=shares)
+    blocks = -(-(n // 16) // tiles_a_block)
+    if lorc:  # t's blocks in front (args[10]: K)
+        blocks += lorc_blocks(args[10].value, warps)
+    _driver().launch(device, name, blocks, 32 * warps, args, grid_y=shares)
 
 
 def _graph_ms(fn, reps: int = 20) -> float:

@@ -26,14 +26,15 @@
 // reads them back, zeroing the workspace and the ticket for the next call, and writes the output: one launch.
 //
 // LoRC (the "k" body's LORC variants, rank <= 32): y += (x V^T) U^T in the same launch. t = x V^T [rank, M] is
-// computed once per call, not per block: the first P blocks (P <= 64, the lowest block indices, so the first to
-// be dispatched: they never wait on anything) each take a slice of K before their weight work, V [rank, K]
-// (row-major fp16) being one or two more 16-row A operands (its fragment for step s is two 16-byte loads of rows
-// g, g + 8 at the columns the weight's own fragment uses, so V needs no layout of its own), and add their float32
-// sums to a global t (TW) and a counter (TC[0]). Each block that writes outputs waits for TC[0] = P (by then
-// long done: it has streamed its weight meanwhile), reads t, and adds U[n, :] . t as it writes; the last of them
-// (TC[1]) zeroes t and both counters for the next call. A first version that had every block compute t for its
-// own rows re-read V from L2 N / 16R times (4x the weight's bytes at 4096 -> 16384) and cost 20-60% a linear.
+// computed once per call, not per block, by P extra blocks in front of the grid (blockIdx.x < P, blockIdx.y = 0:
+// the lowest block indices, so the first dispatched, and they never wait on anything; P = lorc_blocks(), one
+// 64-column tile of K a warp), V [rank, K] (row-major fp16) being one or two 16-row A operands (its fragment for
+// step s is two 16-byte loads of rows g, g + 8 at the columns the weight's own fragment uses, so V needs no layout
+// of its own); they add their float32 sums to a global t (TW) and count themselves in TC[0]. Each block that
+// writes outputs waits for TC[0] = P (long done by then: it has streamed its weight meanwhile), reads t, and adds
+// U[n, :] . t as it writes; the last of them (TC[1]) zeroes t and both counters for the next call. Measured
+// before (H200, session 34): every block computing t for its own rows re-read V from L2 N / 16R times and cost
+// 20-60% a linear; the first blocks computing t before their own weight delayed them and cost 10-40%.
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -103,32 +104,48 @@ __device__ __forceinline__ void zero_acc(float acc[R][NT][4]) {
       for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
 }
 
-// U[n, :] . t[:, m] for LoRC's t = x V^T (rank rows of tr)
+// LoRC: the block's rows of U [N, rank] (rank <= 32) into shared memory, zeros past rank and N (staged while the
+// first weight tiles are in flight, so its latency hides behind theirs)
+template <int R>
+__device__ __forceinline__ void lorc_stage_u(const __half* __restrict__ U, int rank, int row0, int N,
+                                             __half (*us)[32]) {
+  for (int i = threadIdx.x; i < 16 * R * 32; i += blockDim.x) {
+    const int row = i >> 5, q = i & 31, n = row0 + row;
+    us[row][q] = (q < rank && n < N) ? U[(size_t)n * rank + q] : __float2half(0.f);
+  }
+}
+
+// U[n, :] . t[:, m] for LoRC's t = x V^T (tr: rank rows; u: U's row n, zeros past rank)
 template <int NT>
-__device__ __forceinline__ float lorc_dot(const __half* __restrict__ U, const float (*tr)[8 * NT], int rank, int n,
-                                          int m) {
+__device__ __forceinline__ float lorc_dot(const __half* u, const float (*tr)[8 * NT], int m) {
   float v = 0.f;
-  for (int q = 0; q < rank; ++q) v = fmaf(__half2float(U[(size_t)n * rank + q]), tr[q][m], v);
+#pragma unroll
+  for (int q = 0; q < 32; ++q) v = fmaf(__half2float(u[q]), tr[q][m], v);
   return v;
 }
 
-constexpr int LORC_BLOCKS = 64;  // at most this many blocks compute t (each a slice of K)
+constexpr int LORC_BLOCKS = 64;  // at most this many blocks compute t
 
-// LoRC's prologue in block idx < P: this block's slice of t = x V^T, its warps over the slice's 64-column tiles,
-// added to TW [32][8 NT] (float32), then the block's ticket in TC[0]
+// the extra blocks that compute LoRC's t: one 64-column tile of K a warp, at most LORC_BLOCKS (w4_mma.py: the same)
+__device__ __forceinline__ int lorc_blocks(int K) {
+  const int warps = blockDim.x >> 5;
+  return min(LORC_BLOCKS, ((K >> 6) + warps - 1) / warps);
+}
+
+// LoRC's t-block idx < P: its warps' tiles of K (tile = warp + warps * (idx + P i)) of t = x V^T, added to
+// TW [32][8 NT] (float32), then the block's ticket in TC[0]
 template <int NT>
-__device__ __forceinline__ void lorc_share(const __half* __restrict__ X, const __half* __restrict__ V, int rank,
-                                           int M, int K, int idx, int P, float* __restrict__ TW,
-                                           int* __restrict__ TC) {
+__device__ __noinline__ void lorc_share(const __half* __restrict__ X, const __half* __restrict__ V, int rank,
+                                        int M, int K, int idx, int P, float* __restrict__ TW, int* __restrict__ TC) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3, chunks = K >> 6;
-  const int per = (chunks + P - 1) / P, c0 = min(idx * per, chunks), c1 = min(c0 + per, chunks);
+  const int first = idx * warps + warp, step = P * warps;
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-  if (c0 + warp < c1) {
+  if (first < chunks) {
     float acc[2][NT][4];
     zero_acc<2, NT>(acc);
     const int tiles = rank > 16 ? 2 : 1;
-    for (int c = c0 + warp; c < c1; c += warps)
+    for (int c = first; c < chunks; c += step)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // as the weight's loop: columns 64c + 16t + 8h .. + 7, steps 2h, 2h + 1
         uint4 x[NT];
@@ -170,11 +187,11 @@ __device__ __forceinline__ void lorc_share(const __half* __restrict__ X, const _
 // LoRC in a block that writes outputs: wait for the P shares of t (computed by blocks that never wait, so this
 // ends; a bound turns a broken invariant into an error rather than a hang), then t into shared memory
 template <int NT>
-__device__ __forceinline__ void lorc_wait(const float* __restrict__ TW, int* __restrict__ TC, int P,
+__device__ __noinline__ void lorc_wait(const float* __restrict__ TW, int* __restrict__ TC, int P,
                                           float (*tr)[8 * NT]) {
   if (threadIdx.x == 0) {
     long long spins = 0;
-    while (atomicAdd(&TC[0], 0) < P) {
+    while (*reinterpret_cast<volatile int*>(&TC[0]) < P) {
       __nanosleep(64);
       if (++spins > (1ll << 26)) __trap();
     }
@@ -188,13 +205,15 @@ __device__ __forceinline__ void lorc_wait(const float* __restrict__ TW, int* __r
 // LoRC, after a writer block's outputs: the last writer zeroes t and the counters for the next call (every other
 // writer has read t by then: it counts itself in TC[1] only after)
 template <int NT>
-__device__ __forceinline__ void lorc_done(float* __restrict__ TW, int* __restrict__ TC, int writers) {
-  if (threadIdx.x != 0) return;
-  if (atomicAdd(&TC[1], 1) == writers - 1) {
-    for (int i = 0; i < 32 * 8 * NT; ++i) TW[i] = 0.f;
+__device__ __noinline__ void lorc_done(float* __restrict__ TW, int* __restrict__ TC, int writers) {
+  __shared__ bool final_writer;
+  if (threadIdx.x == 0) final_writer = atomicAdd(&TC[1], 1) == writers - 1;
+  __syncthreads();
+  if (!final_writer) return;
+  for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) TW[i] = 0.f;
+  if (threadIdx.x == 0) {
     TC[0] = 0;
     TC[1] = 0;
-    __threadfence();
   }
 }
 
@@ -212,11 +231,19 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   constexpr int D = R >= 4 ? 1 : 4 / R;  // weight tiles in flight per row tile and warp (the register ring)
   __shared__ float red[16 * R][8 * NT];
   __shared__ float tred[LORC ? 32 : 1][8 * NT];  // LoRC: t = x V^T, [rank][token]
+  __shared__ __half us[LORC ? 16 * R : 1][32];     // LoRC: U's rows of this block
   __shared__ bool last;
+  // LoRC: the first P blocks of row 0 compute t, the others of those columns have nothing to do
+  const int lorc_p = LORC ? lorc_blocks(K) : 0;
+  if (LORC && (int)blockIdx.x < lorc_p) {
+    if (blockIdx.y == 0) lorc_share<NT>(X, V, rank, M, K, blockIdx.x, lorc_p, TW, TC);
+    return;
+  }
+  const int bx = blockIdx.x - lorc_p, writers = gridDim.x - lorc_p;  // this block's row tiles; their blocks
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles_n = N >> 4, chunks = K >> 6;
-  const int tile0 = blockIdx.x * R;
+  const int tile0 = bx * R;
   const int parts = warps * gridDim.y, part = blockIdx.y * warps + warp;
   const int per = (chunks + parts - 1) / parts;
   const int c0 = min(part * per, chunks), c1 = min(c0 + per, chunks);
@@ -243,10 +270,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     for (int r = 0; r < R; ++r)
       ring[d][r] = (c0 + d < c1 && tile0 + r < tiles_n)
                        ? __ldcs(P + ((size_t)(tile0 + r) * chunks + c0 + d) * 32 + lane) : zero4;
-  // LoRC: the first blocks compute t while their first weight tiles are in flight
-  const int lorc_p = min((int)(gridDim.x * gridDim.y), min(chunks, LORC_BLOCKS));
-  const int block_idx = blockIdx.y * gridDim.x + blockIdx.x;
-  if (LORC && block_idx < lorc_p) lorc_share<NT>(X, V, rank, M, K, block_idx, lorc_p, TW, TC);
+  if (LORC) lorc_stage_u<R>(U, rank, tile0 * 16, N, us);  // (read after the __syncthreads below the loop)
 
   for (int cb = c0; cb < c1; cb += D) {
 #pragma unroll
@@ -305,7 +329,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     }
     __threadfence();  // this block's sums are visible before its ticket is
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
+    if (threadIdx.x == 0) last = atomicAdd(&CNT[bx], 1) == (int)gridDim.y - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -316,13 +340,13 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     if (n < N) {
       // split K: the total, read and zeroed in one atomic (the next call finds the workspace zero)
       float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f) : red[row][m];
-      if (LORC) v += lorc_dot<NT>(U, tred, rank, n, m);
+      if (LORC) v += lorc_dot<NT>(us[row], tred, m);
       if (B != nullptr) v += __half2float(B[n]);
       Y[(size_t)m * N + n] = __float2half_rn(v);
     }
   }
-  if (gridDim.y > 1 && threadIdx.x == 0) CNT[blockIdx.x] = 0;
-  if (LORC) lorc_done<NT>(TW, TC, gridDim.x);  // (one writer per block column)
+  if (gridDim.y > 1 && threadIdx.x == 0) CNT[bx] = 0;
+  if (LORC) lorc_done<NT>(TW, TC, writers);  // (one writer per column of row-tile blocks)
 }
 
 

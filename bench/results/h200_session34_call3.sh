@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Third device call of session 34 (one NVIDIA H200): LoRC in the CUDA W4A16 kernel's epilogue. The GPU tests of
+# the MMA kernel (LoRC's t computed by extra blocks in front of the grid) and of the fusions (fused q/k/v with LoRC: rank 24, the second rank tile), then
+# per linear at 1 and 16 tokens (w4a16-mma with and without LoRC8, and the Triton kernel's LoRC8), then decoding.
+set -u
+FINAL=$OUT; OUT=$OUT/r
+mkdir -p "$OUT"
+T0=$(date +%s)
+t() { echo "[$(( $(date +%s) - T0 ))s] $*"; tar -C "$OUT" -cf "$FINAL/r.tar" .; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export PTQLAB_KERNEL_CACHE=$OUT/kcache
+timeout 240 python3 -m pytest -m gpu tests/gpu/test_gpu_w4_mma.py tests/gpu/test_gpu_fuse.py \
+    -q -rfE -p no:cacheprovider --durations=5 -x > "$OUT/gpu_tests_call3.txt" 2>&1
+grep -E "passed|failed|Error" "$OUT/gpu_tests_call3.txt" | tail -n 8 | cut -c1-300; t "tests"
+timeout 150 python3 bench/bench_w4.py --parts gemm --ms 1,16 --kernels w4a16-mma,w4a16-mma+lorc8,w4a16-triton+lorc8 \
+    --budget-s 130 --out "$OUT/w4_gemm_h200_session34_call3.jsonl" > "$OUT/w4_gemm_stdout.txt" 2>&1
+tail -n 16 "$OUT/w4_gemm_stdout.txt"; t "gemm"
+timeout 170 python3 bench/bench_w4.py --parts decode --budget-s 150 \
+    --decode-schemes fp16,w4a16:triton,w4a16-lorc8:triton,w4a16-lorc8:triton-nomma \
+    --out "$OUT/w4_decode_h200_session34_call3.jsonl" > "$OUT/w4_decode_stdout.txt" 2>&1
+grep -E "tok_s|decode " "$OUT/w4_decode_stdout.txt" | cut -c1-400 | tail -n 12; t "decode"
