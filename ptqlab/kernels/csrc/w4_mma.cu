@@ -104,23 +104,33 @@ __device__ __forceinline__ void zero_acc(float acc[R][NT][4]) {
       for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
 }
 
-// LoRC: the block's rows of U [N, rank] (rank <= 32) into shared memory, zeros past rank and N (staged while the
-// first weight tiles are in flight, so its latency hides behind theirs)
+// LoRC: the block's rows of U [N, rank] (rank <= 32) into shared memory as fp16 pairs, zeros past rank and N
+// (staged while the first weight tiles are in flight, so its latency hides behind theirs). A row is 17 words
+// (16 pairs + 1): a warp's 32 consecutive rows then fall in 32 different banks (at 16 words, 16-way conflicts
+// cost 10-15 us a linear at 16 tokens, H200 session 34 call 4)
+constexpr int US_ROW = 17;
 template <int R>
 __device__ __forceinline__ void lorc_stage_u(const __half* __restrict__ U, int rank, int row0, int N,
-                                             __half (*us)[32]) {
-  for (int i = threadIdx.x; i < 16 * R * 32; i += blockDim.x) {
-    const int row = i >> 5, q = i & 31, n = row0 + row;
-    us[row][q] = (q < rank && n < N) ? U[(size_t)n * rank + q] : __float2half(0.f);
+                                             __half2 (*us)[US_ROW]) {
+  const __half zero = __float2half(0.f);
+  for (int i = threadIdx.x; i < 16 * R * 16; i += blockDim.x) {
+    const int row = i >> 4, p = i & 15, n = row0 + row;
+    const __half lo = (2 * p < rank && n < N) ? U[(size_t)n * rank + 2 * p] : zero;
+    const __half hi = (2 * p + 1 < rank && n < N) ? U[(size_t)n * rank + 2 * p + 1] : zero;
+    us[row][p] = __halves2half2(lo, hi);
   }
 }
 
-// U[n, :] . t[:, m] for LoRC's t = x V^T (tr: rank rows; u: U's row n, zeros past rank)
+// U[n, :] . t[:, m] for LoRC's t = x V^T (tr: rank rows, zeros past rank; u: U's row n as pairs)
 template <int NT>
-__device__ __forceinline__ float lorc_dot(const __half* u, const float (*tr)[8 * NT], int m) {
+__device__ __forceinline__ float lorc_dot(const __half2* u, const float (*tr)[8 * NT], int rank, int m) {
   float v = 0.f;
 #pragma unroll
-  for (int q = 0; q < 32; ++q) v = fmaf(__half2float(u[q]), tr[q][m], v);
+  for (int p = 0; p < 16; ++p) {
+    if (2 * p >= rank) break;
+    const float2 w = __half22float2(u[p]);
+    v = fmaf(w.x, tr[2 * p][m], fmaf(w.y, tr[2 * p + 1][m], v));
+  }
   return v;
 }
 
@@ -132,8 +142,8 @@ __device__ __forceinline__ int lorc_blocks(int K) {
   return min(LORC_BLOCKS, ((K >> 6) + warps - 1) / warps);
 }
 
-// LoRC's t-block idx < P: its warps' tiles of K (tile = warp + warps * (idx + P i)) of t = x V^T, added to
-// TW [32][8 NT] (float32), then the block's ticket in TC[0]
+// LoRC's t-block idx < P: its warps' tiles of K (tile = warp + warps * (idx + P i)) of t = x V^T, summed in
+// shared memory and added to TW [32][8 NT] (float32), then the block's ticket in TC[0]
 template <int NT>
 __device__ __noinline__ void lorc_share(const __half* __restrict__ X, const __half* __restrict__ V, int rank,
                                         int M, int K, int idx, int P, float* __restrict__ TW, int* __restrict__ TC) {
@@ -141,6 +151,9 @@ __device__ __noinline__ void lorc_share(const __half* __restrict__ X, const __ha
   const int g = lane >> 2, t = lane & 3, chunks = K >> 6;
   const int first = idx * warps + warp, step = P * warps;
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  __shared__ float part[32][8 * NT];  // the block's warps meet here: one global atomic per value a block
+  for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) part[i / (8 * NT)][i % (8 * NT)] = 0.f;
+  __syncthreads();
   if (first < chunks) {
     float acc[2][NT][4];
     zero_acc<2, NT>(acc);
@@ -176,8 +189,13 @@ __device__ __noinline__ void lorc_share(const __half* __restrict__ X, const __ha
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // C fragment: rank row 16 rt + g (+ 8), tokens 8j + 2t (+ 1)
           const int q = 16 * rt + g + (i >> 1) * 8, m = 8 * j + 2 * t + (i & 1);
-          if (q < rank && m < M) atomicAdd(&TW[q * 8 * NT + m], acc[rt][j][i]);
+          if (q < rank && m < M) atomicAdd(&part[q][m], acc[rt][j][i]);
         }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) {
+    const int q = i / (8 * NT), m = i % (8 * NT);
+    if (q < rank && m < M) atomicAdd(&TW[i], part[q][m]);
   }
   __threadfence();  // this block's sums are visible before its ticket is
   __syncthreads();
@@ -231,7 +249,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   constexpr int D = R >= 4 ? 1 : 4 / R;  // weight tiles in flight per row tile and warp (the register ring)
   __shared__ float red[16 * R][8 * NT];
   __shared__ float tred[LORC ? 32 : 1][8 * NT];  // LoRC: t = x V^T, [rank][token]
-  __shared__ __half us[LORC ? 16 * R : 1][32];     // LoRC: U's rows of this block
+  __shared__ __half2 us[LORC ? 16 * R : 1][US_ROW];  // LoRC: U's rows of this block
   __shared__ bool last;
   // LoRC: the first P blocks of row 0 compute t, the others of those columns have nothing to do
   const int lorc_p = LORC ? lorc_blocks(K) : 0;
@@ -340,7 +358,7 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
     if (n < N) {
       // split K: the total, read and zeroed in one atomic (the next call finds the workspace zero)
       float v = gridDim.y > 1 ? atomicExch(&WS[(size_t)m * N + n], 0.f) : red[row][m];
-      if (LORC) v += lorc_dot<NT>(us[row], tred, m);
+      if (LORC) v += lorc_dot<NT>(us[row], tred, rank, m);
       if (B != nullptr) v += __half2float(B[n]);
       Y[(size_t)m * N + n] = __float2half_rn(v);
     }
