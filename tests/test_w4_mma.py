@@ -243,6 +243,11 @@ def test_cubin_names_cover_every_config():
         assert bool(lorc) == (nt <= w4_mma.LORC_MAX_NT) and all(body == "k" for body, *_ in lorc)
         for _, r, _, _ in lorc:
             assert f"W4_MMA_LORC({nt}, {r})" in source
+    # the LoRC launch's extra blocks: the Python grid and the kernel's own count must agree
+    assert f"constexpr int LORC_BLOCKS = {w4_mma.LORC_BLOCKS};" in source
+    assert "min(LORC_BLOCKS, ((K >> 6) + warps - 1) / warps)" in source
+    assert [w4_mma.lorc_blocks(k, w) for k, w in ((64, 8), (4096, 8), (4096, 4), (28672, 4))] == [1, 8, 16, 64]
+    assert f"tred[LORC ? {w4_mma.LORC_MAX_RANK} : 1]" in source  # (t's rank rows)
 
 
 def test_tuning_takes_the_fastest_config_once_and_the_default_while_capturing(monkeypatch):
@@ -294,3 +299,45 @@ def test_a_real_layer_holds_the_packed_codes_and_the_grid_alone(symmetric):
     zero = 8.0 if symmetric else real.w_zero.t().float().repeat_interleave(64, 1)
     deq = (codes - zero) * real.w_scale.t().float().repeat_interleave(64, 1)
     assert float((deq - layer.weight).abs().max()) <= float(layer.weight.abs().max()) * 2e-3
+
+
+@pytest.mark.parametrize("m,rank,in_kernel", [(1, 8, True), (16, 24, True), (17, 8, False), (3, 40, False)])
+def test_lorc_launches_its_variant_up_to_16_tokens_and_rank_32_else_adds_the_product(monkeypatch, m, rank,
+                                                                                      in_kernel):
+    # the launch path on CPU with a stand-in driver (the kernel itself: tests/gpu): which kernel, its grid with
+    # t's blocks in front, the LoRC arguments; outside the kernel's reach the product is added after it
+    import ctypes
+
+    launches: list = []
+
+    class FakeDriver:
+        def launch(self, device, name, grid, threads, args, grid_y=1):
+            launches.append((name, grid, threads, grid_y, args))
+            if name != "w4_mma_dequant":  # (the unpack hand-off, timed at 17 tokens: its output is not used here)
+                ctypes.memset(args[5].value, 0, m * n * 2)  # the output: zeros (the kernel's sum is not run here)
+
+    monkeypatch.setattr(w4_mma, "_driver", lambda: FakeDriver())
+    monkeypatch.setattr(w4_mma, "_TUNED", {})
+    monkeypatch.setattr(w4_mma, "_graph_ms", lambda fn: (fn(), 1.0)[1])  # every config "as fast": the first
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA state)
+    n, k = 208, 1088
+    gen = torch.Generator().manual_seed(m + rank)
+    packed = pack_int4_mma(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
+    scale = torch.full((k // 64, n), 0.01, dtype=torch.float16)
+    v = (torch.randn(rank, k, generator=gen) * 0.02).half()
+    u = (torch.randn(n, rank, generator=gen) * 0.1).half()
+    x = torch.randn(m, k, generator=gen).half()
+    y = w4_mma.w4a16_mma(x, packed, scale, None, 64, lorc=(v, u))
+    name, grid, threads, grid_y, args = launches[-1]
+    assert name.startswith("w4_mma_nt")
+    nt = w4_mma.token_tiles(m)
+    cfg = (w4_mma.lorc_configs(nt) if in_kernel else w4_mma.CONFIGS[nt])[0]
+    assert all(lname.endswith("_lorc") == in_kernel for lname, *_ in launches)
+    rows = -(-(n // 16) // (cfg[1] * cfg[2] if cfg[0] == "x" else cfg[1]))
+    assert grid == rows + (w4_mma.lorc_blocks(k, cfg[2]) if in_kernel else 0) and grid_y == cfg[3]
+    assert args[14].value == (rank if in_kernel else 0) and bool(args[12].value) == in_kernel
+    assert bool(args[15].value) and bool(args[16].value)  # t's workspace and counters, always passed
+    want = torch.zeros(m, n) if in_kernel else (x.float() @ v.float().t()) @ u.float().t()
+    torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="LoRC's fp16 V"):
+        w4_mma.w4a16_mma(x, packed, scale, None, 64, lorc=(v, u[:, :1]))

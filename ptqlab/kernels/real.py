@@ -488,8 +488,8 @@ register_kernel(KernelBackend(
     "torch._scaled_mm (row-wise scales)", _fp8, _build_fp8, _forward_fp8, out_dims={"w_fp8": 0, "w_scale": 1}))
 register_kernel(KernelBackend(
     "w4a16-mma", "4-bit weights per row or in groups of a multiple of 64, fp16 activations, LoRC in its epilogue up "
-    "to 16 tokens: ptqlab's CUDA tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + cuBLAS above; built with nvcc "
-    "at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits,
+    "to 16 tokens: ptqlab's CUDA tensor-core kernel on the weight in MMA fragment order (<= 128 tokens), unpack + "
+    "cuBLAS above; built with nvcc at first use", _mma_w4a16, _build_w4a16_mma, _forward_w4a16_mma, _mma_fits,
     out_dims={"w_packed": 0, "w_scale": 1, "w_zero": 1}))
 register_kernel(KernelBackend(
     "w4a16-triton", "4-bit weights per row or in groups of 32..4096 (power of two), fp16/bf16 activations: Triton "

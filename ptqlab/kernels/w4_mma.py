@@ -77,12 +77,14 @@ CONFIGS: dict[int, list[Config]] = {
 LORC_MAX_RANK = 32
 #: token tiles up to which LoRC runs inside the kernel (the "k" body's LoRC variants: csrc/w4_mma.cu)
 LORC_MAX_NT = 2
+#: at most this many blocks compute LoRC's t (csrc/w4_mma.cu's ``LORC_BLOCKS``)
+LORC_BLOCKS = 64
 
 
 def lorc_blocks(k: int, warps: int) -> int:
     """The blocks a LoRC launch adds in front of its grid to compute ``t = x V^T``: one 64-column tile of K a warp,
-    at most 64 (csrc/w4_mma.cu's ``lorc_blocks``, the same formula)."""
-    return min(64, -(-(k // 64) // warps))
+    at most :data:`LORC_BLOCKS` (csrc/w4_mma.cu's ``lorc_blocks``, the same formula)."""
+    return min(LORC_BLOCKS, -(-(k // 64) // warps))
 
 
 def lorc_configs(nt: int) -> list[Config]:
