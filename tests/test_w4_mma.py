@@ -234,9 +234,11 @@ def test_cubin_names_cover_every_config():
     source = w4_mma.SOURCE.read_text()
     for nt, configs in w4_mma.CONFIGS.items():
         for body, r, warps, shares in configs:
-            assert f"W4_MMA{'X' if body == 'x' else ''}({nt}, {r})" in source
-            assert 32 * warps <= 256 and shares >= 1 and body in "kx"  # the kernels' __launch_bounds__
+            assert f"W4_MMA{'' if body == 'k' else body.upper()}({nt}, {r})" in source
+            assert 32 * warps <= 256 and shares >= 1 and body in ("k", "x", "p", "p2")  # the kernels' __launch_bounds__
             assert body == "k" or warps >= 4  # the staging of the inputs assumes 128 threads or more
+            if body in ("p", "p2"):  # the pipelined body's stages fit the GPU's shared memory (H100/H200: 227 KiB)
+                assert w4_mma.pipe_shared_bytes(nt, r, warps, sym=False) <= 227 * 1024
     assert "w4_mma_dequant" in source
     for nt in w4_mma.CONFIGS:  # LoRC's variants: the "k" body at 1..16 tokens, none beyond
         lorc = w4_mma.lorc_configs(nt)
@@ -248,6 +250,13 @@ def test_cubin_names_cover_every_config():
     assert "min(LORC_BLOCKS, ((K >> 6) + warps - 1) / warps)" in source
     assert [w4_mma.lorc_blocks(k, w) for k, w in ((64, 8), (4096, 8), (4096, 4), (28672, 4))] == [1, 8, 16, 64]
     assert f"tred[LORC ? {w4_mma.LORC_MAX_RANK} : 1]" in source  # (t's rank rows)
+    # the "p" body's dynamic shared memory: the Python size and the kernel's own layout must agree
+    assert f"constexpr int PIPE_XROW = {w4_mma.PIPE_XROW};" in source
+    assert "constexpr int pipe_stages() { return NT >= 16 ? 3 : 4; }" in source
+    assert [w4_mma.pipe_stages(nt) for nt in (1, 8, 16)] == [4, 4, 3]
+    assert "x_bytes = 8 * NT * PIPE_XROW * 2, w_bytes = warps * R * 512, s_bytes = rows * 2;" in source
+    assert "stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes;" in source
+    assert w4_mma.pipe_shared_bytes(8, 2, 4, sym=True) == 4 * (8 * 8 * 72 * 2 + 4 * 2 * 512 + 16 * 2 * 4 * 2)
 
 
 def test_tuning_takes_the_fastest_config_once_and_the_default_while_capturing(monkeypatch):
@@ -311,7 +320,7 @@ def test_lorc_launches_its_variant_up_to_16_tokens_and_rank_32_else_adds_the_pro
     launches: list = []
 
     class FakeDriver:
-        def launch(self, device, name, grid, threads, args, grid_y=1):
+        def launch(self, device, name, grid, threads, args, grid_y=1, shared=0):
             launches.append((name, grid, threads, grid_y, args))
             if name != "w4_mma_dequant":  # (the unpack hand-off, timed at 17 tokens: its output is not used here)
                 ctypes.memset(args[5].value, 0, m * n * 2)  # the output: zeros (the kernel's sum is not run here)
@@ -341,3 +350,32 @@ def test_lorc_launches_its_variant_up_to_16_tokens_and_rank_32_else_adds_the_pro
     torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="LoRC's fp16 V"):
         w4_mma.w4a16_mma(x, packed, scale, None, 64, lorc=(v, u[:, :1]))
+
+
+def test_the_pipelined_body_launches_with_its_grid_and_shared_memory(monkeypatch):
+    # CPU, a stand-in driver: the "p" config's kernel name, blocks of 16 R warps rows, K shares, the dynamic
+    # shared memory of its stages; a misaligned input (a view 2 bytes into its storage) is copied first
+    import ctypes
+
+    launches: list = []
+
+    class FakeDriver:
+        def launch(self, device, name, grid, threads, args, grid_y=1, shared=0):
+            launches.append((name, grid, threads, grid_y, shared, args))
+            ctypes.memset(args[5].value, 0, m * n * 2)
+
+    monkeypatch.setattr(w4_mma, "_driver", lambda: FakeDriver())
+    monkeypatch.setattr(w4_mma, "_TUNED", {})
+    monkeypatch.setattr(w4_mma, "_tune", lambda *a, **kw: ("p", 2, 4, 8))
+    m, n, k = 40, 208, 1088
+    gen = torch.Generator().manual_seed(0)
+    packed = pack_int4_mma(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
+    scale = torch.full((k // 64, n), 0.01, dtype=torch.float16)
+    zero = torch.full((k // 64, n), 8.0, dtype=torch.float16)
+    x = torch.randn(m * k + 1, generator=gen).half()[1:].view(m, k)
+    assert x.data_ptr() % 16 != 0
+    w4_mma.w4a16_mma(x, packed, scale, zero, 64)
+    name, grid, threads, grid_y, shared, args = launches[-1]
+    assert name == "w4_mmap_nt8_r2_asym" and threads == 128 and grid_y == 8
+    assert grid == -(-(n // 16) // (2 * 4)) and shared == w4_mma.pipe_shared_bytes(8, 2, 4, sym=False)
+    assert args[0].value % 16 == 0 and args[2].value % 16 == 0 and args[3].value % 16 == 0

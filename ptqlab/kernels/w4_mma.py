@@ -11,12 +11,15 @@ from the stored fp16 scale, bit for bit what :func:`dequant_mma` and the Triton 
 the MMA's 8-wide side: at one token 7/8 of each MMA is wasted, which costs nothing while the weight's bytes are the
 bound.
 
-Two bodies, tuned per (tokens bucket, shape, group, grid) on the first eager call from CUDA-graph replays of every
-config (:data:`CONFIGS`): "k", a block's warps split K and read their few inputs from L1/L2 (1-16 tokens); "x",
-its warps take different rows over the same K and share each input slice through shared memory (17-128 tokens).
-From 17 tokens on, the weight unpacked once + cuBLAS (:data:`UNPACK`) is a candidate too, so a key takes the
-hand-off where it wins. Measured on an H200 (bench/README.md, session 32): 1.2-2.5x cuBLAS FP16 at one token,
-1.05-1.9x at 16, 0.5-1.2x at 32, 0.4-0.8x at 64-128 (where the Triton GEMM on its own layout was faster).
+Three bodies, tuned per (tokens bucket, shape, group, grid) on the first eager call from CUDA-graph replays of
+every config (:data:`CONFIGS`): "k", a block's warps split K and read their few inputs from L1/L2 (1-16 tokens);
+"x", its warps take different rows over the same K and share each input slice through shared memory (17-128
+tokens); "p" (and "p2", the same with two blocks an SM), every operand of a k-tile copied to shared memory by
+``cp.async`` stages ahead (1-128 tokens; dynamic shared memory: :func:`pipe_shared_bytes`).  From 17 tokens on, the
+weight unpacked once + cuBLAS (:data:`UNPACK`) is a candidate too, so a key takes the hand-off where it wins.
+Measured on an H200 (bench/README.md, session 35, five OPT/Llama shapes): 1.3-3.1x cuBLAS FP16 at one token,
+1.0-2.0x at 16, 0.6-1.5x at 32, 0.35-0.96x at 64, 0.44-0.67x at 128; Marlin in the same run 1.0-2.7x, 0.9-2.3x,
+0.6-2.0x, 0.4-1.4x, 0.6-0.9x.
 
 Built with the CUDA toolkit's ``nvcc`` (``$PTQLAB_NVCC``, ``$CUDA_HOME/bin/nvcc`` or the ``PATH``) into a cubin
 for the GPU's architecture, cached under ``$PTQLAB_KERNEL_CACHE`` (default ``~/.cache/ptqlab/kernels``), loaded and
@@ -64,13 +67,38 @@ def _x(rs: tuple[int, ...]) -> list[Config]:
     return [("x", r, w, s) for r in rs for w in (4, 8) for s in (1, 2, 4, 8)]
 
 
+#: the pipelined body ("p": every operand through shared memory by cp.async, stages ahead), at every token count
+def _p(rs: tuple[int, ...]) -> list[Config]:
+    return [("p", r, w, s) for r in rs for w in (4, 8) for s in (1, 2, 4, 8, 16)]
+
+
+def _p2(r: int) -> list[Config]:
+    """The "p2" configs: the "p" body with two blocks an SM (registers capped at 128), for row tiles ``r`` at the
+    token tiles where "p" takes more (csrc/w4_mma.cu: ``W4_MMAP2``)."""
+    return [("p2", r, w, s) for w in (4, 8) for s in (1, 2, 4, 8, 16)]
+
 CONFIGS: dict[int, list[Config]] = {
-    1: [("k", *c) for c in _K_SMALL],
-    2: [("k", *c) for c in _K_SMALL] + _x((1,)),
-    4: [("k", *c) for c in _K_MANY] + _x((1, 2)),
-    8: _x((1, 2)) + [("k", *c) for c in _K_MANY],
-    16: _x((1,)) + [("k", 1, w, s) for w, s in ((8, 1), (4, 1), (8, 2), (4, 2), (4, 4))],
+    1: [("k", *c) for c in _K_SMALL] + _p((1, 2, 4)),
+    2: [("k", *c) for c in _K_SMALL] + _x((1,)) + _p((1, 2, 4)),
+    4: [("k", *c) for c in _K_MANY] + _x((1, 2)) + _p((1, 2, 4)),
+    8: _x((1, 2)) + [("k", *c) for c in _K_MANY] + _p((1, 2, 4)) + _p2(2),
+    16: _x((1,)) + [("k", 1, w, s) for w, s in ((8, 1), (4, 1), (8, 2), (4, 2), (4, 4))] + _p((1, 2)) + _p2(1),
 }
+
+#: csrc/w4_mma.cu's ``PIPE_XROW``: halves a token row of the "p" body's staged input slice
+PIPE_XROW = 72
+
+
+def pipe_stages(nt: int) -> int:
+    """k-tiles the "p" body keeps in flight (csrc/w4_mma.cu's ``pipe_stages``)."""
+    return 3 if nt >= 16 else 4
+
+
+def pipe_shared_bytes(nt: int, r: int, warps: int, sym: bool) -> int:
+    """The "p" body's dynamic shared memory: its stages of input slice, weight tiles, scales (and zero points);
+    the kernel traps if a launch gives it less (csrc/w4_mma.cu: the same formula)."""
+    rows = 16 * r * warps
+    return pipe_stages(nt) * (8 * nt * PIPE_XROW * 2 + warps * r * 512 + (1 if sym else 2) * rows * 2)
 
 
 #: the largest LoRC rank the kernel's epilogue takes (two 16-row tiles of V); beyond, the product is an ``addmm``
@@ -153,6 +181,7 @@ class _Driver:
         self.cubin = cubin
         self.modules: dict[int, ctypes.c_void_p] = {}
         self.functions: dict[tuple[int, str], ctypes.c_void_p] = {}
+        self.shared_limit: dict[tuple[int, str], int] = {}
         self.lock = threading.Lock()
 
     def _check(self, rc: int, what: str) -> None:
@@ -177,11 +206,18 @@ class _Driver:
                 self.functions[key] = fn
         return fn
 
-    def launch(self, device: int, name: str, grid: int, threads: int, args: list, grid_y: int = 1) -> None:
+    def launch(self, device: int, name: str, grid: int, threads: int, args: list, grid_y: int = 1,
+               shared: int = 0) -> None:
+        """Launch ``name`` on torch's current stream; ``shared``: dynamic shared memory bytes (above 48 KiB the
+        kernel's limit is raised first, once per size)."""
         fn = self.function(device, name)
+        if shared > 48 * 1024 and self.shared_limit.get((device, name), 0) < shared:
+            # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            self._check(self.lib.cuFuncSetAttribute(fn, 8, shared), f"allowing {shared} B of shared memory to {name}")
+            self.shared_limit[(device, name)] = shared
         params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-        self._check(self.lib.cuLaunchKernel(fn, grid, grid_y, 1, threads, 1, 1, 0, stream, params, None),
+        self._check(self.lib.cuLaunchKernel(fn, grid, grid_y, 1, threads, 1, 1, shared, stream, params, None),
                     f"launching {name}")
 
 
@@ -284,18 +320,23 @@ def lorc_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _LORC_WORKSPACE[device]
 
 
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
 def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int, lorc: bool = False) -> None:
     body, r, warps, shares = cfg
-    name = f"w4_mma{'x' if body == 'x' else ''}_nt{nt}_r{r}_{'sym' if sym else 'asym'}{'_lorc' if lorc else ''}"
-    tiles_a_block = r * warps if body == "x" else r
+    name = f"w4_mma{'' if body == 'k' else body}_nt{nt}_r{r}_{'sym' if sym else 'asym'}{'_lorc' if lorc else ''}"
+    tiles_a_block = r if body == "k" else r * warps
     blocks = -(-(n // 16) // tiles_a_block)
     if lorc:  # t's blocks in front (args[10]: K)
         blocks += lorc_blocks(args[10].value, warps)
-    _driver().launch(device, name, blocks, 32 * warps, args, grid_y=shares)
+    shared = pipe_shared_bytes(nt, r, warps, sym) if body in ("p", "p2") else 0
+    _driver().launch(device, name, blocks, 32 * warps, args, grid_y=shares, shared=shared)
 
 
 def _graph_ms(fn, reps: int = 20) -> float:
@@ -364,6 +405,9 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
         raise ValueError(f"w4a16_mma: fp16 x [1..{MMA_MAX_M}, {packed.shape[1] * 64}] expected, got "
                          f"{x.dtype} {tuple(x.shape)}")
     x = x.contiguous() if perm is None else x.index_select(1, perm)
+    # the kernels read x, the scales and zero points 16 bytes at a time (cp.async in the "p" body)
+    x, scale = _aligned16(x), _aligned16(scale.contiguous())
+    zero = None if zero is None else _aligned16(zero.contiguous())
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     nt, sym, device = token_tiles(m), zero is None, x.device.index or 0
     if lorc is not None:

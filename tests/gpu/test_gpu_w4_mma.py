@@ -99,6 +99,30 @@ def test_every_config_gives_the_product_and_leaves_the_workspace_zero(m, symmetr
     w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0, 0))
 
 
+@pytest.mark.parametrize("m", [1, 33, 128])
+@pytest.mark.parametrize("group", [128, PER_ROW])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_pipelined_config_gives_the_product_for_larger_groups(m, group, symmetric):
+    # the "p" body stages each k-tile's scales (and zero points) by group: groups of two tiles and one a row, on
+    # 65 row tiles (no block of 16 R warps rows divides them) and 32 k-tiles (K shares of 2 up to 16 tiles)
+    _needs_kernel()
+    k, n = 2048, 1040
+    layer = _layer(n, k, QuantSpec(4, symmetric, group), seed=m + group)
+    real = RealLinear(layer, "w4a16-mma")
+    x = torch.randn(m, k, device=DEV, generator=torch.Generator(device=DEV).manual_seed(m)).half()
+    nt, g = w4_mma.token_tiles(m), (k if group == PER_ROW else group)
+    ws, cnt = w4_mma.reserve(n, x.device)
+    key = (nt, n, k, g, symmetric, 0, 0)
+    for cfg in [c for c in w4_mma.CONFIGS[nt] if c[0] in ("p", "p2")]:
+        w4_mma._TUNED[key] = cfg
+        with torch.no_grad():
+            got = real(x).double()
+        torch.cuda.synchronize()
+        _assert_close(got, x, real, layer)
+        assert not bool(ws.any()) and not bool(cnt.any()), cfg
+    w4_mma._TUNED.pop(key)
+
+
 def _with_lorc(layer: QuantLinear, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=DEV).manual_seed(seed)
     u = (torch.randn(layer.out_features, rank, device=DEV, generator=g) * 0.1).half()

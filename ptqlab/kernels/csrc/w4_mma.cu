@@ -1,6 +1,9 @@
 // W4A16 on the tensor cores for 1..128 tokens: 4-bit weights in the MMA's own fragment order, dequantized in
 // registers with two bit operations a pair of weights, multiplied by mma.sync m16n8k16 with the weight as the
-// 16-row operand and the few tokens as the 8-column one (y^T = W x^T), float32 accumulation.
+// 16-row operand and the few tokens as the 8-column one (y^T = W x^T), float32 accumulation. Three bodies, the
+// tuning picks per shape and token count (w4_mma.py): "k" (a block's warps split K, inputs from L1/L2), "x" (warps
+// take different rows and share an input slice in shared memory), "p" (every operand staged by cp.async, stages
+// ahead: below).
 //
 // Layout (ptqlab/kernels/w4_mma.py: pack_int4_mma): the weight W [N, K] is cut into tiles of 16 rows x 64 columns,
 // stored tile after tile, [N/16][K/64][32 lanes][4 words]: a warp reads one tile as one coalesced 512-byte load
@@ -505,22 +508,209 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
   if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
 }
 
+
+// The pipelined variant (1..128 tokens; session 35): the "x" body above keeps one input slice and 4 / R weight
+// tiles a warp ahead in registers, about 0.1-0.2 us of MMA work, against a global load latency of ~1 us under
+// load: at 32-128 tokens it ran at 9-29% of the memory floor (H200, session 32), latency-bound, and its registers
+// (150-230 a thread) left no room for a deeper ring. Here every operand of a k-tile (the block's input slice, each
+// warp's own weight tiles, the block's rows' scales and zero points) is copied to shared memory by cp.async,
+// STAGES k-tiles ahead, so the bytes in flight no longer cost registers; one __syncthreads a k-tile. As in "x", a
+// block's warps take different row tiles (R each) over the same share of K, each owns its rows (no reduction
+// across warps), K shares across blocks meet in the float32 workspace.
+// Dynamic shared memory, per stage: the input slice [8 NT][XROW] halves, the weight [warps][R][32] uint4, the
+// scales (and zero points) [16 R warps] halves each (w4_mma.py: pipe_shared_bytes, the same formula).
+// Measured (H200, session 35, bench_marlin.py): the tuning takes it for most shapes at 1 and 32-128 tokens and for
+// the large ones at 16: 2.2-3.1x cuBLAS FP16 at one token (the "k" body 1.3-2.6x), 0.7-0.96x at 64 (0.6-0.8x).
+// What bounds it from 32 tokens on (Nsight Compute, 8192 -> 28672 at 64 tokens, R 2, 8 warps): 2 warps a
+// scheduler (140 registers a thread, one block an SM), 0.39 instructions issued a cycle per scheduler, 5.5
+// instructions an MMA (the dequantization ~2 of them, the copies and addresses ~1.5); neither the memory (34% of
+// peak) nor the tensor cores are busy. Tried and not kept: 6 stages (no change), two k-tiles a barrier
+// (results/w4_mma_pairs_variant_session35.patch: -7..+6%, no clear win).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  // plain cp.async.cg (no L2 cache hint: nvcc 13.0's ptxas drops createpolicy: IST-DASLab/marlin issue 44); a
+  // false predicate copies nothing and zero-fills the 16 bytes
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+constexpr int PIPE_XROW = 72;  // halves a token row of a staged slice: 64 + 8 (+16 B: rows g, g + 1 in other banks)
+template <int NT>
+__host__ __device__ constexpr int pipe_stages() { return NT >= 16 ? 3 : 4; }
+
+template <int NT, int R, bool SYM, bool LORC_UNUSED>
+__device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const uint4* __restrict__ P,
+                                             const __half* __restrict__ S, const __half* __restrict__ Z,
+                                             const __half* __restrict__ B, __half* __restrict__ Y,
+                                             float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
+                                             int group_chunks, const __half*, const __half*, int, float*, int*) {
+  constexpr int STAGES = pipe_stages<NT>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ bool last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles_n = N >> 4, chunks = K >> 6;
+  const int rows = 16 * R * warps, first = blockIdx.x * rows;  // the block's output rows
+  const int tile0 = (blockIdx.x * warps + warp) * R;             // this warp's first row tile
+  const int per = (chunks + gridDim.y - 1) / gridDim.y;
+  const int c0 = min((int)blockIdx.y * per, chunks), c1 = min(c0 + per, chunks), tiles_k = c1 - c0;
+
+  const int x_bytes = 8 * NT * PIPE_XROW * 2, w_bytes = warps * R * 512, s_bytes = rows * 2;
+  const int stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes;
+  {  // the launch's dynamic shared memory must hold the stages (w4_mma.py computes the same): else an error
+    uint32_t have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < (uint32_t)(STAGES * stage_bytes)) __trap();
+  }
+  auto xs = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes); };
+  auto wsm = [&](int st) { return reinterpret_cast<uint4*>(smem + st * stage_bytes + x_bytes); };
+  auto ssm = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes); };
+  auto zsm = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes + s_bytes); };
+
+  // k-tile c's operands into stage st: input pieces (16 B: 8 columns of a token; tokens >= M zero), this warp's
+  // weight tiles, the rows' scales (and zero points) of c's group, 8 rows a piece
+  auto load = [&](int st, int c) {
+    __half* x = xs(st);
+    for (int i = threadIdx.x; i < 8 * NT * 8; i += blockDim.x) {
+      const int tok = i >> 3, piece = i & 7;
+      cp_async16(x + tok * PIPE_XROW + piece * 8, X + (size_t)min(tok, M - 1) * K + (size_t)c * 64 + piece * 8,
+                 tok < M);
+    }
+    uint4* w = wsm(st) + warp * R * 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool ok = tile0 + r < tiles_n;
+      cp_async16(w + r * 32 + lane, P + ((size_t)(ok ? tile0 + r : 0) * chunks + c) * 32 + lane, ok);
+    }
+    const int grp = c / group_chunks, pieces = rows >> 3;
+    for (int i = threadIdx.x; i < (SYM ? 1 : 2) * pieces; i += blockDim.x) {
+      const bool zero_point = i >= pieces;
+      const int row = first + 8 * (zero_point ? i - pieces : i);
+      const __half* src = zero_point ? Z : S;
+      cp_async16((zero_point ? zsm(st) : ssm(st)) + (row - first), src + (size_t)grp * N + min(row, N - 8),
+                 row < N);
+    }
+  };
+
+  float acc[R][NT][4];
+  zero_acc<R, NT>(acc);
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < tiles_k) load(s, c0 + s);
+    cp_async_commit();  // (an empty group past the share: the counts below stay uniform)
+  }
+  for (int i = 0; i < tiles_k; ++i) {
+    cp_async_wait<STAGES - 2>();  // k-tile i is in (this thread's copies) ...
+    __syncthreads();              // ... and everyone's; everyone is done with the stage loaded next
+    if (i + STAGES - 1 < tiles_k) load((i + STAGES - 1) % STAGES, c0 + i + STAGES - 1);
+    cp_async_commit();
+    const int st = i % STAGES;
+    const __half* x = xs(st);
+    const uint4* w = wsm(st) + warp * R * 32;
+    const __half* sc = ssm(st);
+    const __half* zp = zsm(st);
+    __half2 slo[R], shi[R], zlo[R], zhi[R];
+    uint4 wr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      wr[r] = w[r * 32 + lane];
+      const int row = 16 * (warp * R + r) + g;  // within the block
+      slo[r] = __half2half2(sc[row]);
+      shi[r] = __half2half2(sc[row + 8]);
+      if (SYM) {
+        zlo[r] = __float2half2_rn(1032.f);
+        zhi[r] = __float2half2_rn(-72.f);
+      } else {
+        zlo[r] = __half2half2(__hadd(zp[row], __float2half(1024.f)));
+        zhi[r] = __half2half2(__hneg(__hadd(zp[row + 8], __float2half(64.f))));
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a0[R][4], a1[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dequant(h ? wr[r].z : wr[r].x, zlo[r], zhi[r], slo[r], shi[r], a0[r]);
+        dequant(h ? wr[r].w : wr[r].y, zlo[r], zhi[r], slo[r], shi[r], a1[r]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + (8 * j + g) * PIPE_XROW + 16 * t + 8 * h);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          mma(acc[r][j], a0[r], xv.x, xv.y);
+          mma(acc[r][j], a1[r], xv.z, xv.w);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n0 = (tile0 + r) * 16 + g;
+    if (tile0 + r >= tiles_n) continue;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
+        if (m >= M) continue;
+        if (gridDim.y > 1) {
+          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
+        } else {
+          float v = acc[r][j][i];
+          if (B != nullptr) v += __half2float(B[n]);
+          Y[(size_t)m * N + n] = __float2half_rn(v);
+        }
+      }
+  }
+  if (gridDim.y == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    const int m = i / rows, n = first + i % rows;
+    if (n < N) {
+      float v = atomicExch(&WS[(size_t)m * N + n], 0.f);
+      if (B != nullptr) v += __half2float(B[n]);
+      Y[(size_t)m * N + n] = __float2half_rn(v);
+    }
+  }
+  if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
+}
+
 }  // namespace
 
 // one exported kernel per (body, token tiles, row tiles, grid, LoRC): the names w4_mma.py launches, one signature
-#define W4_KERNEL(PREFIX, BODY, NT, R, SYM, LORC, NAME)                                                         \
-  extern "C" __global__ void __launch_bounds__(256) PREFIX##_nt##NT##_r##R##_##NAME(                            \
+#define W4_KERNEL_B(PREFIX, BODY, NT, R, SYM, LORC, NAME, BOUNDS)                                                \
+  extern "C" __global__ void BOUNDS PREFIX##_nt##NT##_r##R##_##NAME(                                              \
       const __half* X, const uint4* P, const __half* S, const __half* Z, const __half* B, __half* Y, float* WS,    \
       int* CNT, int M, int N, int K, int group_chunks, const __half* V, const __half* U, int rank, float* TW,     \
       int* TC) {                                                                                                   \
     BODY<NT, R, SYM, LORC>(X, P, S, Z, B, Y, WS, CNT, M, N, K, group_chunks, V, U, rank, TW, TC);                 \
   }
+#define W4_KERNEL(PREFIX, BODY, NT, R, SYM, LORC, NAME) \
+  W4_KERNEL_B(PREFIX, BODY, NT, R, SYM, LORC, NAME, __launch_bounds__(256))
 #define W4_MMA(NT, R)                                                  \
   W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, false, sym)              \
   W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, false, asym)
 #define W4_MMA_LORC(NT, R)                                             \
   W4_KERNEL(w4_mma, w4_mma_body, NT, R, true, true, sym_lorc)          \
   W4_KERNEL(w4_mma, w4_mma_body, NT, R, false, true, asym_lorc)
+#define W4_MMAP(NT, R)                                                 \
+  W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, true, false, sym)            \
+  W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, false, false, asym)
+// "p2": the same body, two blocks of 256 threads an SM (registers capped at 128; where "p" takes more)
+#define W4_MMAP2(NT, R)                                                                         \
+  W4_KERNEL_B(w4_mmap2, w4_mmap_body, NT, R, true, false, sym, __launch_bounds__(256, 2))     \
+  W4_KERNEL_B(w4_mmap2, w4_mmap_body, NT, R, false, false, asym, __launch_bounds__(256, 2))
 #define W4_MMAX(NT, R)                                                 \
   W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, true, false, sym)            \
   W4_KERNEL(w4_mmax, w4_mmax_body, NT, R, false, false, asym)
@@ -546,6 +736,24 @@ W4_MMA_LORC(1, 4)
 W4_MMA_LORC(2, 1)
 W4_MMA_LORC(2, 2)
 W4_MMA_LORC(2, 4)
+
+// the pipelined body (cp.async, STAGES k-tiles ahead): tuned against the others at every token count
+W4_MMAP(1, 1)
+W4_MMAP(1, 2)
+W4_MMAP(1, 4)
+W4_MMAP(2, 1)
+W4_MMAP(2, 2)
+W4_MMAP(2, 4)
+W4_MMAP(4, 1)
+W4_MMAP(4, 2)
+W4_MMAP(4, 4)
+W4_MMAP(8, 1)
+W4_MMAP(8, 2)
+W4_MMAP(8, 4)
+W4_MMAP(16, 1)
+W4_MMAP(16, 2)
+W4_MMAP2(8, 2)  // (H200, session 35: 6-10% off at 64 tokens on three of the five shapes, slower at 16)
+W4_MMAP2(16, 1)
 
 W4_MMAX(2, 1)
 W4_MMAX(4, 1)
