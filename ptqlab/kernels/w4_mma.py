@@ -18,8 +18,8 @@ tokens); "p" (and "p2", the same with two blocks an SM), every operand of a k-ti
 ``cp.async`` stages ahead (1-128 tokens; dynamic shared memory: :func:`pipe_shared_bytes`).  From 17 tokens on, the
 weight unpacked once + cuBLAS (:data:`UNPACK`) is a candidate too, so a key takes the hand-off where it wins.
 Measured on an H200 (bench/README.md, session 35, five OPT/Llama shapes): 1.3-3.1x cuBLAS FP16 at one token,
-1.0-2.0x at 16, 0.6-1.5x at 32, 0.35-0.96x at 64, 0.44-0.67x at 128; Marlin in the same run 1.0-2.7x, 0.9-2.3x,
-0.6-2.0x, 0.4-1.4x, 0.6-0.9x.
+1.0-2.0x at 16, 0.6-1.5x at 32, 0.35-0.96x at 64, 0.44-0.67x at 128; Marlin in the same run 1.0-2.8x, 0.9-2.4x,
+0.55-2.0x, 0.4-1.4x, 0.6-0.9x.
 
 Built with the CUDA toolkit's ``nvcc`` (``$PTQLAB_NVCC``, ``$CUDA_HOME/bin/nvcc`` or the ``PATH``) into a cubin
 for the GPU's architecture, cached under ``$PTQLAB_KERNEL_CACHE`` (default ``~/.cache/ptqlab/kernels``), loaded and

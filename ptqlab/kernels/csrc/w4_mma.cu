@@ -520,7 +520,7 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
 // Dynamic shared memory, per stage: the input slice [8 NT][XROW] halves, the weight [warps][R][32] uint4, the
 // scales (and zero points) [16 R warps] halves each (w4_mma.py: pipe_shared_bytes, the same formula).
 // Measured (H200, session 35, bench_marlin.py): the tuning takes it for most shapes at 1 and 32-128 tokens and for
-// the large ones at 16: 2.2-3.1x cuBLAS FP16 at one token (the "k" body 1.3-2.6x), 0.7-0.96x at 64 (0.6-0.8x).
+// the large ones at 16: 1.3-3.1x cuBLAS FP16 at one token (the "k" body 1.3-2.6x), 0.7-0.96x at 64 (0.6-0.8x).
 // What bounds it from 32 tokens on (Nsight Compute, 8192 -> 28672 at 64 tokens, R 2, 8 warps): 2 warps a
 // scheduler (140 registers a thread, one block an SM), 0.39 instructions issued a cycle per scheduler, 5.5
 // instructions an MMA (the dequantization ~2 of them, the copies and addresses ~1.5); neither the memory (34% of
