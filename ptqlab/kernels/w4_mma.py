@@ -56,8 +56,9 @@ MMA_MAX_M = 128
 #: (token tiles NT) -> the configs tried, ``(body, R, warps, S)``; the first is the default where no tuning can
 #: run (inside a CUDA-graph capture). ``body`` "k": a block's warps split K and read their inputs from L1/L2
 #: (few tokens); "x": its warps take different row tiles over the same K and share each input slice through
-#: shared memory (many tokens, where the inputs are most of the loads). R: row tiles a warp ("x") or block ("k");
-#: S: K shares across blocks (they fill the GPU when rows are few).
+#: shared memory (many tokens, where the inputs are most of the loads); "p" / "p2": as "x", with every operand
+#: of a k-tile staged in shared memory by cp.async, stages ahead (any token count). R: row tiles a warp ("x", "p")
+#: or block ("k"); S: K shares across blocks (they fill the GPU when rows are few).
 Config = tuple[str, int, int, int]
 _K_SMALL = [(1, 8, 1), (1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 4, 1), (1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 2)]
 _K_MANY = [(1, 8, 1), (2, 8, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 4, 2), (4, 8, 2), (2, 8, 2), (4, 4, 4)]
@@ -67,8 +68,8 @@ def _x(rs: tuple[int, ...]) -> list[Config]:
     return [("x", r, w, s) for r in rs for w in (4, 8) for s in (1, 2, 4, 8)]
 
 
-#: the pipelined body ("p": every operand through shared memory by cp.async, stages ahead), at every token count
 def _p(rs: tuple[int, ...]) -> list[Config]:
+    """The pipelined body's configs for row tiles ``rs`` (tuned at every token count)."""
     return [("p", r, w, s) for r in rs for w in (4, 8) for s in (1, 2, 4, 8, 16)]
 
 
@@ -76,6 +77,7 @@ def _p2(r: int) -> list[Config]:
     """The "p2" configs: the "p" body with two blocks an SM (registers capped at 128), for row tiles ``r`` at the
     token tiles where "p" takes more (csrc/w4_mma.cu: ``W4_MMAP2``)."""
     return [("p2", r, w, s) for w in (4, 8) for s in (1, 2, 4, 8, 16)]
+
 
 CONFIGS: dict[int, list[Config]] = {
     1: [("k", *c) for c in _K_SMALL] + _p((1, 2, 4)),
