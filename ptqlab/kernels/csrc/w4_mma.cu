@@ -370,6 +370,53 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
   if (LORC) lorc_done<NT>(TW, TC, writers);  // (one writer per column of row-tile blocks)
 }
 
+// The end of the "x" and "p" bodies, where each warp owns its R row tiles from tile0 (no reduction across warps):
+// with one K share, the outputs straight from the accumulators (+ bias); with several, the sums into the float32
+// workspace and the last block of these rows (a ticket) writes them, zeroing the workspace and its ticket.
+// The block's rows: 16 R warps from blockIdx.x's; last: the body's shared flag.
+template <int NT, int R>
+__device__ __forceinline__ void write_warp_rows(const float (&acc)[R][NT][4], const __half* __restrict__ B,
+                                                __half* __restrict__ Y, float* __restrict__ WS,
+                                                int* __restrict__ CNT, int M, int N, int tile0, bool& last) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, tiles_n = N >> 4;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n0 = (tile0 + r) * 16 + g;
+    if (tile0 + r >= tiles_n) continue;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
+        if (m >= M) continue;
+        if (gridDim.y > 1) {
+          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
+        } else {
+          float v = acc[r][j][i];
+          if (B != nullptr) v += __half2float(B[n]);
+          Y[(size_t)m * N + n] = __float2half_rn(v);
+        }
+      }
+  }
+  if (gridDim.y == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int rows = 16 * R * (blockDim.x >> 5), first = blockIdx.x * rows;
+  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
+    const int m = i / rows, n = first + i % rows;
+    if (n < N) {
+      float v = atomicExch(&WS[(size_t)m * N + n], 0.f);
+      if (B != nullptr) v += __half2float(B[n]);
+      Y[(size_t)m * N + n] = __float2half_rn(v);
+    }
+  }
+  if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
+}
+
 
 // The many-token variant (16..128 tokens): at many tokens the inputs, not the weight, are most of the loads, and
 // the body above reads them per warp from L1/L2 at the moment it needs them (one warp per scheduler at its
@@ -470,42 +517,7 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
     }
   }
 
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int n0 = (tile0 + r) * 16 + g;
-    if (tile0 + r >= tiles_n) continue;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
-        if (m >= M) continue;
-        if (gridDim.y > 1) {
-          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
-        } else {
-          float v = acc[r][j][i];
-          if (B != nullptr) v += __half2float(B[n]);
-          Y[(size_t)m * N + n] = __float2half_rn(v);
-        }
-      }
-  }
-  if (gridDim.y == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int rows = 16 * R * warps, first = blockIdx.x * rows;
-  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
-    const int m = i / rows, n = first + i % rows;
-    if (n < N) {
-      float v = atomicExch(&WS[(size_t)m * N + n], 0.f);
-      if (B != nullptr) v += __half2float(B[n]);
-      Y[(size_t)m * N + n] = __float2half_rn(v);
-    }
-  }
-  if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
+  write_warp_rows<NT, R>(acc, B, Y, WS, CNT, M, N, tile0, last);
 }
 
 
@@ -649,41 +661,7 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
   }
   cp_async_wait<0>();
 
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int n0 = (tile0 + r) * 16 + g;
-    if (tile0 + r >= tiles_n) continue;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
-        if (m >= M) continue;
-        if (gridDim.y > 1) {
-          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
-        } else {
-          float v = acc[r][j][i];
-          if (B != nullptr) v += __half2float(B[n]);
-          Y[(size_t)m * N + n] = __float2half_rn(v);
-        }
-      }
-  }
-  if (gridDim.y == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&CNT[blockIdx.x], 1) == (int)gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < rows * M; i += blockDim.x) {
-    const int m = i / rows, n = first + i % rows;
-    if (n < N) {
-      float v = atomicExch(&WS[(size_t)m * N + n], 0.f);
-      if (B != nullptr) v += __half2float(B[n]);
-      Y[(size_t)m * N + n] = __float2half_rn(v);
-    }
-  }
-  if (threadIdx.x == 0) CNT[blockIdx.x] = 0;
+  write_warp_rows<NT, R>(acc, B, Y, WS, CNT, M, N, tile0, last);
 }
 
 }  // namespace
