@@ -240,16 +240,11 @@ def test_cubin_names_cover_every_config():
             if body in ("p", "p2"):  # the pipelined body's stages fit the GPU's shared memory (H100/H200: 227 KiB)
                 assert w4_mma.pipe_shared_bytes(nt, r, warps, sym=False) <= 227 * 1024
     assert "w4_mma_dequant" in source
-    for nt in w4_mma.CONFIGS:  # LoRC's variants: the "k" body at 1..16 tokens, the "p" body at 1..64, none beyond
+    for nt in w4_mma.CONFIGS:  # LoRC's variants: the "k" body at 1..16 tokens, none beyond
         lorc = w4_mma.lorc_configs(nt)
-        assert bool(lorc) == (nt <= w4_mma.LORC_MAX_NT)
-        assert {body for body, *_ in lorc} == ({"k", "p"} if nt <= w4_mma.LORC_K_MAX_NT else {"p"} if lorc else set())
-        for body, r, warps, _ in lorc:
-            assert f"W4_MMA{'' if body == 'k' else 'P'}_LORC({nt}, {r})" in source
-            if body == "p":
-                assert w4_mma.pipe_shared_bytes(nt, r, warps, sym=False, lorc=True) <= 227 * 1024
-    assert {r for nt, rs in w4_mma.LORC_P_ROWS.items() for r in rs} <= {1, 2, 4}
-    assert source.count("W4_MMAP_LORC(") == 1 + sum(len(rs) for rs in w4_mma.LORC_P_ROWS.values())  # (+ the macro)
+        assert bool(lorc) == (nt <= w4_mma.LORC_MAX_NT) and all(body == "k" for body, *_ in lorc)
+        for _, r, _, _ in lorc:
+            assert f"W4_MMA_LORC({nt}, {r})" in source
     # the LoRC launch's extra blocks: the Python grid and the kernel's own count must agree
     assert f"constexpr int LORC_BLOCKS = {w4_mma.LORC_BLOCKS};" in source
     assert "min(LORC_BLOCKS, ((K >> 6) + warps - 1) / warps)" in source
@@ -260,12 +255,7 @@ def test_cubin_names_cover_every_config():
     assert "constexpr int pipe_stages() { return NT >= 16 ? 3 : 4; }" in source
     assert [w4_mma.pipe_stages(nt) for nt in (1, 8, 16)] == [4, 4, 3]
     assert "x_bytes = 8 * NT * PIPE_XROW * 2, w_bytes = warps * R * 512, s_bytes = rows * 2;" in source
-    assert "const int v_bytes = LORC ? 32 * PIPE_XROW * 2 : 0;" in source
-    assert "stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes + v_bytes;" in source
-    assert "const int lorc_bytes = LORC ? 32 * 8 * NT * 4 + rows * US_ROW * 4 : 0;" in source
-    assert "constexpr int US_ROW = 17;" in source
-    assert w4_mma.pipe_shared_bytes(2, 4, 8, sym=True, lorc=True) == \
-        w4_mma.pipe_shared_bytes(2, 4, 8, sym=True) + 4 * 32 * 72 * 2 + 32 * 16 * 4 + 16 * 4 * 8 * 17 * 4
+    assert "stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes;" in source
     assert w4_mma.pipe_shared_bytes(8, 2, 4, sym=True) == 4 * (8 * 8 * 72 * 2 + 4 * 2 * 512 + 16 * 2 * 4 * 2)
 
 
@@ -320,12 +310,11 @@ def test_a_real_layer_holds_the_packed_codes_and_the_grid_alone(symmetric):
     assert float((deq - layer.weight).abs().max()) <= float(layer.weight.abs().max()) * 2e-3
 
 
-@pytest.mark.parametrize("m,rank,in_kernel", [(1, 8, True), (16, 24, True), (17, 8, True), (64, 32, True),
-                                               (65, 8, False), (3, 40, False)])
-def test_lorc_launches_its_variant_up_to_64_tokens_and_rank_32_else_adds_the_product(monkeypatch, m, rank,
+@pytest.mark.parametrize("m,rank,in_kernel", [(1, 8, True), (16, 24, True), (17, 8, False), (3, 40, False)])
+def test_lorc_launches_its_variant_up_to_16_tokens_and_rank_32_else_adds_the_product(monkeypatch, m, rank,
                                                                                       in_kernel):
-    # the launch path on CPU with a stand-in driver (the kernel itself: tests/gpu): which kernel, its grid (the "k"
-    # body's with t's blocks in front), the LoRC arguments; outside the kernel's reach the product is added after it
+    # the launch path on CPU with a stand-in driver (the kernel itself: tests/gpu): which kernel, its grid with
+    # t's blocks in front, the LoRC arguments; outside the kernel's reach the product is added after it
     import ctypes
 
     launches: list = []
@@ -349,13 +338,12 @@ def test_lorc_launches_its_variant_up_to_64_tokens_and_rank_32_else_adds_the_pro
     x = torch.randn(m, k, generator=gen).half()
     y = w4_mma.w4a16_mma(x, packed, scale, None, 64, lorc=(v, u))
     name, grid, threads, grid_y, args = launches[-1]
+    assert name.startswith("w4_mma_nt")
     nt = w4_mma.token_tiles(m)
     cfg = (w4_mma.lorc_configs(nt) if in_kernel else w4_mma.CONFIGS[nt])[0]
-    assert name.startswith(f"w4_mma{'' if cfg[0] == 'k' else cfg[0]}_nt{nt}_r{cfg[1]}_")
-    assert all(lname.endswith("_lorc") == in_kernel for lname, *_ in launches if lname != "w4_mma_dequant")
-    rows = -(-(n // 16) // (cfg[1] if cfg[0] == "k" else cfg[1] * cfg[2]))
-    t_blocks = w4_mma.lorc_blocks(k, cfg[2]) if in_kernel and cfg[0] == "k" else 0
-    assert grid == rows + t_blocks and grid_y == cfg[3]
+    assert all(lname.endswith("_lorc") == in_kernel for lname, *_ in launches)
+    rows = -(-(n // 16) // (cfg[1] * cfg[2] if cfg[0] == "x" else cfg[1]))
+    assert grid == rows + (w4_mma.lorc_blocks(k, cfg[2]) if in_kernel else 0) and grid_y == cfg[3]
     assert args[14].value == (rank if in_kernel else 0) and bool(args[12].value) == in_kernel
     assert bool(args[15].value) and bool(args[16].value)  # t's workspace and counters, always passed
     want = torch.zeros(m, n) if in_kernel else (x.float() @ v.float().t()) @ u.float().t()
@@ -391,32 +379,3 @@ def test_the_pipelined_body_launches_with_its_grid_and_shared_memory(monkeypatch
     assert name == "w4_mmap_nt8_r2_asym" and threads == 128 and grid_y == 8
     assert grid == -(-(n // 16) // (2 * 4)) and shared == w4_mma.pipe_shared_bytes(8, 2, 4, sym=False)
     assert args[0].value % 16 == 0 and args[2].value % 16 == 0 and args[3].value % 16 == 0
-
-
-@pytest.mark.parametrize("m", [3, 40])
-def test_lorc_in_the_pipelined_body_launches_without_t_blocks_with_its_shared_memory(monkeypatch, m):
-    # CPU, a stand-in driver: a "p" LoRC config's kernel, only the row blocks (each computes t over its own share
-    # of K), the stages' shared memory with V's slices plus t's and U's rows
-    import ctypes
-
-    launches: list = []
-
-    class FakeDriver:
-        def launch(self, device, name, grid, threads, args, grid_y=1, shared=0):
-            launches.append((name, grid, threads, grid_y, shared, args))
-            ctypes.memset(args[5].value, 0, m * n * 2)
-
-    monkeypatch.setattr(w4_mma, "_driver", lambda: FakeDriver())
-    monkeypatch.setattr(w4_mma, "_TUNED", {})
-    monkeypatch.setattr(w4_mma, "_tune", lambda *a, **kw: ("p", 2, 8, 4))
-    n, k, rank = 208, 1088, 8
-    gen = torch.Generator().manual_seed(1)
-    packed = pack_int4_mma(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
-    scale = torch.full((k // 64, n), 0.01, dtype=torch.float16)
-    v, u = (torch.randn(rank, k, generator=gen) * 0.02).half(), (torch.randn(n, rank, generator=gen) * 0.1).half()
-    w4_mma.w4a16_mma(torch.randn(m, k, generator=gen).half(), packed, scale, None, 64, lorc=(v, u))
-    name, grid, threads, grid_y, shared, args = launches[-1]
-    nt = w4_mma.token_tiles(m)
-    assert name == f"w4_mmap_nt{nt}_r2_sym_lorc" and threads == 256 and grid_y == 4
-    assert grid == -(-(n // 16) // (2 * 8))
-    assert shared == w4_mma.pipe_shared_bytes(nt, 2, 8, sym=True, lorc=True) and args[14].value == rank

@@ -303,7 +303,7 @@ def _mma_w4a16(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
 def _mma_fits(layer: nn.Module) -> bool:
     from .w4_mma import check_shape
 
-    # fp16 only and its tile shape (LoRC: in the kernel up to 64 tokens, an addmm after it beyond)
+    # fp16 only and its tile shape (LoRC: in its epilogue up to 16 tokens, an addmm after it beyond)
     return layer.weight.dtype == torch.float16 and check_shape(layer.out_features, layer.in_features) is None
 
 

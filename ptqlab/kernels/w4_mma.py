@@ -27,12 +27,10 @@ launched through the CUDA driver API (``ctypes``; no compiled Python extension, 
 headers and ABI).  Where it cannot be built (no toolkit, a GPU before Ampere, ``PTQLAB_W4_MMA=0``),
 :func:`unavailable` says why and the ``triton`` preference runs the Triton kernels instead.
 
-LoRC: up to 64 tokens the kernel adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`). The "k"
-body (1..16 tokens): :func:`lorc_blocks` extra blocks in front of the grid compute ``t = x V^T`` once (``V`` as one
-or two more 16-row MMA operands) into a small global workspace, and each block applies ``U`` to it as it writes its
-outputs (the CUDA source's header). The "p" body (1..64 tokens): each block computes ``t`` over its own share of
-``K`` from ``V``'s slices staged with its k-tiles, nothing to wait for. From 65 tokens on, or at a larger rank, the
-product is added after the kernel (``addmm``).
+LoRC: from 1 to 16 tokens the "k" body adds ``(x V^T) U^T`` in the same launch (rank <= :data:`LORC_MAX_RANK`):
+:func:`lorc_blocks` extra blocks in front of the grid compute ``t = x V^T`` once (``V`` as one or two more 16-row
+MMA operands) into a small global workspace, and each block applies ``U`` to it as it writes its outputs (the
+CUDA source's header); from 17 tokens on, or at a larger rank, the product is added after the kernel (``addmm``).
 
 Limits: fp16 activations (bf16 models run the Triton kernels), ``N`` divisible by 16, ``K`` by 64, groups of a
 multiple of 64 columns or one per row.
@@ -98,26 +96,17 @@ def pipe_stages(nt: int) -> int:
     return 3 if nt >= 16 else 4
 
 
-def pipe_shared_bytes(nt: int, r: int, warps: int, sym: bool, lorc: bool = False) -> int:
+def pipe_shared_bytes(nt: int, r: int, warps: int, sym: bool) -> int:
     """The "p" body's dynamic shared memory: its stages of input slice, weight tiles, scales (and zero points);
-    with LoRC, V's slice [32, 64] in each stage, then t (float32 [32, 8 nt]) and U's rows of the block (17 words a
-    row); the kernel traps if a launch
-    gives it less (csrc/w4_mma.cu: the same formula)."""
+    the kernel traps if a launch gives it less (csrc/w4_mma.cu: the same formula)."""
     rows = 16 * r * warps
-    v_slice = LORC_MAX_RANK * PIPE_XROW * 2 if lorc else 0  # LoRC: V's rows of the k-tile, in each stage
-    stages = pipe_stages(nt) * (8 * nt * PIPE_XROW * 2 + warps * r * 512 + (1 if sym else 2) * rows * 2 + v_slice)
-    return stages + ((LORC_MAX_RANK * 8 * nt * 4 + rows * 17 * 4) if lorc else 0)
+    return pipe_stages(nt) * (8 * nt * PIPE_XROW * 2 + warps * r * 512 + (1 if sym else 2) * rows * 2)
 
 
 #: the largest LoRC rank the kernel's epilogue takes (two 16-row tiles of V); beyond, the product is an ``addmm``
 LORC_MAX_RANK = 32
-#: token tiles up to which LoRC runs inside the kernel (the "p" body's LoRC variants; csrc/w4_mma.cu)
-LORC_MAX_NT = 8
-#: the "k" body's LoRC variants (t computed by extra blocks in front of the grid): up to this many token tiles
-LORC_K_MAX_NT = 2
-#: the "p" body's LoRC variants (t over each block's own share of K): their row tiles at each token tile count
-#: (csrc/w4_mma.cu's ``W4_MMAP_LORC``; 4 row tiles at 8 token tiles spill)
-LORC_P_ROWS: dict[int, tuple[int, ...]] = {1: (1, 2, 4), 2: (1, 2, 4), 4: (1, 2, 4), 8: (1, 2)}
+#: token tiles up to which LoRC runs inside the kernel (the "k" body's LoRC variants: csrc/w4_mma.cu)
+LORC_MAX_NT = 2
 #: at most this many blocks compute LoRC's t (csrc/w4_mma.cu's ``LORC_BLOCKS``)
 LORC_BLOCKS = 64
 
@@ -129,10 +118,8 @@ def lorc_blocks(k: int, warps: int) -> int:
 
 
 def lorc_configs(nt: int) -> list[Config]:
-    """The configs with a LoRC variant for ``nt`` token tiles (the "k" body's up to :data:`LORC_K_MAX_NT`, the "p"
-    body's row tiles :data:`LORC_P_ROWS`); empty: none."""
-    return [c for c in CONFIGS[nt] if (c[0] == "k" and nt <= LORC_K_MAX_NT)
-            or (c[0] == "p" and c[1] in LORC_P_ROWS.get(nt, ()))]
+    """The configs with a LoRC variant for ``nt`` token tiles (the "k" body, row tiles 1, 2, 4); empty: none."""
+    return [c for c in CONFIGS[nt] if c[0] == "k"] if nt <= LORC_MAX_NT else []
 
 
 def token_tiles(m: int) -> int:
@@ -348,9 +335,9 @@ def _run(cfg: Config, nt: int, sym: bool, device: int, args: list, n: int, lorc:
     name = f"w4_mma{'' if body == 'k' else body}_nt{nt}_r{r}_{'sym' if sym else 'asym'}{'_lorc' if lorc else ''}"
     tiles_a_block = r if body == "k" else r * warps
     blocks = -(-(n // 16) // tiles_a_block)
-    if lorc and body == "k":  # t's blocks in front (args[10]: K); the "p" body computes t in each block
+    if lorc:  # t's blocks in front (args[10]: K)
         blocks += lorc_blocks(args[10].value, warps)
-    shared = pipe_shared_bytes(nt, r, warps, sym, lorc) if body in ("p", "p2") else 0
+    shared = pipe_shared_bytes(nt, r, warps, sym) if body in ("p", "p2") else 0
     _driver().launch(device, name, blocks, 32 * warps, args, grid_y=shares, shared=shared)
 
 
@@ -386,7 +373,7 @@ def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpac
     if torch.cuda.is_current_stream_capturing():
         return configs[0]
     times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n, lorc)) for cfg in configs}
-    if nt >= 4:  # (with LoRC, unpack() adds its product too)
+    if nt >= 4 and not lorc:
         times[UNPACK] = _graph_ms(unpack)
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
@@ -412,8 +399,8 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     :func:`pack_int4_mma`; ``scale``/``zero`` fp16 ``[G, N]`` (``zero`` None: symmetric, 8), ``group`` = K / G (a
     multiple of 64).  ``perm``: act-order columns stored sorted by group, ``W[:, perm]`` (as
     :func:`ptqlab.kernels.w4_gemm.w4a16_gemm`).  ``lorc``: LoRC's fp16 ``(V [r, K], U [N, r])`` (``V``'s columns
-    in the packed weight's order), ``+ (x V^T) U^T``: in the kernel up to 64 tokens and rank 32, else an ``addmm``
-    after it."""
+    in the packed weight's order), ``+ (x V^T) U^T``: in the kernel's epilogue up to 16 tokens and rank 32, else
+    an ``addmm`` after it."""
     m, k = x.shape
     n = packed.shape[0] * 16
     if x.dtype != torch.float16 or m > MMA_MAX_M or m < 1 or packed.shape[1] * 64 != k:
@@ -436,8 +423,7 @@ def w4a16_mma(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
             _ptr(v), _ptr(u), ctypes.c_int(0 if v is None else v.shape[0]), _ptr(tw), _ptr(tc)]
 
     def unpack() -> torch.Tensor:
-        out = torch.nn.functional.linear(x, dequant_mma(packed, scale, zero, group), bias)
-        return out if v is None else out.addmm_(torch.nn.functional.linear(x, v), u.t())
+        return torch.nn.functional.linear(x, dequant_mma(packed, scale, zero, group), bias)
 
     rank = 0 if lorc is None else lorc[0].shape[0]
     cfg = _tune((nt, n, k, group, sym, device, rank if fused else 0), nt, sym, device, args, n, unpack, fused)

@@ -28,8 +28,7 @@
 // S > 1 each block adds its sums to a float32 workspace and the last block of the row tiles (a ticket counter)
 // reads them back, zeroing the workspace and the ticket for the next call, and writes the output: one launch.
 //
-// LoRC (the "k" body's LORC variants, rank <= 32; the "p" body's own way: above w4_mmap_body): y += (x V^T) U^T
-// in the same launch. t = x V^T [rank, M] is
+// LoRC (the "k" body's LORC variants, rank <= 32): y += (x V^T) U^T in the same launch. t = x V^T [rank, M] is
 // computed once per call, not per block, by P extra blocks in front of the grid (blockIdx.x < P, blockIdx.y = 0:
 // the lowest block indices, so the first dispatched, and they never wait on anything; P = lorc_blocks(), one
 // 64-column tile of K a warp), V [rank, K] (row-major fp16) being one or two 16-row A operands (its fragment for
@@ -374,17 +373,12 @@ __device__ __forceinline__ void w4_mma_body(const __half* __restrict__ X, const 
 // The end of the "x" and "p" bodies, where each warp owns its R row tiles from tile0 (no reduction across warps):
 // with one K share, the outputs straight from the accumulators (+ bias); with several, the sums into the float32
 // workspace and the last block of these rows (a ticket) writes them, zeroing the workspace and its ticket.
-// The block's rows: 16 R warps from blockIdx.x's; last: the body's shared flag. LORC ("p"): each output gets
-// U[n, :] . t over this block's share of K (tr: t, us: U's rows of the block from its first), before it is written
-// or added to the workspace (the product is linear in K: the shares' parts sum to the whole).
-template <int NT, int R, bool LORC = false>
+// The block's rows: 16 R warps from blockIdx.x's; last: the body's shared flag.
+template <int NT, int R>
 __device__ __forceinline__ void write_warp_rows(const float (&acc)[R][NT][4], const __half* __restrict__ B,
                                                 __half* __restrict__ Y, float* __restrict__ WS,
-                                                int* __restrict__ CNT, int M, int N, int tile0, bool& last,
-                                                const float (*tr)[8 * NT] = nullptr,
-                                                const __half2 (*us)[US_ROW] = nullptr, int rank = 0) {
+                                                int* __restrict__ CNT, int M, int N, int tile0, bool& last) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, tiles_n = N >> 4;
-  const int first_row = blockIdx.x * 16 * R * (blockDim.x >> 5);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int n0 = (tile0 + r) * 16 + g;
@@ -395,11 +389,10 @@ __device__ __forceinline__ void write_warp_rows(const float (&acc)[R][NT][4], co
       for (int i = 0; i < 4; ++i) {
         const int m = 8 * j + 2 * t + (i & 1), n = n0 + (i >> 1) * 8;
         if (m >= M) continue;
-        float v = acc[r][j][i];
-        if (LORC) v += lorc_dot<NT>(us[n - first_row], tr, rank, m);
         if (gridDim.y > 1) {
-          atomicAdd(&WS[(size_t)m * N + n], v);
+          atomicAdd(&WS[(size_t)m * N + n], acc[r][j][i]);
         } else {
+          float v = acc[r][j][i];
           if (B != nullptr) v += __half2float(B[n]);
           Y[(size_t)m * N + n] = __float2half_rn(v);
         }
@@ -559,32 +552,12 @@ constexpr int PIPE_XROW = 72;  // halves a token row of a staged slice: 64 + 8 (
 template <int NT>
 __host__ __device__ constexpr int pipe_stages() { return NT >= 16 ? 3 : 4; }
 
-// LoRC in the "p" body: U's rows of the block (rows <= 16 R warps, runtime) into shared memory, as lorc_stage_u
-// does for the "k" body's compile-time rows
-__device__ __forceinline__ void lorc_stage_u_rows(const __half* __restrict__ U, int rank, int row0, int rows, int N,
-                                                  __half2 (*us)[US_ROW]) {
-  const __half zero = __float2half(0.f);
-  for (int i = threadIdx.x; i < rows * 16; i += blockDim.x) {
-    const int row = i >> 4, p = i & 15, n = row0 + row;
-    const __half lo = (2 * p < rank && n < N) ? U[(size_t)n * rank + 2 * p] : zero;
-    const __half hi = (2 * p + 1 < rank && n < N) ? U[(size_t)n * rank + 2 * p + 1] : zero;
-    us[row][p] = __halves2half2(lo, hi);
-  }
-}
-
-// LORC (rank <= 32): unlike the "k" body's t-blocks, each block computes t = x V^T over its own share of K, with
-// no wait on other blocks: V's slice of each k-tile [rank][64] is staged with the rest, and k-tile i's V MMAs (V
-// as the A operand, one or two 16-row tiles; the warp's staged input fragments as B, already in registers) are
-// done by warp i % warps; after the loop the warps' parts meet in shared memory and every output adds U[n, :] . t
-// (write_warp_rows). The cost: V read once per row block (from L2: V is rank x K halves) and 1 / (R warps) more
-// MMAs; TW and TC stay unused.
-template <int NT, int R, bool SYM, bool LORC>
+template <int NT, int R, bool SYM, bool LORC_UNUSED>
 __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const uint4* __restrict__ P,
                                              const __half* __restrict__ S, const __half* __restrict__ Z,
                                              const __half* __restrict__ B, __half* __restrict__ Y,
                                              float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
-                                             int group_chunks, const __half* __restrict__ V,
-                                             const __half* __restrict__ U, int rank, float*, int*) {
+                                             int group_chunks, const __half*, const __half*, int, float*, int*) {
   constexpr int STAGES = pipe_stages<NT>();
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ bool last;
@@ -597,20 +570,12 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
   const int c0 = min((int)blockIdx.y * per, chunks), c1 = min(c0 + per, chunks), tiles_k = c1 - c0;
 
   const int x_bytes = 8 * NT * PIPE_XROW * 2, w_bytes = warps * R * 512, s_bytes = rows * 2;
-  const int v_bytes = LORC ? 32 * PIPE_XROW * 2 : 0;  // LoRC: V's slice, 32 rank rows
-  const int stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes + v_bytes;
-  // LoRC, after the stages: t [32][8 NT] float32, U's rows of the block [rows][US_ROW] half2
-  const int lorc_bytes = LORC ? 32 * 8 * NT * 4 + rows * US_ROW * 4 : 0;
+  const int stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes;
   {  // the launch's dynamic shared memory must hold the stages (w4_mma.py computes the same): else an error
     uint32_t have;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
-    if (have < (uint32_t)(STAGES * stage_bytes + lorc_bytes)) __trap();
+    if (have < (uint32_t)(STAGES * stage_bytes)) __trap();
   }
-  float (*tred)[8 * NT] = reinterpret_cast<float (*)[8 * NT]>(smem + STAGES * stage_bytes);
-  __half2 (*us)[US_ROW] = reinterpret_cast<__half2 (*)[US_ROW]>(smem + STAGES * stage_bytes + 32 * 8 * NT * 4);
-  auto vsm = [&](int st) {
-    return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes);
-  };
   auto xs = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes); };
   auto wsm = [&](int st) { return reinterpret_cast<uint4*>(smem + st * stage_bytes + x_bytes); };
   auto ssm = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes); };
@@ -639,23 +604,10 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
       cp_async16((zero_point ? zsm(st) : ssm(st)) + (row - first), src + (size_t)grp * N + min(row, N - 8),
                  row < N);
     }
-    if (LORC) {  // V's rows of c's 64 columns (rows past rank are never copied: their products are never read)
-      __half* v = vsm(st);
-      for (int i = threadIdx.x; i < rank * 8; i += blockDim.x)
-        cp_async16(v + (i >> 3) * PIPE_XROW + (i & 7) * 8, V + (size_t)(i >> 3) * K + (size_t)c * 64 + (i & 7) * 8,
-                   true);
-    }
   };
 
   float acc[R][NT][4];
   zero_acc<R, NT>(acc);
-  float tacc[LORC ? 2 : 1][NT][4];  // LoRC: this warp's part of t (rank tiles of 16 rows)
-  zero_acc<LORC ? 2 : 1, NT>(tacc);
-  const int rank_tiles = rank > 16 ? 2 : 1;
-  if (LORC) {
-    for (int i = threadIdx.x; i < 32 * 8 * NT; i += blockDim.x) tred[i / (8 * NT)][i % (8 * NT)] = 0.f;
-    lorc_stage_u_rows(U, rank, first, rows, N, us);  // (both read after the __syncthreads past the loop)
-  }
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -688,7 +640,6 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
         zhi[r] = __half2half2(__hneg(__hadd(zp[row + 8], __float2half(64.f))));
       }
     }
-    const bool lorc_tile = LORC && i % warps == warp;  // (warp-uniform)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a0[R][4], a1[R][4];
@@ -696,18 +647,6 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
       for (int r = 0; r < R; ++r) {
         dequant(h ? wr[r].z : wr[r].x, zlo[r], zhi[r], slo[r], shi[r], a0[r]);
         dequant(h ? wr[r].w : wr[r].y, zlo[r], zhi[r], slo[r], shi[r], a1[r]);
-      }
-      uint32_t va0[2][4], va1[2][4];  // LoRC: V's A fragments (rows g, g + 8 of each rank tile), as lorc_share's
-      if (lorc_tile) {
-        const __half* v = vsm(st);
-#pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
-          if (rt >= rank_tiles) break;
-          const uint4 v0 = *reinterpret_cast<const uint4*>(v + (16 * rt + g) * PIPE_XROW + 16 * t + 8 * h);
-          const uint4 v1 = *reinterpret_cast<const uint4*>(v + (16 * rt + g + 8) * PIPE_XROW + 16 * t + 8 * h);
-          va0[rt][0] = v0.x, va0[rt][1] = v1.x, va0[rt][2] = v0.y, va0[rt][3] = v1.y;
-          va1[rt][0] = v0.z, va1[rt][1] = v1.z, va1[rt][2] = v0.w, va1[rt][3] = v1.w;
-        }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -717,33 +656,12 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
           mma(acc[r][j], a0[r], xv.x, xv.y);
           mma(acc[r][j], a1[r], xv.z, xv.w);
         }
-        if (lorc_tile) {
-#pragma unroll
-          for (int rt = 0; rt < 2; ++rt) {
-            if (rt >= rank_tiles) break;
-            mma(tacc[rt][j], va0[rt], xv.x, xv.y);
-            mma(tacc[rt][j], va1[rt], xv.z, xv.w);
-          }
-        }
       }
     }
   }
   cp_async_wait<0>();
-  if (LORC) {  // the warps' parts of t meet: C fragment rows 16 rt + g (+ 8) of t, tokens 8 j + 2 t (+ 1)
-    __syncthreads();  // (tred's zeros and U's rows are in; no warp still reads a stage)
-#pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int q = 16 * rt + g + (e >> 1) * 8, m = 8 * j + 2 * t + (e & 1);
-          if (q < rank && m < M && tacc[rt][j][e] != 0.f) atomicAdd(&tred[q][m], tacc[rt][j][e]);
-        }
-    __syncthreads();
-  }
 
-  write_warp_rows<NT, R, LORC>(acc, B, Y, WS, CNT, M, N, tile0, last, tred, us, rank);
+  write_warp_rows<NT, R>(acc, B, Y, WS, CNT, M, N, tile0, last);
 }
 
 }  // namespace
@@ -767,9 +685,6 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
 #define W4_MMAP(NT, R)                                                 \
   W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, true, false, sym)            \
   W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, false, false, asym)
-#define W4_MMAP_LORC(NT, R)                                            \
-  W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, true, true, sym_lorc)        \
-  W4_KERNEL(w4_mmap, w4_mmap_body, NT, R, false, true, asym_lorc)
 // "p2": the same body, two blocks of 256 threads an SM (registers capped at 128; where "p" takes more)
 #define W4_MMAP2(NT, R)                                                                         \
   W4_KERNEL_B(w4_mmap2, w4_mmap_body, NT, R, true, false, sym, __launch_bounds__(256, 2))     \
@@ -792,7 +707,7 @@ W4_MMA(8, 2)
 W4_MMA(8, 4)
 W4_MMA(16, 1)  // (R = 2 spills at 255 registers)
 
-// LoRC in the epilogue: the "k" body at 1..16 tokens (decoding; the "p" body's LoRC below goes to 64 tokens)
+// LoRC in the epilogue: the "k" body at 1..16 tokens (decoding); from 17 tokens on the wrapper adds (x V^T) U^T
 W4_MMA_LORC(1, 1)
 W4_MMA_LORC(1, 2)
 W4_MMA_LORC(1, 4)
@@ -815,18 +730,6 @@ W4_MMAP(8, 2)
 W4_MMAP(8, 4)
 W4_MMAP(16, 1)
 W4_MMAP(16, 2)
-// LoRC in the "p" body (t over each block's own share of K): 1..64 tokens (R 4 at 64 spills: 255 registers)
-W4_MMAP_LORC(1, 1)
-W4_MMAP_LORC(1, 2)
-W4_MMAP_LORC(1, 4)
-W4_MMAP_LORC(2, 1)
-W4_MMAP_LORC(2, 2)
-W4_MMAP_LORC(2, 4)
-W4_MMAP_LORC(4, 1)
-W4_MMAP_LORC(4, 2)
-W4_MMAP_LORC(4, 4)
-W4_MMAP_LORC(8, 1)
-W4_MMAP_LORC(8, 2)
 W4_MMAP2(8, 2)  // (H200, session 35: 6-10% off at 64 tokens on three of the five shapes, slower at 16)
 W4_MMAP2(16, 1)
 
