@@ -12,8 +12,11 @@ gemm:   per linear (K -> N on the five shapes of the issue), M tokens: median of
         ``w4a16-mma`` (``-asym``): the CUDA tensor-core kernel (ptqlab.kernels.w4_mma; its tuned config per row,
         "unpack" where the hand-off won the tuning), ``w4a16-mma-unpack`` its unpack + cuBLAS path at every M,
         ``w4a16-mma+lorc8`` with LoRC rank 8 (in its epilogue up to 16 tokens, an addmm after it beyond).
+        ``w4a8-mma``: the CUDA int8 tensor-core W4A8 kernel (ptqlab.kernels.w4a8_mma) on the same layout, its
+        input quantized per token by the Triton pass in each timed call (as ``w4a8-triton``).
 decode: bench_decode.py's CUDA-graph greedy decoder with the ``triton`` preference (its W4A16 layers on the MMA
-        kernel; ``w4a16:triton-nomma`` / ``w4a16-lorc8:triton-nomma`` on the Triton kernels), FP16, and tinygemm
+        kernel, its W4A8 layers on the CUDA W4A8 kernel; ``w4a16:triton-nomma`` / ``w4a16-lorc8:triton-nomma`` /
+        ``w4a8:triton-nomma`` on the Triton kernels), FP16, and tinygemm
         W4A16.
 
 Every kernel runs in a try: a failure is a record with "error", and the run goes on.  ``--budget-s``: past it,
@@ -33,7 +36,7 @@ import torch
 import triton
 
 from kernel_common import copy_bandwidth, emit, open_output, rtn_with_grid
-from ptqlab.kernels import act_quant, w4_gemm, w4_mma
+from ptqlab.kernels import act_quant, w4_gemm, w4_mma, w4a8_mma
 from ptqlab.kernels.real import RealLinear
 from ptqlab.models import QuantLinear
 from ptqlab.quantizers import QuantSpec
@@ -55,6 +58,7 @@ KERNELS = {
     "w4a16-triton-gemm": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton-unpack": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton+lorc8": (QuantSpec(4, True, 128), FP, 8, "w4a16-triton"),
+    "w4a8-mma": (QuantSpec(4, True, 0), A8, 0, "w4a8-mma"),
     "w4a8-triton": (QuantSpec(4, True, 0), A8, 0, "w4a8-triton"),
     "w4a8-triton+lorc8": (QuantSpec(4, True, 0), A8, 8, "w4a8-triton"),
     "w8a8-triton": (QuantSpec(8, True, 0), A8, 0, "w8a8-triton"),
@@ -189,6 +193,10 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                     key_rank = KERNELS[name][2] if nt <= w4_mma.LORC_MAX_NT else 0  # (LoRC's own tuning keys)
                     tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (nt, n, k) and key[-1] == key_rank]
                     row["config"] = str(tuned[-1]) if tuned and m <= max_m else ""  # (body, R, warps, S)
+                if name == "w4a8-mma":
+                    nt = w4_mma.token_tiles(m)
+                    tuned = [v for key, v in w4a8_mma._TUNED.items() if key[:3] == (nt, n, k)]
+                    row["config"] = str(tuned[-1]) if tuned and m <= w4a8_mma.MMA_MAX_M else "unpack+int8-gemm"
                 if "triton" in name and row.get("triton_path") != "unpack+cublas":  # the autotuned config used last
                     kernel = w4_gemm._gemv_kernel if m == 1 else w4_gemm._gemm_kernel
                     row["config"] = str(getattr(kernel, "best_config", ""))[:200]

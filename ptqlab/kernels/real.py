@@ -13,6 +13,11 @@ that reads them:
   tokens) reading the packed codes directly (:mod:`ptqlab.kernels.w4_gemm`), above that the same layout unpacked
   once and cuBLAS;
   one layout, 0.5 byte a weight plus fp16 scales (and zero points);
+* ``w4a8-mma`` (the ``triton`` preference's first choice for fp16 W4A8 layers without LoRC, where the CUDA
+  toolkit can build it): the input quantized per token by the same fused Triton pass as below, then ptqlab's CUDA
+  int8 tensor-core kernel on the 4-bit weight in the W4A16 kernel's MMA layout (unpacked to int8 in registers,
+  the scales and bias in its epilogue: :mod:`ptqlab.kernels.w4a8_mma`), up to 128 tokens; above, the weight
+  unpacked once to int8 and the W8A8 Triton GEMM;
 * ``w4a8-triton`` / ``w8a8-triton`` (the ``triton`` preference for symmetric per-row weights with 8-bit
   per-token activations): the input quantized per token by one fused Triton pass
   (:func:`ptqlab.kernels.act_quant.quantize_int8_rows`), then one Triton int8 tensor-core GEMM that reads the
@@ -366,6 +371,42 @@ def _forward_int_triton(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> 
     return y, None
 
 
+def _mma_w4a8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
+    from .w4_mma import unavailable
+
+    return _triton_w_a8(4)(w, a, pref) and unavailable() is None
+
+
+def _mma_w4a8_fits(layer: nn.Module) -> bool:
+    from .w4_mma import check_shape
+    from .w4a8_mma import MAX_K
+
+    # fp16 outputs and the MMA layout's tile; LoRC layers take w4a8-triton, which adds the product in its kernel
+    return (layer.weight.dtype == torch.float16 and check_shape(layer.out_features, layer.in_features) is None
+            and layer.in_features <= MAX_K and layer.lorc_u is None)
+
+
+def _build_w4a8_mma(real: RealLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    group: int) -> None:
+    from .w4_mma import pack_int4_mma, reserve
+
+    real.register_buffer("w_packed", pack_int4_mma(codes))  # [N/16, K/64, 32, 4] int32, zero point 8: one copy
+    real.register_buffer("w_scale", scale[:, 0].contiguous())  # [N] float32
+    if codes.is_cuda:  # the split-K workspaces (the MMA kernel's, the Triton GEMM's), before any CUDA-graph capture
+        from .w4_gemm import WORKSPACE  # (Triton: on a GPU machine only)
+
+        reserve(real.out_features, codes.device)
+        WORKSPACE.reserve(real.out_features, codes.device)
+
+
+def _forward_w4a8_mma(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant import SHARED_INPUTS
+    from .w4a8_mma import w4a8_mma
+
+    codes, sx = SHARED_INPUTS.get_int8(x, real.act_spec, f"{real.name} input")
+    return w4a8_mma(codes, sx, real.w_packed, real.w_scale, real.bias), None
+
+
 def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
     # in the triton family, with the Triton activation quantizer it depends on
     return pref == "triton" and w.fmt == "fp8" and a.fmt == "fp8" and w.group_size == PER_ROW and a.group_size == PER_ROW
@@ -481,6 +522,11 @@ register_kernel(KernelBackend(
     "w8a8-triton", "8-bit symmetric per-row weights, 8-bit symmetric per-token activations: Triton int8 GEMM with "
     "the scales and bias in its epilogue", _triton_w_a8(8), _build_int_triton, _forward_int_triton,
     out_dims={"w_int8": 0, "w_scale": 0}))
+register_kernel(KernelBackend(
+    "w4a8-mma", "4-bit symmetric per-row weights packed in MMA fragment order, 8-bit symmetric per-token "
+    "activations: ptqlab's CUDA int8 tensor-core kernel unpacking the weight in registers, scales in its epilogue "
+    "(<= 128 tokens), unpack to int8 + the Triton int8 GEMM above; built with nvcc at first use", _mma_w4a8, _build_w4a8_mma,
+    _forward_w4a8_mma, _mma_w4a8_fits, out_dims={"w_packed": 0, "w_scale": 0}))
 register_kernel(KernelBackend(
     "w4a8-triton", "4-bit symmetric per-row weights kept packed, 8-bit symmetric per-token activations: Triton int8 "
     "GEMM unpacking the weight in registers", _triton_w_a8(4), _build_int_triton, _forward_int_triton))

@@ -664,6 +664,151 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
   write_warp_rows<NT, R>(acc, B, Y, WS, CNT, M, N, tile0, last);
 }
 
+
+// W4A8 with 4-bit weights (issue 20, target 3; session 37): the same packed weight (pack_int4_mma, the codes of a
+// symmetric 4-bit grid, zero point 8, one float32 scale a row), int8 activations quantized per token by one pass
+// before (act_quant.py), multiplied by mma.sync m16n8k32 s8 x s8 -> s32: half the MMAs of the fp16 path, and the
+// unpack to int8 is two bit operations (and a shift) per 8 weights instead of the fp16 path's 12 instructions.
+// The unpack: byte b of word s holds the codes of rows g (low nibble) and g + 8 (high nibble) at column
+// k0 + (0, 2, 1, 3)[b] (the layout above), so (q & 0xf0f0f0f0) ^ 0x80808080 is 16 (code - 8) as four signed bytes
+// of row g + 8, and the same of q << 4 those of row g: the m16n8k32 A registers a1 / a0 of that word's 4 columns,
+// in the column order (0, 2, 1, 3). The B registers hold 4 consecutive k of one token (k = 4t .. 4t + 3 and
+// 16 + 4t ..): one byte permutation (prmt 0x3120) of the token's 4 bytes at k0 .. k0 + 3 puts them in the
+// weight's order. A thread's 16 input bytes of a 64-column tile (columns 16t .. 16t + 15) are one 16-byte
+// shared-memory load; MMA step h takes words 2h (a0, a1; b0) and 2h + 1 (a2, a3; b1).
+// The int32 sums are exact (|16 (code - 8)| <= 128, |x| <= 128: below 2^31 up to K = 131072); the epilogue
+// scales each by its row's scale / 16 and its token's scale in float32 before the shared end (write_warp_rows).
+__device__ __forceinline__ uint32_t and_xor(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;  // (a & b) ^ c in one instruction
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// words 2h, 2h + 1 of a lane's tile -> the A registers of MMA step h: 16 (code - 8) as signed bytes
+__device__ __forceinline__ void unpack_s8(uint32_t q0, uint32_t q1, uint32_t a[4]) {
+  a[0] = and_xor(q0 << 4, 0xf0f0f0f0u, 0x80808080u);  // row g, the word's 4 columns
+  a[1] = and_xor(q0, 0xf0f0f0f0u, 0x80808080u);       // row g + 8
+  a[2] = and_xor(q1 << 4, 0xf0f0f0f0u, 0x80808080u);
+  a[3] = and_xor(q1, 0xf0f0f0f0u, 0x80808080u);
+}
+
+// a token's 4 input bytes at columns k0 .. k0 + 3 in the weight's column order (0, 2, 1, 3)
+__device__ __forceinline__ uint32_t weight_order(uint32_t x) { return __byte_perm(x, 0, 0x3120); }
+
+constexpr int A8_XROW = 64;  // bytes a token row of a staged int8 slice (a quarter warp's 16-byte reads: 32 banks)
+constexpr int A8_STAGES = 4;
+
+// The "p" body for W4A8: X int8 [M, K] (row-major), XS float32 [M] (token scales), P the packed weight, WSC
+// float32 [N] (row scales), B fp16 [N] or null, Y fp16 [M, N]; WS / CNT: the split-K workspace and tickets
+template <int NT, int R>
+__device__ __forceinline__ void w4a8_mmap_body(const int8_t* __restrict__ X, const float* __restrict__ XS,
+                                               const uint4* __restrict__ P, const float* __restrict__ WSC,
+                                               const __half* __restrict__ B, __half* __restrict__ Y,
+                                               float* __restrict__ WS, int* __restrict__ CNT, int M, int N,
+                                               int K) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ bool last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tiles_n = N >> 4, chunks = K >> 6;
+  const int tile0 = (blockIdx.x * warps + warp) * R;  // this warp's first row tile
+  const int per = (chunks + gridDim.y - 1) / gridDim.y;
+  const int c0 = min((int)blockIdx.y * per, chunks), c1 = min(c0 + per, chunks), tiles_k = c1 - c0;
+
+  const int x_bytes = 8 * NT * A8_XROW, w_bytes = warps * R * 512, stage_bytes = x_bytes + w_bytes;
+  {  // the launch's dynamic shared memory must hold the stages (w4a8_mma.py computes the same): else an error
+    uint32_t have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < (uint32_t)(A8_STAGES * stage_bytes)) __trap();
+  }
+  auto xs = [&](int st) { return reinterpret_cast<int8_t*>(smem + st * stage_bytes); };
+  auto wsm = [&](int st) { return reinterpret_cast<uint4*>(smem + st * stage_bytes + x_bytes); };
+
+  // k-tile c's operands into stage st: input pieces (16 B: 16 columns of a token; tokens >= M zero) and this
+  // warp's weight tiles
+  auto load = [&](int st, int c) {
+    int8_t* x = xs(st);
+    for (int i = threadIdx.x; i < 8 * NT * 4; i += blockDim.x) {
+      const int tok = i >> 2, piece = i & 3;
+      cp_async16(x + tok * A8_XROW + piece * 16, X + (size_t)min(tok, M - 1) * K + (size_t)c * 64 + piece * 16,
+                 tok < M);
+    }
+    uint4* w = wsm(st) + warp * R * 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool ok = tile0 + r < tiles_n;
+      cp_async16(w + r * 32 + lane, P + ((size_t)(ok ? tile0 + r : 0) * chunks + c) * 32 + lane, ok);
+    }
+  };
+
+  int acc[R][NT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0;
+
+#pragma unroll
+  for (int s = 0; s < A8_STAGES - 1; ++s) {
+    if (s < tiles_k) load(s, c0 + s);
+    cp_async_commit();  // (an empty group past the share: the counts below stay uniform)
+  }
+  for (int i = 0; i < tiles_k; ++i) {
+    cp_async_wait<A8_STAGES - 2>();  // k-tile i is in (this thread's copies) ...
+    __syncthreads();                 // ... and everyone's; everyone is done with the stage loaded next
+    if (i + A8_STAGES - 1 < tiles_k) load((i + A8_STAGES - 1) % A8_STAGES, c0 + i + A8_STAGES - 1);
+    cp_async_commit();
+    const int st = i % A8_STAGES;
+    const int8_t* x = xs(st);
+    const uint4* w = wsm(st) + warp * R * 32;
+    uint32_t a[R][2][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 q = w[r * 32 + lane];
+      unpack_s8(q.x, q.y, a[r][0]);
+      unpack_s8(q.z, q.w, a[r][1]);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(x + (8 * j + g) * A8_XROW + 16 * t);
+      const uint32_t b0 = weight_order(xv.x), b1 = weight_order(xv.y), b2 = weight_order(xv.z),
+                     b3 = weight_order(xv.w);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        mma_s8(acc[r][j], a[r][0], b0, b1);  // columns 16t + 0..7
+        mma_s8(acc[r][j], a[r][1], b2, b3);  // 16t + 8..15
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  float out[R][NT][4];  // C fragment: rows g / g + 8, tokens 8j + 2t, 8j + 2t + 1
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n0 = (tile0 + r) * 16 + g;
+    const bool ok = tile0 + r < tiles_n;
+    const float s0 = ok ? WSC[n0] * 0.0625f : 0.f, s1 = ok ? WSC[n0 + 8] * 0.0625f : 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 8 * j + 2 * t + (i & 1);
+        const float sx = m < M ? XS[m] : 0.f;
+        out[r][j][i] = (float)acc[r][j][i] * (i >> 1 ? s1 : s0) * sx;
+      }
+  }
+  write_warp_rows<NT, R>(out, B, Y, WS, CNT, M, N, tile0, last);
+}
+
 }  // namespace
 
 // one exported kernel per (body, token tiles, row tiles, grid, LoRC): the names w4_mma.py launches, one signature
@@ -772,4 +917,52 @@ extern "C" __global__ void __launch_bounds__(256) w4_mma_dequant(const uint4* P,
   w0[1] = reinterpret_cast<uint4*>(out0)[1];
   w1[0] = reinterpret_cast<uint4*>(out1)[0];
   w1[1] = reinterpret_cast<uint4*>(out1)[1];
+}
+
+// W4A8 (above): the "p" body on int8 inputs, tuned per shape and token count (w4a8_mma.py)
+#define W4A8_MMAP(NT, R)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) w4a8_mmap_nt##NT##_r##R(                                     \
+      const int8_t* X, const float* XS, const uint4* P, const float* WSC, const __half* B, __half* Y, float* WS,  \
+      int* CNT, int M, int N, int K) {                                                                           \
+    w4a8_mmap_body<NT, R>(X, XS, P, WSC, B, Y, WS, CNT, M, N, K);                                                \
+  }
+W4A8_MMAP(1, 1)
+W4A8_MMAP(1, 2)
+W4A8_MMAP(1, 4)
+W4A8_MMAP(2, 1)
+W4A8_MMAP(2, 2)
+W4A8_MMAP(2, 4)
+W4A8_MMAP(4, 1)
+W4A8_MMAP(4, 2)
+W4A8_MMAP(4, 4)
+W4A8_MMAP(8, 1)
+W4A8_MMAP(8, 2)
+W4A8_MMAP(8, 4)
+W4A8_MMAP(16, 1)
+W4A8_MMAP(16, 2)
+
+// The int8 weight W8 [N, K] = code - 8 (row-major) from the same layout, for W4A8 at many tokens: unpack once,
+// then torch._int_mm (one thread a lane of a tile, as w4_mma_dequant)
+extern "C" __global__ void __launch_bounds__(256) w4a8_mma_unpack(const uint4* P, int8_t* W, int N, int K) {
+  const int chunks = K >> 6;
+  const size_t lane_id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t tile = lane_id >> 5;
+  if (tile >= (size_t)(N >> 4) * chunks) return;
+  const int lane = lane_id & 31, g = lane >> 2, t = lane & 3;
+  const int tn = tile / chunks, c = tile % chunks;
+  const uint4 q4 = P[lane_id];
+  const uint32_t words[4] = {q4.x, q4.y, q4.z, q4.w};
+  __align__(16) int8_t out0[16], out1[16];  // rows g, g + 8: 16 columns each
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const int nib0[4] = {0, 4, 2, 6};  // row g, columns k0 + u
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      out0[4 * s + u] = (int8_t)((int)((words[s] >> (4 * nib0[u])) & 15) - 8);
+      out1[4 * s + u] = (int8_t)((int)((words[s] >> (4 * (nib0[u] + 1))) & 15) - 8);
+    }
+  }
+  *reinterpret_cast<uint4*>(W + (size_t)(tn * 16 + g) * K + (size_t)c * 64 + 16 * t) = *reinterpret_cast<uint4*>(out0);
+  *reinterpret_cast<uint4*>(W + (size_t)(tn * 16 + g + 8) * K + (size_t)c * 64 + 16 * t) =
+      *reinterpret_cast<uint4*>(out1);
 }
