@@ -13,7 +13,8 @@ gemm:   per linear (K -> N on the five shapes of the issue), M tokens: median of
         "unpack" where the hand-off won the tuning), ``w4a16-mma-unpack`` its unpack + cuBLAS path at every M,
         ``w4a16-mma+lorc8`` with LoRC rank 8 (in its epilogue up to 16 tokens, an addmm after it beyond).
         ``w4a8-mma``: the CUDA int8 tensor-core W4A8 kernel (ptqlab.kernels.w4a8_mma) on the same layout, its
-        input quantized per token by the Triton pass in each timed call (as ``w4a8-triton``).
+        input quantized per token by the Triton pass in each timed call (as ``w4a8-triton``); ``+lorc8``: LoRC rank 8
+        as a side product after it.
 decode: bench_decode.py's CUDA-graph greedy decoder with the ``triton`` preference (its W4A16 layers on the MMA
         kernel, its W4A8 layers on the CUDA W4A8 kernel; ``w4a16:triton-nomma`` / ``w4a16-lorc8:triton-nomma`` /
         ``w4a8:triton-nomma`` on the Triton kernels), FP16, and tinygemm
@@ -59,6 +60,7 @@ KERNELS = {
     "w4a16-triton-unpack": (QuantSpec(4, True, 128), FP, 0, "w4a16-triton"),
     "w4a16-triton+lorc8": (QuantSpec(4, True, 128), FP, 8, "w4a16-triton"),
     "w4a8-mma": (QuantSpec(4, True, 0), A8, 0, "w4a8-mma"),
+    "w4a8-mma+lorc8": (QuantSpec(4, True, 0), A8, 8, "w4a8-mma"),
     "w4a8-triton": (QuantSpec(4, True, 0), A8, 0, "w4a8-triton"),
     "w4a8-triton+lorc8": (QuantSpec(4, True, 0), A8, 8, "w4a8-triton"),
     "w8a8-triton": (QuantSpec(8, True, 0), A8, 0, "w8a8-triton"),
@@ -193,7 +195,7 @@ def gemm_part(ms: list[int], kernels: list[str], bw: float, rows: list[dict], sh
                     key_rank = KERNELS[name][2] if nt <= w4_mma.LORC_MAX_NT else 0  # (LoRC's own tuning keys)
                     tuned = [v for key, v in w4_mma._TUNED.items() if key[:3] == (nt, n, k) and key[-1] == key_rank]
                     row["config"] = str(tuned[-1]) if tuned and m <= max_m else ""  # (body, R, warps, S)
-                if name == "w4a8-mma":
+                if name.startswith("w4a8-mma"):
                     nt = w4_mma.token_tiles(m)
                     tuned = [v for key, v in w4a8_mma._TUNED.items() if key[:3] == (nt, n, k)]
                     row["config"] = str(tuned[-1]) if tuned and m <= w4a8_mma.MMA_MAX_M else "unpack+int8-gemm"

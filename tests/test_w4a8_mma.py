@@ -74,7 +74,7 @@ def _layer(n: int, k: int, dtype=torch.float16, lorc: bool = False) -> QuantLine
 @pytest.mark.parametrize("dtype,n,k,lorc,fits", [
     (torch.float16, 64, 128, False, True), (torch.bfloat16, 64, 128, False, False),
     (torch.float16, 40, 128, False, False), (torch.float16, 64, 96, False, False),
-    (torch.float16, 64, 128, True, False)])
+    (torch.float16, 64, 128, True, False), (torch.bfloat16, 64, 128, True, False)])
 def test_the_backend_takes_the_fp16_w4a8_layers_it_fits_and_the_triton_kernel_the_rest(monkeypatch, dtype, n, k,
                                                                                         lorc, fits):
     monkeypatch.setattr(w4_mma, "_STATE", {"reason": None})  # as on a GPU where it built

@@ -14,10 +14,10 @@ that reads them:
   once and cuBLAS;
   one layout, 0.5 byte a weight plus fp16 scales (and zero points);
 * ``w4a8-mma`` (the ``triton`` preference's first choice for fp16 W4A8 layers without LoRC, where the CUDA
-  toolkit can build it): the input quantized per token by the same fused Triton pass as below, then ptqlab's CUDA
-  int8 tensor-core kernel on the 4-bit weight in the W4A16 kernel's MMA layout (unpacked to int8 in registers,
-  the scales and bias in its epilogue: :mod:`ptqlab.kernels.w4a8_mma`), up to 128 tokens; above, the weight
-  unpacked once to int8 and the W8A8 Triton GEMM;
+  toolkit can build it): the input quantized per token by the same fused Triton pass as below,
+  then ptqlab's CUDA int8 tensor-core kernel on the 4-bit weight in the W4A16 kernel's MMA layout (unpacked to
+  int8 in registers, the scales and bias in its epilogue: :mod:`ptqlab.kernels.w4a8_mma`), up to 128 tokens;
+  above, the weight unpacked once to int8 and the W8A8 Triton GEMM;
 * ``w4a8-triton`` / ``w8a8-triton`` (the ``triton`` preference for symmetric per-row weights with 8-bit
   per-token activations): the input quantized per token by one fused Triton pass
   (:func:`ptqlab.kernels.act_quant.quantize_int8_rows`), then one Triton int8 tensor-core GEMM that reads the
@@ -381,7 +381,9 @@ def _mma_w4a8_fits(layer: nn.Module) -> bool:
     from .w4_mma import check_shape
     from .w4a8_mma import MAX_K
 
-    # fp16 outputs and the MMA layout's tile; LoRC layers take w4a8-triton, which adds the product in its kernel
+    # fp16 outputs and the MMA layout's tile. LoRC layers take w4a8-triton, whose kernel adds the product itself:
+    # here it would be two side GEMMs, 10% slower in decoding at batch 1 (H200, session 37 call 4: 191.6 against
+    # 212.2 tok/s; 2424 against 2342 at batch 16)
     return (layer.weight.dtype == torch.float16 and check_shape(layer.out_features, layer.in_features) is None
             and layer.in_features <= MAX_K and layer.lorc_u is None)
 
@@ -404,7 +406,11 @@ def _forward_w4a8_mma(real: RealLinear, x: torch.Tensor, x2: torch.Tensor) -> tu
     from .w4a8_mma import w4a8_mma
 
     codes, sx = SHARED_INPUTS.get_int8(x, real.act_spec, f"{real.name} input")
-    return w4a8_mma(codes, sx, real.w_packed, real.w_scale, real.bias), None
+    y = w4a8_mma(codes, sx, real.w_packed, real.w_scale, real.bias)
+    # LoRC (a layer given this backend explicitly: the selection sends LoRC layers to w4a8-triton): (x_q V^T) U^T
+    # as two thin GEMMs on the quantized input, as the fake-quant layer and w4a8-triton's in-kernel product
+    lorc_in = codes.to(real.dtype) * sx[:, None].to(real.dtype) if real.lorc_u is not None else None
+    return y, lorc_in
 
 
 def _fp8(w: QuantSpec, a: QuantSpec, pref: str) -> bool:
@@ -525,8 +531,8 @@ register_kernel(KernelBackend(
 register_kernel(KernelBackend(
     "w4a8-mma", "4-bit symmetric per-row weights packed in MMA fragment order, 8-bit symmetric per-token "
     "activations: ptqlab's CUDA int8 tensor-core kernel unpacking the weight in registers, scales in its epilogue "
-    "(<= 128 tokens), unpack to int8 + the Triton int8 GEMM above; built with nvcc at first use", _mma_w4a8, _build_w4a8_mma,
-    _forward_w4a8_mma, _mma_w4a8_fits, out_dims={"w_packed": 0, "w_scale": 0}))
+    "(<= 128 tokens), unpack to int8 + the Triton int8 GEMM above; built with nvcc at first use", _mma_w4a8,
+    _build_w4a8_mma, _forward_w4a8_mma, _mma_w4a8_fits, out_dims={"w_packed": 0, "w_scale": 0}))
 register_kernel(KernelBackend(
     "w4a8-triton", "4-bit symmetric per-row weights kept packed, 8-bit symmetric per-token activations: Triton int8 "
     "GEMM unpacking the weight in registers", _triton_w_a8(4), _build_int_triton, _forward_int_triton))

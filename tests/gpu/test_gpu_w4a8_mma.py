@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from ptqlab.kernels import w4_mma, w4a8_mma
-from ptqlab.kernels.act_quant import quantize_int8_rows
 from ptqlab.kernels.real import RealLinear, scheme_of
 from ptqlab.kernels.w4_mma import unpack_int4_mma_reference
 from ptqlab.models import QuantLinear
 from ptqlab.quantizers import PER_ROW, QuantSpec, fake_quantize, weight_qparams
 
+act_quant = pytest.importorskip("ptqlab.kernels.act_quant", reason="Triton (CUDA installs only)")
+quantize_int8_rows = act_quant.quantize_int8_rows
 DEV = "cuda"
 A8 = QuantSpec(8, True, PER_ROW)
 W4 = QuantSpec(4, True, PER_ROW)
@@ -101,6 +102,34 @@ def test_every_config_gives_the_product_and_leaves_the_workspace_zero(m):
         _assert_close(got, x, real, layer)
         assert not bool(ws.any()) and not bool(cnt.any()), cfg  # (the split-K sums and tickets, reset)
     w4a8_mma._TUNED.pop(key)
+
+
+@pytest.mark.parametrize("m", [1, 16, 40, 300])
+@pytest.mark.parametrize("rank", [1, 8, 40])
+def test_lorc_adds_its_product_on_the_quantized_input(m, rank):
+    # the fake-quant layer (and w4a8-triton's in-kernel LoRC) apply LoRC to the quantized input: so does this one,
+    # given explicitly (the selection sends LoRC layers to w4a8-triton: faster in decoding, session 37 call 4)
+    _needs_kernel()
+    k, n = 1088, 208
+    layer = _layer(n, k, seed=rank)
+    g = torch.Generator(device=DEV).manual_seed(rank + m)
+    u = (torch.randn(n, rank, device=DEV, generator=g) * 0.1).half()
+    v = (torch.randn(rank, k, device=DEV, generator=g) * 0.02).half()
+    layer.set_lorc(u, v)
+    assert scheme_of(layer) == "w4a8-triton"
+    real = RealLinear(layer, "w4a8-mma")
+    x = _input(m, k, seed=m)
+    with torch.no_grad():
+        got = real(x).double()
+    codes, sx = quantize_int8_rows(x, A8)
+    xq = codes.double() * sx.double()[:, None]
+    w = (unpack_int4_mma_reference(real.w_packed).double() - 8) * real.w_scale.double()[:, None]
+    ref = xq @ w.t() + layer.bias.double() + (xq @ v.double().t()) @ u.double().t()
+    assert float((got - ref).norm() / ref.norm()) < 2e-3
+    if rank <= 8:  # (the ranks the Triton kernel's in-kernel LoRC is tested at: tests/gpu/test_gpu_w4_gemm.py)
+        with torch.no_grad():
+            triton = RealLinear(layer, "w4a8-triton")(x).double()
+        assert float((got - triton).norm() / triton.norm()) < 2e-3
 
 
 @pytest.mark.parametrize(("k", "n"), [(1088, 208), (64, 16)])
