@@ -364,12 +364,28 @@ def _graph_ms(fn, reps: int = 20) -> float:
 UNPACK: Config = ("unpack", 0, 0, 0)
 
 
+def pick_fastest(cache: dict, key: tuple, configs: list[Config], run, graph_ms, hand_off=None) -> Config:
+    """The fastest of ``configs`` for ``key`` (``run(cfg)`` launches one; ``hand_off``: ``(config, fn)`` timed
+    beside them), from ``graph_ms`` timings on the call's own tensors, kept in ``cache``; while a CUDA graph is
+    being captured the first config runs untimed and the next eager call tunes (shared by the W4A8 kernel)."""
+    if key in cache:
+        return cache[key]
+    if torch.cuda.is_current_stream_capturing():
+        return configs[0]
+    times = {cfg: graph_ms(lambda cfg=cfg: run(cfg)) for cfg in configs}
+    if hand_off is not None:
+        times[hand_off[0]] = graph_ms(hand_off[1])
+    cache[key] = min(times, key=times.get)
+    return cache[key]
+
+
 def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpack, lorc: bool = False) -> Config:
     """The fastest config for this key (from 17 tokens on, :data:`UNPACK` among them: ``unpack()`` runs it),
     timed on the call's own tensors (not while a CUDA graph is being captured: there the default runs, and the
     next eager call tunes).  ``lorc``: the LoRC variants (:func:`lorc_configs`)."""
-    if key in _TUNED:
-        return _TUNED[key]
+    configs = lorc_configs(nt) if lorc else CONFIGS[nt]
+    return pick_fastest(_TUNED, key, configs, lambda cfg: _run(cfg, nt, sym, device, args, n, lorc), _graph_ms,
+                        (UNPACK, unpack) if nt >= 4 and not lorc else None)
     configs = lorc_configs(nt) if lorc else CONFIGS[nt]
     if torch.cuda.is_current_stream_capturing():
         return configs[0]

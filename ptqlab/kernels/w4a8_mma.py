@@ -25,7 +25,7 @@ import ctypes
 import torch
 
 from . import w4_mma
-from .w4_mma import Config, _graph_ms, _ptr, reserve, token_tiles
+from .w4_mma import Config, _graph_ms, _ptr, pick_fastest, reserve, token_tiles
 
 #: up to this many tokens the MMA kernel (the split-K workspace's rows: w4_mma.MMA_MAX_M); above, unpack + int8 GEMM
 MMA_MAX_M = w4_mma.MMA_MAX_M
@@ -64,15 +64,8 @@ _TUNED: dict[tuple, Config] = {}
 def _tune(key: tuple, nt: int, device: int, args: list, n: int, unpack) -> Config:
     """The fastest config for this key (from 17 tokens on, :data:`UNPACK` among them), timed on the call's own
     tensors; inside a CUDA-graph capture the default runs and the next eager call tunes."""
-    if key in _TUNED:
-        return _TUNED[key]
-    if torch.cuda.is_current_stream_capturing():
-        return CONFIGS[nt][0]
-    times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, device, args, n)) for cfg in CONFIGS[nt]}
-    if nt >= 4:
-        times[UNPACK] = _graph_ms(unpack)
-    _TUNED[key] = min(times, key=times.get)
-    return _TUNED[key]
+    return pick_fastest(_TUNED, key, CONFIGS[nt], lambda cfg: _run(cfg, nt, device, args, n), _graph_ms,
+                        (UNPACK, unpack) if nt >= 4 else None)
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
