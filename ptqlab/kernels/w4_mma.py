@@ -386,14 +386,6 @@ def _tune(key: tuple, nt: int, sym: bool, device: int, args: list, n: int, unpac
     configs = lorc_configs(nt) if lorc else CONFIGS[nt]
     return pick_fastest(_TUNED, key, configs, lambda cfg: _run(cfg, nt, sym, device, args, n, lorc), _graph_ms,
                         (UNPACK, unpack) if nt >= 4 and not lorc else None)
-    configs = lorc_configs(nt) if lorc else CONFIGS[nt]
-    if torch.cuda.is_current_stream_capturing():
-        return configs[0]
-    times = {cfg: _graph_ms(lambda cfg=cfg: _run(cfg, nt, sym, device, args, n, lorc)) for cfg in configs}
-    if nt >= 4 and not lorc:
-        times[UNPACK] = _graph_ms(unpack)
-    _TUNED[key] = min(times, key=times.get)
-    return _TUNED[key]
 
 
 Lorc = tuple[torch.Tensor, torch.Tensor]
