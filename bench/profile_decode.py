@@ -5,11 +5,11 @@
 For each (scheme, batch): the model of the named OPT shape (random fp16 weights: speed only), quantized by RTN and
 swapped to real kernels (the ``triton`` preference: ptqlab's kernels), ``ptqlab.speed``'s static decoder prefilled,
 then ``--steps`` eager steps under the torch profiler (CUDA kernels only). Each kernel is put in a class by its
-name: the linears (cuBLAS GEMMs, ptqlab's W4A16 kernels), attention (SDPA's kernels), and the rest (layer norms,
-activations, adds, cache writes, argmax). Reported per step: each class's summed kernel time and kernel count,
-and the step time a CUDA-graph replay measures (``run_graph``), whose excess over the kernels' sum is the gaps
-between kernels. Issue 20's decode targets are bounded by the non-linear classes: 4-bit weights shrink the linear
-class only.
+name: the linears (cuBLAS GEMMs, ptqlab's W4A16 and W4A8 kernels), attention (SDPA's kernels), norms, the int8
+layers' input quantization (act_quant) and the rest (activations, adds, cache writes, argmax). Reported per step:
+each class's summed kernel time and kernel count, and the step time a CUDA-graph replay measures (``run_graph``),
+whose excess over the kernels' sum is the gaps between kernels. Issue 20's decode targets are bounded by the
+non-linear classes: 4-bit weights shrink the linear class only.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from bench_decode import SCHEMES
 from kernel_common import build_opt, emit, open_output, rtn_with_grid, swap_real, wrap_model
 from ptqlab.speed import make_decoder, prefill, run_graph, step
 
-# cuBLAS (sm90_xmma_*, nvjet_* on Hopper, gemv*), ptqlab's CUDA and Triton W4A16 kernels (_gemv_kernel, _gemm_kernel)
-LINEAR = ("gemm", "gemv", "w4_mma", "cutlass", "xmma", "nvjet", "cublas", "splitk")
+# cuBLAS (sm90_xmma_*, nvjet_* on Hopper, gemv*), ptqlab's CUDA W4A16 / W4A8 kernels (w4_mma*, w4a8_mma*) and
+# Triton ones (_gemv_kernel, _gemm_kernel)
+LINEAR = ("gemm", "gemv", "w4_mma", "w4a8_mma", "cutlass", "xmma", "nvjet", "cublas", "splitk")
+#: the int8 layers' per-token quantization of their input (ptqlab.kernels.act_quant): 4-bit weights leave it
+QUANT = ("act_quant",)
 ATTENTION = ("attention", "fmha", "flash", "softmax", "sdpa", "efficient")
 NORM = ("layer_norm", "layernorm")  # torch's, and the fused decoder's add + LayerNorm
 
@@ -36,6 +39,8 @@ def kernel_class(name: str) -> str:
         return "attention"
     if any(a in low for a in NORM):
         return "norm"
+    if any(q in low for q in QUANT):
+        return "act_quant"
     if any(k in low for k in LINEAR):
         return "linear"
     return "other"
