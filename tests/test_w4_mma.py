@@ -27,8 +27,11 @@ def _fp16_pairs(words: np.ndarray) -> np.ndarray:
     return words.astype(np.uint32).view(np.float16).reshape(*words.shape, 2)
 
 
-def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-    """y [M, N] the kernel computes: ``scale``/``zero`` fp16 [G, N], x fp16 [M <= 8, K]; float64 MMA sums."""
+def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x: np.ndarray,
+             post_scale: bool = False) -> np.ndarray:
+    """y [M, N] the kernel computes: ``scale``/``zero`` fp16 [G, N], x fp16 [M <= 8, K]; float64 MMA sums.
+    ``post_scale``: the "p" body at few tokens, A = the exact fp16 ``code - zero`` and each k-tile's sums (C's
+    rows g / g + 8 of a tile) times the rows' scales (csrc/w4_mma.cu: dequant_codes, post_scale)."""
     tn, chunks = packed.shape[:2]
     n, k = tn * 16, chunks * 64
     m = x.shape[0]
@@ -40,6 +43,7 @@ def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x
     for tile in range(tn):
         for c in range(chunks):
             grp = c // group_chunks
+            part = np.zeros((16, 8))  # this k-tile's sums (post-scaling)
             for s in range(4):
                 a = np.zeros((16, 16), dtype=np.float16)  # the step's A fragment: rows, fragment columns
                 b = np.zeros((16, 8), dtype=np.float16)  # B: fragment rows (k), tokens
@@ -50,6 +54,8 @@ def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x
                     z0 = np.float16(8 if zero is None else zero[grp, r0])
                     z1 = np.float16(8 if zero is None else zero[grp, r1])
                     s0, s1 = np.float16(scale[grp, r0]), np.float16(scale[grp, r1])
+                    if post_scale:
+                        s0 = s1 = np.float16(1)
                     lo = _fp16_pairs(np.array([(q & 0x000F000F) | 0x64006400, ((q >> 8) & 0x000F000F) | 0x64006400]))
                     hi = _fp16_pairs(np.array([(q & 0x00F000F0) | 0x64006400, ((q >> 8) & 0x00F000F0) | 0x64006400]))
                     regs = [(lo[0] - (np.float16(1024) + z0)) * s0,
@@ -62,7 +68,9 @@ def _emulate(packed: torch.Tensor, scale: np.ndarray, zero: np.ndarray | None, x
                     # B: b0b1 (k 2t, 2t+1; token g), b2b3 (2t+8, 2t+9); the lane loads columns 64c + 16t + 4s + 0..3
                     k0 = 64 * c + 16 * t + 4 * s
                     b[2 * t:2 * t + 2, g], b[2 * t + 8:2 * t + 10, g] = xb[g, k0:k0 + 2], xb[g, k0 + 2:k0 + 4]
-                y[16 * tile:16 * tile + 16] += a.astype(np.float64) @ b.astype(np.float64)
+                part += a.astype(np.float64) @ b.astype(np.float64)
+            rows = scale[grp, 16 * tile:16 * tile + 16].astype(np.float64)[:, None] if post_scale else 1.0
+            y[16 * tile:16 * tile + 16] += rows * part
     return y[:, :m].T
 
 
@@ -109,6 +117,12 @@ def test_the_kernels_fragment_arithmetic_equals_the_dense_product(group, symmetr
     want = x.astype(np.float64) @ w.astype(np.float64).T
     # the same fp16 weights, summed in float64 in another order
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+    # post-scaled ("p" body, 1-16 tokens): the exact (code - zero) * scale, no fp16 rounding of the weight
+    got = _emulate(pack_int4_mma(codes), scale, zero, x, post_scale=True)
+    s64 = np.repeat(scale.T.astype(np.float64), group, axis=1)
+    z64 = 8.0 if zero is None else np.repeat(zero.T.astype(np.float64), group, axis=1)
+    exact = x.astype(np.float64) @ ((codes.numpy().astype(np.float64) - z64) * s64).T
+    np.testing.assert_allclose(got, exact, rtol=1e-12, atol=1e-9)
 
 
 def _emulate_lorc(v: np.ndarray, u: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -254,6 +268,12 @@ def test_cubin_names_cover_every_config():
     assert f"constexpr int PIPE_XROW = {w4_mma.PIPE_XROW};" in source
     assert "constexpr int pipe_stages() { return NT >= 16 ? 3 : 4; }" in source
     assert [w4_mma.pipe_stages(nt) for nt in (1, 8, 16)] == [4, 4, 3]
+    # post-scaling: the Python rule (which reference the GPU tests hold a config to) and the kernel's own
+    assert f"constexpr int POST_SCALE_MAX_NT = {w4_mma.POST_SCALE_MAX_NT};" in source
+    assert "constexpr bool POST = NT <= POST_SCALE_MAX_NT;" in source
+    assert [w4_mma.post_scaled(c, nt) for c, nt in ((("p", 2, 4, 8), 1), (("p2", 1, 8, 1), 2), (("p", 2, 4, 8), 4),
+                                                    (("k", 1, 8, 1), 1), (("x", 1, 4, 1), 2))] == \
+        [w4_mma.POST_SCALE_MAX_NT >= 1, w4_mma.POST_SCALE_MAX_NT >= 2, w4_mma.POST_SCALE_MAX_NT >= 4, False, False]
     assert "x_bytes = 8 * NT * PIPE_XROW * 2, w_bytes = warps * R * 512, s_bytes = rows * 2;" in source
     assert "stage_bytes = x_bytes + w_bytes + (SYM ? 1 : 2) * s_bytes;" in source
     assert w4_mma.pipe_shared_bytes(8, 2, 4, sym=True) == 4 * (8 * 8 * 72 * 2 + 4 * 2 * 512 + 16 * 2 * 4 * 2)

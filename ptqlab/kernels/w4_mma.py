@@ -7,9 +7,10 @@ the MMA's register fragments, so its tensor-core GEMM routes the unpacked tile t
 stores the weight in the MMA's own fragment order (:func:`pack_int4_mma`), so one 16-byte load a lane is the
 A operand of four ``mma.sync.m16n8k16`` steps, and dequantizes two weights an instruction (a ``lop3`` makes
 the fp16 pair ``1024 + code``, one ``sub.f16x2`` the exact ``code - zero``, one ``mul.f16x2`` the fp16 weight
-from the stored fp16 scale, bit for bit what :func:`dequant_mma` and the Triton unpack write).  The few tokens are
-the MMA's 8-wide side: at one token 7/8 of each MMA is wasted, which costs nothing while the weight's bytes are the
-bound.
+from the stored fp16 scale, bit for bit what :func:`dequant_mma` and the Triton unpack write; the "p" body at 1-16
+tokens multiplies each k-tile's float32 sums of the exact ``code - zero`` by the scale instead: :func:`post_scaled`).
+The few tokens are the MMA's 8-wide side: at one token 7/8 of each MMA is wasted, which costs nothing while the
+weight's bytes are the bound.
 
 Three bodies, tuned per (tokens bucket, shape, group, grid) on the first eager call from CUDA-graph replays of
 every config (:data:`CONFIGS`): "k", a block's warps split K and read their few inputs from L1/L2 (1-16 tokens);
@@ -86,6 +87,18 @@ CONFIGS: dict[int, list[Config]] = {
     8: _x((1, 2)) + [("k", *c) for c in _K_MANY] + _p((1, 2, 4)) + _p2(2),
     16: _x((1,)) + [("k", 1, w, s) for w, s in ((8, 1), (4, 1), (8, 2), (4, 2), (4, 4))] + _p((1, 2)) + _p2(1),
 }
+
+#: csrc/w4_mma.cu's ``POST_SCALE_MAX_NT``: up to this many token tiles the "p" body post-scales (:func:`post_scaled`)
+POST_SCALE_MAX_NT = 2
+
+
+def post_scaled(cfg: Config, nt: int) -> bool:
+    """Whether ``cfg`` at ``nt`` token tiles computes ``x . ((code - zero) * scale)`` with the fp16 scale applied to
+    each k-tile's float32 sums (the "p" body up to :data:`POST_SCALE_MAX_NT`: 4 of the 13 instructions of a word's
+    dequantization saved, session 38), rather than on the fp16-rounded weight :func:`dequant_mma` writes (every
+    other config); the two differ by that rounding, at most 2^-11 of each product."""
+    return cfg[0] in ("p", "p2") and nt <= POST_SCALE_MAX_NT
+
 
 #: csrc/w4_mma.cu's ``PIPE_XROW``: halves a token row of the "p" body's staged input slice
 PIPE_XROW = 72

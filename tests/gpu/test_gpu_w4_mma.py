@@ -63,11 +63,31 @@ def test_w4a16_mma_matches_the_dequantized_reference(k, n, group, symmetric, m):
     _assert_close(got, x, real, layer)
 
 
-def _assert_close(got: torch.Tensor, x: torch.Tensor, real: RealLinear, layer: QuantLinear) -> None:
-    """Elementwise against the layer's own fp16 weights (bit for bit the unpacked ones: the test below) in
-    float64: the tensor cores' float32 sums and one fp16 rounding of the output; and norm-wise against the
+def _config_used(real: RealLinear, m: int, rank: int = 0) -> tuple | None:
+    """The config the tuning took for this layer at ``m`` tokens (w4_mma.w4a16_mma's key; None: not tuned)."""
+    key = (w4_mma.token_tiles(m), real.out_features, real.in_features, real.group, real.w_zero is None, 0, rank)
+    return w4_mma._TUNED.get(key)
+
+
+def _kernel_weight(real: RealLinear, m: int, cfg: tuple | None = None) -> torch.Tensor:
+    """The float64 weight the config at ``m`` tokens multiplies by: the exact ``(code - zero) * scale`` where it
+    post-scales (the "p" body at 1-16 tokens), else the fp16 weight dequant_mma writes (the layer's own)."""
+    cfg = cfg or _config_used(real, m)
+    if cfg is not None and w4_mma.post_scaled(cfg, w4_mma.token_tiles(m)):
+        codes = w4_mma.unpack_int4_mma_reference(real.w_packed).double()
+        scale = real.w_scale.double().repeat_interleave(real.group, 0).t()
+        zero = 8.0 if real.w_zero is None else real.w_zero.double().repeat_interleave(real.group, 0).t()
+        return (codes - zero) * scale
+    return w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group).double()
+
+
+def _assert_close(got: torch.Tensor, x: torch.Tensor, real: RealLinear, layer: QuantLinear,
+                  cfg: tuple | None = None) -> None:
+    """Elementwise against the weight the kernel multiplies by (:func:`_kernel_weight`: the layer's own fp16
+    weights, bit for bit the unpacked ones (the test below), or their exact values where the config post-scales)
+    in float64: the tensor cores' float32 sums and one fp16 rounding of the output; and norm-wise against the
     fake-quant layer (whose weight used the float32 scale before its rounding to fp16)."""
-    w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group).double()
+    w = _kernel_weight(real, x.shape[0], cfg)
     ref = x.double() @ w.t() + layer.bias.double()
     size = x.double().abs() @ w.abs().t()
     err = (got - ref).abs()
@@ -94,7 +114,7 @@ def test_every_config_gives_the_product_and_leaves_the_workspace_zero(m, symmetr
         with torch.no_grad():
             got = real(x).double()
         torch.cuda.synchronize()
-        _assert_close(got, x, real, layer)
+        _assert_close(got, x, real, layer, None if cfg == w4_mma.UNPACK else cfg)
         assert not bool(ws.any()) and not bool(cnt.any()), cfg  # (the split-K sums and tickets, reset)
     w4_mma._TUNED.pop((nt, n, k, 64, symmetric, 0, 0))
 
@@ -118,7 +138,7 @@ def test_every_pipelined_config_gives_the_product_for_larger_groups(m, group, sy
         with torch.no_grad():
             got = real(x).double()
         torch.cuda.synchronize()
-        _assert_close(got, x, real, layer)
+        _assert_close(got, x, real, layer, cfg)
         assert not bool(ws.any()) and not bool(cnt.any()), cfg
     w4_mma._TUNED.pop(key)
 
@@ -135,9 +155,10 @@ def _assert_close_lorc(got: torch.Tensor, x: torch.Tensor, real: RealLinear, lay
                        in_kernel: bool) -> None:
     """As :func:`_assert_close`, the reference plus ``(x V^T) U^T`` in float64. In the kernel, t = x V^T and
     U t are float32 sums before the output's one rounding; after it (``addmm``), t and the sum are rounded to fp16
-    as well (a looser bound)."""
-    w = w4_mma.dequant_mma(real.w_packed, real.w_scale, real.w_zero, real.group).double()
+    as well (a looser bound). The weight: :func:`_kernel_weight` of the config that ran (LoRC's own key in the
+    kernel, the plain one before an ``addmm``)."""
     u, v = layer.lorc_u.double(), layer.lorc_v.double()
+    w = _kernel_weight(real, x.shape[0], _config_used(real, x.shape[0], u.shape[1] if in_kernel else 0))
     xd = x.double()
     ref = xd @ w.t() + layer.bias.double() + (xd @ v.t()) @ u.t()
     size = xd.abs() @ w.abs().t()

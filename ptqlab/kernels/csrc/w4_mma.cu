@@ -76,6 +76,45 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Post-scaling (the "p" body up to POST_SCALE_MAX_NT token tiles; session 38): the MMAs take the exact
+// differences code - zero (fp16 small integers), each k-tile's float32 sums of a row tile start from zero
+// (mma_from_zero), and the row's scale multiplies them once a k-tile (post_scale: 4 FMAs a token tile), instead
+// of a mul.f16x2 on every weight pair: 4 of the 13 instructions of a word's dequantization, at 1..16 tokens the
+// bulk of the kernel's instructions. The result is x . ((code - zero) * scale) with the fp16 scale and float32
+// sums, without the fp16 rounding of each weight (w4_mma.py: post_scaled). From 4 token tiles on, the 4 FMAs a
+// token tile and k-tile would cost as much as the multiplies saved: those keep dequant().
+constexpr int POST_SCALE_MAX_NT = 2;
+
+// one word -> the 4 A registers as exact fp16 code - zero (dequant() without its scale multiplies)
+__device__ __forceinline__ void dequant_codes(uint32_t q, __half2 zlo, __half2 zhi, uint32_t a[4]) {
+  const __half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t lo = and_or(q, 0x000f000fu, 0x64006400u);
+  const uint32_t hi = and_or(q, 0x00f000f0u, 0x64006400u);
+  const uint32_t lo2 = and_or(q >> 8, 0x000f000fu, 0x64006400u);
+  const uint32_t hi2 = and_or(q >> 8, 0x00f000f0u, 0x64006400u);
+  a[0] = h2u(__hsub2(u2h(lo), zlo));
+  a[1] = h2u(__hfma2(u2h(hi), sixteenth, zhi));
+  a[2] = h2u(__hsub2(u2h(lo2), zlo));
+  a[3] = h2u(__hfma2(u2h(hi2), sixteenth, zhi));
+}
+
+// c = A B (float32 sums from zero: the first MMA of a post-scaled k-tile)
+__device__ __forceinline__ void mma_from_zero(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+// acc += scale * part for a C fragment (rows g: c0, c1; rows g + 8: c2, c3)
+__device__ __forceinline__ void post_scale(float acc[4], const float part[4], float slo, float shi) {
+  acc[0] = fmaf(slo, part[0], acc[0]);
+  acc[1] = fmaf(slo, part[1], acc[1]);
+  acc[2] = fmaf(shi, part[2], acc[2]);
+  acc[3] = fmaf(shi, part[3], acc[3]);
+}
+
 // the scales (and zero points) of group grp for rows g, g + 8 of R row tiles from tile0, as dequant() takes them
 template <int R, bool SYM>
 __device__ __forceinline__ void group_params(const __half* __restrict__ S, const __half* __restrict__ Z, int grp,
@@ -537,7 +576,10 @@ __device__ __forceinline__ void w4_mmax_body(const __half* __restrict__ X, const
 // scheduler (140 registers a thread, one block an SM), 0.39 instructions issued a cycle per scheduler, 5.5
 // instructions an MMA (the dequantization ~2 of them, the copies and addresses ~1.5); neither the memory (34% of
 // peak) nor the tensor cores are busy. Tried and not kept: 6 stages (no change), two k-tiles a barrier
-// (results/w4_mma_pairs_variant_session35.patch: -7..+6%, no clear win).
+// (results/w4_mma_pairs_variant_session35.patch: -7..+6%, no clear win). Session 38 (same H200, one run of
+// bench_w4.py, 1 / 8 / 16 tokens on five shapes): the copies spread over the warps and the group counted (below)
+// 1% faster in geometric mean; with post-scaling at 1-16 tokens as well 4.5% (one token: 6-11% on four shapes),
+// decode at batch 1 370 -> 388 tokens/s.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   // plain cp.async.cg (no L2 cache hint: nvcc 13.0's ptxas drops createpolicy: IST-DASLab/marlin issue 44); a
   // false predicate copies nothing and zero-fills the 16 bytes
@@ -559,6 +601,7 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
                                              float* __restrict__ WS, int* __restrict__ CNT, int M, int N, int K,
                                              int group_chunks, const __half*, const __half*, int, float*, int*) {
   constexpr int STAGES = pipe_stages<NT>();
+  constexpr bool POST = NT <= POST_SCALE_MAX_NT;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -581,23 +624,33 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
   auto ssm = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes); };
   auto zsm = [&](int st) { return reinterpret_cast<__half*>(smem + st * stage_bytes + x_bytes + w_bytes + s_bytes); };
 
-  // k-tile c's operands into stage st: input pieces (16 B: 8 columns of a token; tokens >= M zero), this warp's
-  // weight tiles, the rows' scales (and zero points) of c's group, 8 rows a piece
+  // k-tile c's operands into stage st: the input pieces of the M tokens (16 B: 8 columns of a token; the rows of
+  // tokens >= M are left as they are: each MMA output column is one token's, and those are never written), this
+  // warp's weight tiles, the rows' scales (and zero points) of c's group, 8 rows a piece. Every k-tile ends at a
+  // barrier, so the warp with the most copies sets the pace: the input pieces go from the last thread down, the
+  // scales from the first up, and the group is counted along (load() takes c0, c0 + 1, ... in order), not divided
+  // (session 38: the copies and the division were a third of the first warp's instructions a k-tile at 1 token).
+  const int x_pieces = 8 * min(M, 8 * NT), s_pieces = (SYM ? 1 : 2) * (rows >> 3);
+  int grp_next = c0 / group_chunks, in_grp_next = c0 % group_chunks;
+  const uint4* wsrc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    wsrc[r] = P + (size_t)(tile0 + r < tiles_n ? tile0 + r : 0) * chunks * 32 + lane;
   auto load = [&](int st, int c) {
     __half* x = xs(st);
-    for (int i = threadIdx.x; i < 8 * NT * 8; i += blockDim.x) {
+    for (int i = blockDim.x - 1 - threadIdx.x; i < x_pieces; i += blockDim.x) {
       const int tok = i >> 3, piece = i & 7;
-      cp_async16(x + tok * PIPE_XROW + piece * 8, X + (size_t)min(tok, M - 1) * K + (size_t)c * 64 + piece * 8,
-                 tok < M);
+      cp_async16(x + tok * PIPE_XROW + piece * 8, X + (size_t)tok * K + (size_t)c * 64 + piece * 8, true);
     }
     uint4* w = wsm(st) + warp * R * 32;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const bool ok = tile0 + r < tiles_n;
-      cp_async16(w + r * 32 + lane, P + ((size_t)(ok ? tile0 + r : 0) * chunks + c) * 32 + lane, ok);
+    for (int r = 0; r < R; ++r) cp_async16(w + r * 32 + lane, wsrc[r] + (size_t)c * 32, tile0 + r < tiles_n);
+    const int grp = grp_next, pieces = rows >> 3;
+    if (++in_grp_next == group_chunks) {
+      in_grp_next = 0;
+      ++grp_next;
     }
-    const int grp = c / group_chunks, pieces = rows >> 3;
-    for (int i = threadIdx.x; i < (SYM ? 1 : 2) * pieces; i += blockDim.x) {
+    for (int i = threadIdx.x; i < s_pieces; i += blockDim.x) {
       const bool zero_point = i >= pieces;
       const int row = first + 8 * (zero_point ? i - pieces : i);
       const __half* src = zero_point ? Z : S;
@@ -640,23 +693,44 @@ __device__ __forceinline__ void w4_mmap_body(const __half* __restrict__ X, const
         zhi[r] = __half2half2(__hneg(__hadd(zp[row + 8], __float2half(64.f))));
       }
     }
+    float part[R][NT][4];  // post-scaling: this k-tile's unscaled sums (unused without)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a0[R][4], a1[R][4];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        dequant(h ? wr[r].z : wr[r].x, zlo[r], zhi[r], slo[r], shi[r], a0[r]);
-        dequant(h ? wr[r].w : wr[r].y, zlo[r], zhi[r], slo[r], shi[r], a1[r]);
+        if (POST) {
+          dequant_codes(h ? wr[r].z : wr[r].x, zlo[r], zhi[r], a0[r]);
+          dequant_codes(h ? wr[r].w : wr[r].y, zlo[r], zhi[r], a1[r]);
+        } else {
+          dequant(h ? wr[r].z : wr[r].x, zlo[r], zhi[r], slo[r], shi[r], a0[r]);
+          dequant(h ? wr[r].w : wr[r].y, zlo[r], zhi[r], slo[r], shi[r], a1[r]);
+        }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint4 xv = *reinterpret_cast<const uint4*>(x + (8 * j + g) * PIPE_XROW + 16 * t + 8 * h);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          mma(acc[r][j], a0[r], xv.x, xv.y);
-          mma(acc[r][j], a1[r], xv.z, xv.w);
+          if (!POST) {
+            mma(acc[r][j], a0[r], xv.x, xv.y);
+            mma(acc[r][j], a1[r], xv.z, xv.w);
+          } else {
+            if (h == 0)
+              mma_from_zero(part[r][j], a0[r], xv.x, xv.y);
+            else
+              mma(part[r][j], a0[r], xv.x, xv.y);
+            mma(part[r][j], a1[r], xv.z, xv.w);
+          }
         }
       }
+    }
+    if (POST) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          post_scale(acc[r][j], part[r][j], __low2float(slo[r]), __low2float(shi[r]));
     }
   }
   cp_async_wait<0>();
