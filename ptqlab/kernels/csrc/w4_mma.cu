@@ -806,21 +806,24 @@ __device__ __forceinline__ void w4a8_mmap_body(const int8_t* __restrict__ X, con
   auto xs = [&](int st) { return reinterpret_cast<int8_t*>(smem + st * stage_bytes); };
   auto wsm = [&](int st) { return reinterpret_cast<uint4*>(smem + st * stage_bytes + x_bytes); };
 
-  // k-tile c's operands into stage st: input pieces (16 B: 16 columns of a token; tokens >= M zero) and this
+  // k-tile c's operands into stage st: the input pieces of the M tokens (16 B: 16 columns of a token; the rows
+  // of tokens >= M are left as they are: their output columns are scaled by 0 and never written), from the last
+  // thread down (the W4A16 "p" body's reason: no warp carries every copy before the k-tile's barrier), and this
   // warp's weight tiles
+  const int x_pieces = 4 * min(M, 8 * NT);
+  const uint4* wsrc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    wsrc[r] = P + (size_t)(tile0 + r < tiles_n ? tile0 + r : 0) * chunks * 32 + lane;
   auto load = [&](int st, int c) {
     int8_t* x = xs(st);
-    for (int i = threadIdx.x; i < 8 * NT * 4; i += blockDim.x) {
+    for (int i = blockDim.x - 1 - threadIdx.x; i < x_pieces; i += blockDim.x) {
       const int tok = i >> 2, piece = i & 3;
-      cp_async16(x + tok * A8_XROW + piece * 16, X + (size_t)min(tok, M - 1) * K + (size_t)c * 64 + piece * 16,
-                 tok < M);
+      cp_async16(x + tok * A8_XROW + piece * 16, X + (size_t)tok * K + (size_t)c * 64 + piece * 16, true);
     }
     uint4* w = wsm(st) + warp * R * 32;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const bool ok = tile0 + r < tiles_n;
-      cp_async16(w + r * 32 + lane, P + ((size_t)(ok ? tile0 + r : 0) * chunks + c) * 32 + lane, ok);
-    }
+    for (int r = 0; r < R; ++r) cp_async16(w + r * 32 + lane, wsrc[r] + (size_t)c * 32, tile0 + r < tiles_n);
   };
 
   int acc[R][NT][4];
