@@ -36,8 +36,9 @@ class StaticOPTDecoder(nn.Module):
     ``fused`` (the default): what a serving engine fuses, so that the step's time is the kernels' and not their
     count: each residual add with the LayerNorm after it in one kernel (:func:`ptqlab.kernels.layer_norm.
     add_layer_norm`), q/k/v as one linear where the layers fuse (:func:`ptqlab.kernels.fuse.fuse_linears`;
-    their weights become views of the fused one's, so memory does not grow), and the attention mask made
-    additive once a step.  ``fused=False``: the model's modules one by one, as HF runs them.
+    their weights become views of the fused one's, so memory does not grow), its output split into the scaled
+    q and the KV cache's k and v by one kernel (:func:`ptqlab.kernels.kv_write.qkv_to_cache`), and the attention
+    mask made additive once a step.  ``fused=False``: the model's modules one by one, as HF runs them.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, fused: bool = True) -> None:
@@ -66,14 +67,21 @@ class StaticOPTDecoder(nn.Module):
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
-        if self.qkv[i] is not None:
-            q, k, v = self.qkv[i](x).split([attn.q_proj.out_features, attn.k_proj.out_features,
-                                            attn.v_proj.out_features], dim=-1)
+        width = self.heads * self.head_dim
+        if self.qkv[i] is not None and attn.q_proj.out_features == attn.k_proj.out_features == width:
+            # the q/k/v split, q's scaling and the two cache writes: one kernel (kernels.kv_write)
+            from .kernels.kv_write import qkv_to_cache
+
+            q = qkv_to_cache(self.qkv[i](x), pos, self.k[i], self.v[i], self.heads, self.scaling)
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = heads(q * self.scaling)  # HF scales q before the product, then attends with scale 1
-        self.k[i].index_copy_(2, pos, heads(k))
-        self.v[i].index_copy_(2, pos, heads(v))
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](x).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                                attn.v_proj.out_features], dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = heads(q * self.scaling)  # HF scales q before the product, then attends with scale 1
+            self.k[i].index_copy_(2, pos, heads(k))
+            self.v[i].index_copy_(2, pos, heads(v))
         o = nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=1.0)
         return attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
 

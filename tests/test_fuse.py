@@ -133,3 +133,43 @@ def test_add_layer_norm_refuses_mismatched_shapes():
         add_layer_norm(torch.randn(2, 8), torch.randn(2, 4), nn.LayerNorm(8))
     with pytest.raises(ValueError, match="LayerNorm over 6"):
         add_layer_norm(torch.randn(2, 8), None, nn.LayerNorm(6))
+
+
+def _attention_operands_by_torch_ops(qkv, pos, k_cache, v_cache, heads, scaling):
+    """What the decoder did before kernels.kv_write: split, scale q, two index_copy_ into the caches."""
+    b, t, width = qkv.shape
+    d = width // (3 * heads)
+    q, k, v = qkv.split(heads * d, dim=-1)
+
+    def split_heads(y):
+        return y.view(b, t, heads, d).transpose(1, 2)
+
+    k_cache.index_copy_(2, pos, split_heads(k))
+    v_cache.index_copy_(2, pos, split_heads(v))
+    return split_heads(q * scaling)
+
+
+@pytest.mark.parametrize(("b", "t", "heads", "d"), [(1, 1, 4, 8), (3, 5, 2, 80), (2, 1, 32, 128)])
+def test_qkv_to_cache_off_the_gpu_is_the_split_the_scaling_and_the_cache_writes(b, t, heads, d):
+    from ptqlab.kernels.kv_write import qkv_to_cache
+
+    g = torch.Generator().manual_seed(b + t + d)
+    qkv = torch.randn(b, t, 3 * heads * d, generator=g)
+    length = 11
+    pos = torch.randperm(length, generator=g)[:t]
+    caches = [torch.randn(b, heads, length, d, generator=g) for _ in range(2)]
+    want_k, want_v = caches[0].clone(), caches[1].clone()
+    want_q = _attention_operands_by_torch_ops(qkv, pos, want_k, want_v, heads, 0.125)
+    q = qkv_to_cache(qkv, pos, caches[0], caches[1], heads, 0.125)
+    assert torch.equal(q, want_q) and torch.equal(caches[0], want_k) and torch.equal(caches[1], want_v)
+
+
+def test_qkv_to_cache_refuses_mismatched_shapes():
+    from ptqlab.kernels.kv_write import qkv_to_cache
+
+    cache = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="q, k and v of 4 heads"):
+        qkv_to_cache(torch.zeros(1, 1, 95), torch.zeros(1, dtype=torch.long), cache, cache.clone(), 4, 1.0)
+    with pytest.raises(ValueError, match=r"caches \[1, 4, L, 8\]"):
+        qkv_to_cache(torch.zeros(1, 1, 96), torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, 8, 16),
+                     cache, 4, 1.0)

@@ -1,6 +1,7 @@
 """The decoder's fusions on a GPU: the add + LayerNorm Triton kernel against float64 and against torch's two ops;
-q/k/v real W4A16 layers fused into one MMA layer against the three run one by one; the fused decoder against the
-plain one on the trained testbed (FP16 and real W4A16 kernels)."""
+q/k/v real W4A16 layers fused into one MMA layer against the three run one by one; the q/k/v split + KV cache
+write kernel against torch's ops; the fused decoder against the plain one on the trained testbed (FP16 and real
+W4A16 kernels)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,29 @@ def test_add_layer_norm_matches_float64_and_torch(shape, dtype, with_delta):
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}[dtype]
     assert float((y.double() - ref).abs().max()) <= tol * float(ref.abs().max())
     torch.testing.assert_close(y, ln(ref_s))  # and torch's own LayerNorm, at its dtype's tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("b", "t", "heads", "d"), [(1, 1, 32, 128), (16, 1, 32, 128), (2, 7, 32, 80), (1, 3, 4, 16)])
+@torch.no_grad()
+def test_qkv_to_cache_kernel_writes_what_the_torch_ops_write(b, t, heads, d, dtype):
+    # the scaled q bit for bit as torch's q * scaling, k and v copied into the cache at the positions (the other
+    # slots untouched), head dims that are not a power of two (OPT-2.7B: 80)
+    from ptqlab.kernels.kv_write import qkv_to_cache
+
+    g = torch.Generator(device=DEV).manual_seed(b * t + d)
+    qkv = (torch.randn(b, t, 3 * heads * d, device=DEV, generator=g) * 4).to(dtype)
+    length = 40
+    pos = torch.randperm(length, device=DEV, generator=g)[:t]
+    k_cache = torch.randn(b, heads, length, d, device=DEV, generator=g).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    split = qkv.split(heads * d, dim=-1)
+    want_k.index_copy_(2, pos, split[1].view(b, t, heads, d).transpose(1, 2))
+    want_v.index_copy_(2, pos, split[2].view(b, t, heads, d).transpose(1, 2))
+    want_q = split[0].view(b, t, heads, d).transpose(1, 2) * d ** -0.5
+    q = qkv_to_cache(qkv, pos, k_cache, v_cache, heads, d ** -0.5)
+    assert torch.equal(q, want_q) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
 def test_add_layer_norm_inside_a_cuda_graph():
