@@ -114,6 +114,18 @@ def _rows(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, in
     return x.contiguous().view(-1, c), c
 
 
+def _warps(rows: int, block_r: int, block_c: int) -> int:
+    """Warps a program of the per-token kernel. A few tokens (decoding) of 4096 columns or more: 16, so that each
+    thread's chain of correctly rounded divisions (``div_rn``, one an element) is 8-32 long rather than 32-64;
+    there every row is one program and its latency is the pass's time. Many rows keep 4 / 8 warps (more
+    programs an SM). One H200, session 38 (bench/results/act_quant_warps_h200_session38_call4.jsonl): [1, 16384]
+    5.06 -> 4.53 us, [16, 16384] 5.18 -> 4.33, [16, 4096] 2.83 -> 2.36; [2048, 4096] 11.0 us at 4 warps, 14.0 at
+    16; W4A8 decode +5.8% / +5.5% at batch 1 / 16 (128 passes a step)."""
+    if rows <= 64 and block_r == 1 and block_c >= 4096:
+        return 16
+    return 4 if block_r * block_c <= 4096 else 8
+
+
 def _launch(x2: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None, c: int, spec: QuantSpec, int8: bool) -> None:
     block_c = triton.next_power_of_2(c)
     block_r = max(1, 4096 // block_c)
@@ -121,8 +133,7 @@ def _launch(x2: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None, c: int, s
     grid = (triton.cdiv(rows, block_r),)
     _act_quant_kernel[grid](
         x2, y, s if s is not None else y, rows, c, float(spec.maxq), 1.0 / spec.maxq,
-        SYM=spec.symmetric, INT8=int8, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=4 if block_r * block_c <= 4096 else 8,
+        SYM=spec.symmetric, INT8=int8, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(rows, block_r, block_c),
     )
 
 
