@@ -20,7 +20,8 @@ tokens); "p" (and "p2", the same with two blocks an SM), every operand of a k-ti
 weight unpacked once + cuBLAS (:data:`UNPACK`) is a candidate too, so a key takes the hand-off where it wins.
 Measured on an H200 (bench/README.md, session 35, five OPT/Llama shapes): 1.3-3.1x cuBLAS FP16 at one token,
 1.0-2.0x at 16, 0.6-1.5x at 32, 0.35-0.96x at 64, 0.44-0.67x at 128; Marlin in the same run 1.0-2.8x, 0.9-2.4x,
-0.55-2.0x, 0.4-1.4x, 0.6-0.9x.
+0.55-2.0x, 0.4-1.4x, 0.6-0.9x. Session 38 (the "p" body's copies spread, post-scaling): 6.7-44.3 µs at one token
+(1.39-2.74x that run's FP16), 4.5% less time in geometric mean over 1 / 8 / 16 tokens than session 35's kernel.
 
 Built with the CUDA toolkit's ``nvcc`` (``$PTQLAB_NVCC``, ``$CUDA_HOME/bin/nvcc`` or the ``PATH``) into a cubin
 for the GPU's architecture, cached under ``$PTQLAB_KERNEL_CACHE`` (default ``~/.cache/ptqlab/kernels``), loaded and
