@@ -68,7 +68,8 @@ class StaticOPTDecoder(nn.Module):
             return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
         width = self.heads * self.head_dim
-        if self.qkv[i] is not None and attn.q_proj.out_features == attn.k_proj.out_features == width:
+        if self.qkv[i] is not None and (attn.q_proj.out_features == attn.k_proj.out_features
+                                        == attn.v_proj.out_features == width):
             # the q/k/v split, q's scaling and the two cache writes: one kernel (kernels.kv_write)
             from .kernels.kv_write import qkv_to_cache
 
