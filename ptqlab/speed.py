@@ -62,17 +62,13 @@ class StaticOPTDecoder(nn.Module):
         self.slots = torch.arange(max_len, device=w.device)
 
     def _attn(self, i: int, attn: nn.Module, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from .kernels.kv_write import qkv_to_cache, write_cache
+
         b, t, _ = x.shape
-
-        def heads(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-
         width = self.heads * self.head_dim
         if self.qkv[i] is not None and (attn.q_proj.out_features == attn.k_proj.out_features
                                         == attn.v_proj.out_features == width):
             # the q/k/v split, q's scaling and the two cache writes: one kernel (kernels.kv_write)
-            from .kernels.kv_write import qkv_to_cache
-
             q = qkv_to_cache(self.qkv[i](x), pos, self.k[i], self.v[i], self.heads, self.scaling)
         else:
             if self.qkv[i] is not None:
@@ -80,9 +76,7 @@ class StaticOPTDecoder(nn.Module):
                                                 attn.v_proj.out_features], dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q = heads(q * self.scaling)  # HF scales q before the product, then attends with scale 1
-            self.k[i].index_copy_(2, pos, heads(k))
-            self.v[i].index_copy_(2, pos, heads(v))
+            q = write_cache(q, k, v, pos, self.k[i], self.v[i], self.heads, self.scaling)
         o = nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=1.0)
         return attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
 

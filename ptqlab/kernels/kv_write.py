@@ -43,12 +43,27 @@ def _kernel():
     return qkv_to_cache_kernel
 
 
+def write_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, heads: int, scaling: float) -> torch.Tensor:
+    """Torch's ops for separate ``q``/``k``/``v [B, T, H D]``: k and v into the caches ``[B, H, L, D]`` at
+    ``pos [T]`` (``index_copy_``), the scaled ``q [B, H, T, D]`` (a view) returned; HF scales q before the
+    product and attends with scale 1."""
+    b, t, width = q.shape
+
+    def split_heads(y: torch.Tensor) -> torch.Tensor:
+        return y.view(b, t, heads, width // heads).transpose(1, 2)
+
+    k_cache.index_copy_(2, pos, split_heads(k))
+    v_cache.index_copy_(2, pos, split_heads(v))
+    return split_heads(q * scaling)
+
+
 def qkv_to_cache(qkv: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  heads: int, scaling: float) -> torch.Tensor:
     """From the fused ``qkv [B, T, 3 H D]`` (q, k, v side by side): k and v into ``k_cache``/``v_cache``
     ``[B, H, L, D]`` at positions ``pos [T]``, and the scaled ``q [B, H, T, D]`` returned (what SDPA reads).
 
-    One Triton kernel on CUDA; elsewhere (CPU) torch's ops, the same results."""
+    One Triton kernel on CUDA; elsewhere (CPU) torch's ops (:func:`write_cache`), the same results."""
     b, t, width = qkv.shape
     if width % (3 * heads):
         raise ValueError(f"qkv_to_cache: {width} columns are not q, k and v of {heads} heads each")
@@ -58,14 +73,7 @@ def qkv_to_cache(qkv: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} and {tuple(pos.shape)}")
     if not (qkv.is_cuda and k_cache.is_contiguous() and v_cache.is_contiguous()
             and k_cache.dtype == v_cache.dtype == qkv.dtype):
-        q, k, v = qkv.split(heads * d, dim=-1)
-
-        def split_heads(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, heads, d).transpose(1, 2)
-
-        k_cache.index_copy_(2, pos, split_heads(k))
-        v_cache.index_copy_(2, pos, split_heads(v))
-        return split_heads(q * scaling)
+        return write_cache(*qkv.split(heads * d, dim=-1), pos, k_cache, v_cache, heads, scaling)
     import triton
 
     qkv = qkv.contiguous()
